@@ -1,0 +1,29 @@
+# Every target sets itself up: venvs per supported Python are created on demand.
+PYTHONS ?= 3.11 3.12 3.13
+PY ?= 3.11
+
+.PHONY: demo test bench bench-quick clean
+.venv-%/.ready: pyproject.toml
+	@py=$$(sh scripts/find-python $*) && rm -rf .venv-$* && $$py -m venv .venv-$* \
+	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' \
+	  && touch $@
+
+demo: .venv-$(PY)/.ready
+	.venv-$(PY)/bin/python demo_apps/engine_demo.py
+
+test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
+	@set -e; for v in $(PYTHONS); do \
+	  echo "=== tests on Python $$v ==="; \
+	  .venv-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider tests; \
+	done
+
+bench: .venv-$(PY)/.ready
+	.venv-$(PY)/bin/python benchmarks/pause.py
+	.venv-$(PY)/bin/python benchmarks/memory.py
+
+bench-quick: .venv-$(PY)/.ready
+	.venv-$(PY)/bin/python benchmarks/pause.py --quick
+	.venv-$(PY)/bin/python benchmarks/memory.py --quick
+
+clean:
+	rm -rf .venv-* *.egg-info

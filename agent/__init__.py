@@ -1,0 +1,1 @@
+"""The in-process agent of livepatch (installed as livepatch.agent)."""

@@ -1,0 +1,52 @@
+"""livepatch: atomic in-memory hotpatching of running Python processes.
+
+The engine's public API. Everything here runs inside the patched process."""
+
+from .errors import (
+    BaselineMismatch,
+    CommitFailed,
+    IncompatibleChange,
+    PatchError,
+    Problem,
+    RollbackRefused,
+    TargetBusy,
+    TargetNotFound,
+    UnsupportedRuntime,
+)
+from .fingerprint import fingerprint
+from .patch import UNCHANGED, Change, Patch
+from .patchstack import Engine, Result
+
+__version__ = "0.1.0"
+
+#: The process-wide engine: one patch stack per process.
+engine = Engine()
+
+
+def apply(patch: Patch, *, timeout: float = 5.0, force: bool = False) -> Result:
+    """Apply `patch` atomically at a safe point; raises a PatchError (and
+    changes nothing) if it cannot."""
+    return engine.apply(patch, timeout=timeout, force=force)
+
+
+def rollback(patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False):
+    """Undo the most recent patch, or the named one; `rollback(all=True)`
+    style is `rollback_all()`."""
+    return engine.rollback(patch_id, timeout=timeout, force=force)
+
+
+def rollback_all(*, timeout: float = 5.0, force: bool = False):
+    return engine.rollback_all(timeout=timeout, force=force)
+
+
+def status() -> dict:
+    """JSON-serialisable state of the patch stack and its history."""
+    return engine.status()
+
+
+__all__ = [
+    "apply", "rollback", "rollback_all", "status", "engine", "fingerprint",
+    "Change", "Patch", "UNCHANGED", "Engine", "Result",
+    "PatchError", "BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound",
+    "RollbackRefused", "UnsupportedRuntime", "CommitFailed", "Problem",
+]

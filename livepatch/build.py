@@ -1,0 +1,199 @@
+"""Building patches from source: compile a baseline and a patched version of
+a module, match their code objects by qualname, and turn every difference
+into a Change (functions), a new global (added functions, imports, literal
+constants) or a refusal with its reason and line.
+
+`diff_sources` is the pure comparison (used by the bundle builder for whole
+trees); `patch_from_source` applies it to a module loaded in this process."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import types
+from dataclasses import dataclass, field
+
+from .errors import PatchError, Problem
+from .fingerprint import fingerprint
+from .patch import UNCHANGED, Change, Patch
+
+
+def code_tree(module_code: types.CodeType) -> dict[str, list[types.CodeType]]:
+    """qualname -> code objects (a property getter and setter share one)."""
+    out: dict[str, list] = {}
+
+    def walk(code):
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                out.setdefault(const.co_qualname, []).append(const)
+                walk(const)
+
+    walk(module_code)
+    return out
+
+
+def patched_filename(filename: str, patch_id: str) -> str:
+    """A distinct filename for patched code, so linecache shows its lines."""
+    return f"{filename} [livepatch {patch_id}]"
+
+
+@dataclass
+class ModuleDiff:
+    module: str
+    changes: list = field(default_factory=list)  # (qualname, base code, new code, defaults, kwdefaults)
+    new_functions: list = field(default_factory=list)  # (qualname, code, defaults, kwdefaults)
+    new_imports: list = field(default_factory=list)  # ast nodes of added module-level imports
+    constants: dict = field(default_factory=dict)  # name -> new literal value
+    refused: list = field(default_factory=list)  # Problems
+
+
+def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
+    """qualname -> def node, mirroring how the compiler names code objects."""
+    out = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                q = prefix + child.name
+                out[q] = child
+                walk(child, q + ".<locals>.")
+            elif isinstance(child, ast.ClassDef):
+                q = prefix + child.name
+                out[q] = child
+                walk(child, q + ".")
+            elif not isinstance(child, ast.Lambda):
+                walk(child, prefix)
+
+    walk(tree, "")
+    return out
+
+
+def _literal_defaults(node, module, where):
+    """(defaults, kwdefaults) of a def whose default expressions are literals."""
+    args = node.args
+    try:
+        defaults = tuple(ast.literal_eval(d) for d in args.defaults) or None
+        kw = {a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None} or None
+    except ValueError:
+        return None
+    return defaults, kw
+
+
+def _defaults_text(node) -> str:
+    a = node.args
+    return ast.dump(ast.Tuple(elts=list(a.defaults) + [d or ast.Constant(None) for d in a.kw_defaults], ctx=ast.Load()))
+
+
+def _module_level(tree: ast.Module) -> dict:
+    """Top-level names bound by imports, assignments and defs."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                out[(alias.asname or alias.name).split(".")[0]] = node
+        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            for t in node.targets:
+                out[t.id] = node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out[node.name] = node
+    return out
+
+
+def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, new_filename: str) -> ModuleDiff:
+    diff = ModuleDiff(module)
+    base_tree, new_tree = ast.parse(base_src), ast.parse(new_src)
+    base_codes = code_tree(compile(base_tree, base_filename, "exec", dont_inherit=True))
+    new_codes = code_tree(compile(new_tree, new_filename, "exec", dont_inherit=True))
+    base_defs, new_defs = _definitions(base_tree), _definitions(new_tree)
+
+    for qualname, news in new_codes.items():
+        bases = base_codes.get(qualname)
+        node = new_defs.get(qualname)
+        line = getattr(node, "lineno", news[0].co_firstlineno)
+        if bases is None:
+            if "<locals>" in qualname or "<lambda>" in qualname or qualname.endswith(">"):
+                continue  # new nested code travels inside its enclosing function's code
+            if isinstance(node, ast.ClassDef):
+                diff.refused.append(Problem("refused:new-class", f"{module}:{qualname}", f"line {line}: a new class cannot be hotpatched in"))
+                continue
+            if node is not None and node.decorator_list:
+                diff.refused.append(Problem("refused:new-decorated", f"{module}:{qualname}", f"line {line}: a new decorated function cannot be added"))
+                continue
+            lit = _literal_defaults(node, module, line) if node is not None else (None, None)
+            if lit is None:
+                diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: defaults of a new function must be literals"))
+                continue
+            diff.new_functions.append((qualname, news[0], *lit))
+            continue
+        if len(bases) != len(news):
+            diff.refused.append(Problem("refused:ambiguous", f"{module}:{qualname}", f"line {line}: number of definitions named {qualname} changed"))
+            continue
+        for base, new in zip(bases, news):
+            if isinstance(node, ast.ClassDef) or base.co_name == "<module>":
+                continue
+            if fingerprint(base) == fingerprint(new):
+                continue
+            defaults = kwdefaults = UNCHANGED
+            base_node = base_defs.get(qualname)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and base_node is not None \
+                    and _defaults_text(node) != _defaults_text(base_node):
+                lit = _literal_defaults(node, module, line)
+                if lit is None:
+                    diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: changed defaults are not literals"))
+                    continue
+                defaults, kwdefaults = lit
+            diff.changes.append((qualname, base, new, defaults, kwdefaults))
+
+    base_top, new_top = _module_level(base_tree), _module_level(new_tree)
+    for name, node in new_top.items():
+        before = base_top.get(name)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if before is None or ast.dump(before) != ast.dump(node):
+                diff.new_imports.append((name, node))
+        elif isinstance(node, ast.Assign):
+            if before is not None and ast.dump(before) == ast.dump(node):
+                continue
+            try:
+                diff.constants[name] = ast.literal_eval(node.value)
+            except ValueError:
+                diff.refused.append(Problem("refused:statement", f"{module}:{name}", f"line {node.lineno}: changed module-level statement is not a literal constant"))
+    return diff
+
+
+def _import_value(name: str, node: ast.AST, module: types.ModuleType):
+    namespace = {"__name__": module.__name__, "__package__": module.__package__}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), module.__name__, "exec"), namespace)
+    return namespace[name]
+
+
+def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_source: str | None = None,
+                      allow_active=(), requires=(), cumulative: bool = False) -> Patch:
+    """A Patch turning the loaded module `module_name` (whose source is
+    `base_source`, read from its file by default) into `new_source`."""
+    module = sys.modules[module_name]
+    filename = module.__file__ or f"<{module_name}>"
+    if base_source is None:
+        base_source = inspect.getsource(module)
+    new_filename = patched_filename(filename, patch_id)
+    diff = diff_sources(module_name, base_source, new_source, filename, new_filename)
+    if diff.refused:
+        raise PatchError(f"cannot hotpatch {module_name}", diff.refused)
+    changes = [
+        Change(f"{module_name}:{q}", new, fingerprint(base), allow_active=q in allow_active,
+               defaults=d, kwdefaults=kw)
+        for q, base, new, d, kw in diff.changes
+    ]
+    new_globals = {}
+    for name, node in diff.new_imports:
+        new_globals[f"{module_name}:{name}"] = _import_value(name, node, module)
+    for q, code, d, kw in diff.new_functions:
+        owner_path, _, name = q.rpartition(".")
+        fn = types.FunctionType(code, module.__dict__, name, d)
+        fn.__kwdefaults__ = kw
+        fn.__qualname__ = q
+        new_globals[f"{module_name}:{q}"] = fn
+    for name, value in diff.constants.items():
+        new_globals[f"{module_name}:{name}"] = value
+    return Patch(patch_id, changes, cumulative=cumulative, new_globals=new_globals, requires=tuple(requires),
+                 sources={new_filename: new_source})

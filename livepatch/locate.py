@@ -1,0 +1,225 @@
+"""Locating targets: from a `module:qualname` name to every live function
+object that runs the target's code, and every generator or coroutine that is
+suspended inside it.
+
+Identity is what counts: a target resolves to code objects (found by walking
+the module's attributes, by the qualname recorded in code objects, and through
+enclosing functions' constants for nested code), and then to *every* function
+whose `__code__` is one of those objects, however it is referenced (aliases,
+decorator chains, registries, bound methods, closures). One pass over the heap
+serves a whole batch of targets."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import sys
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .errors import Problem
+
+FunctionType = types.FunctionType
+_SUSPENDABLE = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
+_BUILTIN_TYPES = (
+    types.BuiltinFunctionType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.ClassMethodDescriptorType,
+)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    module, sep, qualname = target.partition(":")
+    if not sep or not module or not qualname or ":" in qualname:
+        raise ValueError(f"target {target!r} is not of the form 'module:qualname'")
+    return module, qualname
+
+
+def frame_code(obj):
+    """The code a generator/coroutine/async generator is suspended in."""
+    return getattr(obj, "gi_code", None) or getattr(obj, "cr_code", None) or getattr(obj, "ag_code", None)
+
+
+def suspended_frame(obj):
+    """The live frame of a generator-like object, None once it has finished."""
+    if isinstance(obj, types.GeneratorType):
+        return obj.gi_frame
+    if isinstance(obj, types.CoroutineType):
+        return obj.cr_frame
+    return obj.ag_frame
+
+
+@dataclass
+class HeapIndex:
+    """Functions and generator-likes of the heap, gathered in one pass."""
+
+    functions: list = field(default_factory=list)
+    suspendables: list = field(default_factory=list)
+    frozen_objects: int = 0
+    by_code: dict = field(default_factory=dict)
+    by_name: dict = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls) -> "HeapIndex":
+        index = cls()
+        funcs = index.functions
+        susp = index.suspendables
+        objects = gc.get_objects()
+        index.frozen_objects = gc.get_freeze_count()
+        if index.frozen_objects:
+            # gc.freeze() hides objects from get_objects(); reach them from roots.
+            objects = objects + _reachable_from_roots()
+        seen = set()
+        for obj in objects:
+            t = type(obj)
+            if t is FunctionType:
+                if index.frozen_objects:
+                    if id(obj) in seen:
+                        continue
+                    seen.add(id(obj))
+                funcs.append(obj)
+            elif t in _SUSPENDABLE:
+                if index.frozen_objects:
+                    if id(obj) in seen:
+                        continue
+                    seen.add(id(obj))
+                susp.append(obj)
+        del objects
+        by_code = defaultdict(list)
+        by_name = defaultdict(list)
+        for f in funcs:
+            code = f.__code__
+            by_code[id(code)].append(f)
+            by_name[(f.__module__, code.co_qualname)].append(f)
+        index.by_code = by_code
+        index.by_name = by_name
+        return index
+
+    def functions_using(self, code) -> list:
+        return [f for f in self.by_code.get(id(code), ()) if f.__code__ is code]
+
+    def suspended_in(self, code_ids: set[int]) -> list:
+        out = []
+        for g in self.suspendables:
+            if id(frame_code(g)) in code_ids and suspended_frame(g) is not None:
+                out.append(g)
+        return out
+
+
+def _reachable_from_roots() -> list:
+    """Every object reachable from modules and thread stacks (slow; only used
+    when the heap is frozen)."""
+    roots = list(sys.modules.values()) + list(sys._current_frames().values())
+    seen = {id(r) for r in roots}
+    out = []
+    stack = roots
+    while stack:
+        obj = stack.pop()
+        out.append(obj)
+        for ref in gc.get_referents(obj):
+            if id(ref) not in seen:
+                seen.add(id(ref))
+                stack.append(ref)
+    return out
+
+
+def functions_reachable(obj, _depth: int = 0):
+    """Function objects an attribute value stands for: itself, or what it
+    wraps (decorator chains, methods, static/class methods, properties,
+    partials, cached properties)."""
+    if _depth > 32 or obj is None:
+        return
+    if isinstance(obj, FunctionType):
+        yield obj
+        yield from functions_reachable(getattr(obj, "__wrapped__", None), _depth + 1)
+        return
+    if isinstance(obj, property):
+        for f in (obj.fget, obj.fset, obj.fdel):
+            yield from functions_reachable(f, _depth + 1)
+        return
+    if isinstance(obj, functools.partial):
+        yield from functions_reachable(obj.func, _depth + 1)
+        return
+    for attr in ("__func__", "func", "__wrapped__"):
+        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
+        if inner is not None and inner is not obj:
+            yield from functions_reachable(inner, _depth + 1)
+
+
+def _lookup(owner, name):
+    if isinstance(owner, type):
+        for klass in owner.__mro__:
+            if name in vars(klass):
+                return vars(klass)[name]
+        raise AttributeError(name)
+    if isinstance(owner, types.ModuleType):
+        return vars(owner)[name]
+    # a function attribute path (e.g. a decorated function's attribute)
+    return getattr(owner, name)
+
+
+def nested_codes(code, qualname: str):
+    """Code objects named `qualname` among `code`'s constants, recursively."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_qualname == qualname:
+                yield const
+            elif qualname.startswith(const.co_qualname + "."):
+                yield from nested_codes(const, qualname)
+
+
+@dataclass
+class Resolution:
+    target: str
+    codes: list  # candidate code objects, distinct
+    builtin: object = None  # the C function, when the target is one
+
+
+def resolve(target: str, heap: HeapIndex) -> Resolution | Problem:
+    """Candidate code objects for a target name (not yet checked against a
+    baseline). Returns a Problem when nothing of that name exists."""
+    try:
+        modname, qualname = split_target(target)
+    except ValueError as exc:
+        return Problem("not-found", target, str(exc))
+    module = sys.modules.get(modname)
+    if module is None:
+        return Problem("not-found", target, f"module {modname!r} is not loaded in this process")
+    parts = qualname.split(".")
+    # the attribute path to the function itself or, for nested code, to the
+    # outermost function that encloses it
+    outer = parts[: parts.index("<locals>")] if "<locals>" in parts else parts
+    outer_qual = ".".join(outer)
+
+    codes: dict[int, types.CodeType] = {}
+    obj = module
+    try:
+        for name in outer:
+            obj = _lookup(obj, name)
+    except (KeyError, AttributeError):
+        obj = None
+    if obj is not None and isinstance(obj, _BUILTIN_TYPES):
+        return Resolution(target, [], builtin=obj)
+    roots = []
+    if obj is not None:
+        roots = [f for f in functions_reachable(obj) if f.__code__.co_qualname == outer_qual]
+    roots += heap.by_name.get((modname, outer_qual), [])
+    for f in roots:
+        code = f.__code__
+        if outer_qual == qualname:
+            codes[id(code)] = code
+        else:
+            for inner in nested_codes(code, qualname):
+                codes[id(inner)] = inner
+    # closures already created from nested code are indexed by their own name
+    for f in heap.by_name.get((modname, qualname), []):
+        codes[id(f.__code__)] = f.__code__
+    if not codes:
+        if obj is not None and not roots and not isinstance(obj, (types.FunctionType, property)):
+            found = type(obj).__name__
+            return Problem("not-found", target, f"{modname}.{'.'.join(outer)} is a {found}, not a Python function")
+        return Problem("not-found", target, f"no function {qualname!r} in module {modname!r}")
+    return Resolution(target, list(codes.values()))

@@ -1,0 +1,521 @@
+"""The patch stack: applies, rolls back and replaces patches, keeps the
+previous code of every change, and records status and history.
+
+Every operation is a *transition*: a list of code switches (old code object
+-> new code object, matched by identity) plus global stores, prepared from a
+fresh heap scan, waited on until a safe point, then committed atomically by
+`commit.run`. Apply, rollback and cumulative replace differ only in how the
+switches are computed."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import linecache
+import platform
+import sys
+import threading
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+
+from . import commit as _commit
+from .checks import check_change, code_kind, require_supported_runtime
+from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
+from .fingerprint import fingerprint
+from .locate import HeapIndex, Resolution, nested_codes, resolve, split_target
+from .patch import UNCHANGED, Change, Patch
+from .safepoint import count_running, describe, first_busy, first_suspended, young_suspended
+
+MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
+_HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
+
+
+@dataclass(slots=True)
+class Switch:
+    target: str
+    old: types.CodeType
+    new: types.CodeType
+    allow_active: bool = False
+    implied: bool = False  # enclosing code rewritten so future closures get new nested code
+    defaults: object = UNCHANGED
+    kwdefaults: object = UNCHANGED
+
+
+@dataclass(slots=True)
+class GlobalStore:
+    key: str
+    owner: object
+    name: str
+    before: object
+    after: object
+
+
+@dataclass
+class AppliedPatch:
+    id: str
+    switches: list
+    globals: list
+    saved_defaults: list  # (weakref to function, old __defaults__, old __kwdefaults__)
+    applied_at: float
+    pause_ns: int
+    attempts: int
+    forced: bool
+    cumulative: bool
+    requires: tuple
+    metadata: dict
+    replaced: list = field(default_factory=list)  # patches a cumulative one replaced
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({s.target for s in self.switches if not s.implied} | {g.key for g in self.globals})
+
+
+@dataclass
+class Result:
+    patch_id: str
+    action: str
+    pause_ns: int
+    attempts: int
+    forced: bool
+    functions: int  # function objects whose code was switched
+    targets: list
+    interrupted_by: list
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _failure_kind(exc: PatchError) -> str:
+    return "failed" if isinstance(exc, CommitFailed) else "refused"
+
+
+def _now_iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _resolve_owner(key: str):
+    """"module:name" or "module:Class.name" -> (owner object, attribute name)."""
+    modname, path = split_target(key)
+    module = sys.modules.get(modname)
+    if module is None:
+        raise PatchError("bad global", [Problem("not-found", key, f"module {modname!r} is not loaded")])
+    *owners, name = path.split(".")
+    owner = module
+    for part in owners:
+        owner = getattr(owner, part, None)
+        if not isinstance(owner, type):
+            raise PatchError("bad global", [Problem("not-found", key, f"{part!r} is not a class in {modname!r}")])
+    return owner, name
+
+
+def _rewrite_nested(code, mapping: dict, out: list):
+    """`code` with every nested code constant in `mapping` (by id) replaced,
+    recursively; appends (old, new) for every level rewritten."""
+    consts = list(code.co_consts)
+    changed = False
+    for i, const in enumerate(consts):
+        if isinstance(const, types.CodeType):
+            new = mapping.get(id(const))
+            if new is None:
+                new = _rewrite_nested(const, mapping, out)
+            if new is not const:
+                consts[i] = new
+                changed = True
+    if not changed:
+        return code
+    new_code = code.replace(co_consts=tuple(consts))
+    out.append((code, new_code))
+    return new_code
+
+
+class Engine:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stack: list[AppliedPatch] = []
+        self._history: list[dict] = []
+        self._forced = False
+        self._warnings: list[str] = []
+
+    # ---------------------------------------------------------------- apply
+    def apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False) -> Result:
+        require_supported_runtime()
+        self._check_shape(patch)
+        with self._lock:
+            try:
+                if any(p.id == patch.id for p in self._stack):
+                    raise PatchError(f"patch {patch.id!r} is already applied")
+                missing = [r for r in patch.requires if not any(p.id == r for p in self._stack)]
+                if missing:
+                    raise PatchError(f"patch {patch.id!r} requires patches that are not applied: {', '.join(missing)}")
+                if patch.cumulative:
+                    build = lambda heap: self._cumulative_plan(patch, heap)  # noqa: E731
+                else:
+                    build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
+                result, applied = self._transition("apply", patch.id, build, timeout, force)
+            except PatchError as exc:
+                self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
+                raise
+            applied.cumulative = patch.cumulative
+            applied.requires = tuple(patch.requires)
+            applied.metadata = dict(patch.metadata or {})
+            if patch.cumulative:
+                applied.replaced = self._stack
+                self._stack = []
+            self._stack.append(applied)
+            self._register_sources(patch)
+            self._record("apply", patch.id, "ok", "", result=result)
+            return result
+
+    @staticmethod
+    def _check_shape(patch: Patch) -> None:
+        problems = []
+        if not isinstance(patch.id, str) or not patch.id:
+            problems.append(Problem("invalid", "", "patch id must be a non-empty string"))
+        seen = set()
+        for change in patch.changes:
+            if not isinstance(change, Change):
+                problems.append(Problem("invalid", "", f"not a Change: {change!r}"))
+                continue
+            if change.target in seen:
+                problems.append(Problem("invalid", change.target, "target appears twice in the patch"))
+            seen.add(change.target)
+        if not patch.changes and not patch.new_globals and not patch.cumulative:
+            problems.append(Problem("invalid", "", "patch has no changes"))
+        if patch.cumulative and patch.requires:
+            problems.append(Problem("invalid", "", "a cumulative patch replaces the stack; it cannot require patches"))
+        if problems:
+            raise PatchError("invalid patch", problems)
+
+    def _locate_baseline(self, change: Change, heap: HeapIndex, fps: dict, baseline_of=None):
+        """Live code objects of a target whose baseline fingerprint matches.
+        `baseline_of` maps a live code to the code it stands in for (for
+        cumulative patches: the original baseline under earlier patches)."""
+        found = resolve(change.target, heap)
+        if isinstance(found, Problem):
+            return None, [found]
+        if found.builtin is not None:
+            return None, [Problem("incompatible:builtin", change.target,
+                                  f"{found.builtin!r} is implemented in C; it has no code object to replace")]
+        matches, seen = [], []
+        for code in found.codes:
+            base = baseline_of(code) if baseline_of else code
+            fp = fps.get(id(base))
+            if fp is None:
+                fp = fps[id(base)] = fingerprint(base)
+            seen.append(fp)
+            if fp == change.baseline:
+                matches.append(code)
+        if not matches:
+            owner = self._patched_by(found.codes)
+            note = f" (currently patched by {owner})" if owner else ""
+            return None, [Problem("baseline-mismatch", change.target,
+                                  f"expected baseline {change.baseline}, running code is {', '.join(sorted(set(seen)))}{note}")]
+        problems = []
+        for code in matches:
+            problems += [p for p in check_change(change, code) if p not in problems]
+        return matches, problems
+
+    def _patched_by(self, codes) -> str | None:
+        ids = {id(c) for c in codes}
+        for p in reversed(self._stack):
+            if any(id(s.new) in ids for s in p.switches):
+                return p.id
+        return None
+
+    def _apply_plan(self, patch: Patch, heap: HeapIndex, baseline_of=None):
+        fps: dict = {}
+        switches, problems = [], []
+        for change in patch.changes:
+            matches, found = self._locate_baseline(change, heap, fps, baseline_of)
+            problems += found
+            for code in matches or ():
+                switches.append(Switch(change.target, code, change.new_code, change.allow_active,
+                                       False, change.defaults, change.kwdefaults))
+        raise_for(problems)
+        switches += self._implied_switches(switches, heap)
+        return switches, self._global_stores(patch.new_globals or {})
+
+    @staticmethod
+    def _implied_switches(switches: list, heap: HeapIndex) -> list:
+        """For nested targets, rewrite the enclosing code so that closures
+        created after the commit run the new nested code too."""
+        nested = {id(s.old): s.new for s in switches if "<locals>" in s.target}
+        if not nested:
+            return []
+        explicit = {id(s.old) for s in switches}
+        implied, seen = [], set()
+        for s in switches:
+            if "<locals>" not in s.target:
+                continue
+            modname, qualname = split_target(s.target)
+            outer = qualname.split(".<locals>.")[0]
+            found = resolve(f"{modname}:{outer}", heap)
+            if not isinstance(found, Resolution):
+                continue
+            for code in found.codes:
+                if id(code) in explicit or id(code) in seen:
+                    continue
+                seen.add(id(code))
+                pairs: list = []
+                _rewrite_nested(code, nested, pairs)
+                for old, new in pairs:
+                    if id(old) not in explicit:
+                        implied.append(Switch(f"{modname}:{old.co_qualname}", old, new, True, True))
+        return implied
+
+    @staticmethod
+    def _global_stores(new_globals: dict) -> list:
+        stores = []
+        for key, value in new_globals.items():
+            owner, name = _resolve_owner(key)
+            before = vars(owner).get(name, MISSING)
+            stores.append(GlobalStore(key, owner, name, before, value))
+        return stores
+
+    # ------------------------------------------------------------- cumulative
+    def _cumulative_plan(self, patch: Patch, heap: HeapIndex):
+        """Replace every applied patch with `patch` in one commit: each live
+        code maps back through the stack to its original, then forward to the
+        cumulative patch's code (or stays original)."""
+        back: dict = {}  # id(code installed by the stack) -> original code
+        for applied in reversed(self._stack):
+            for s in applied.switches:
+                back[id(s.new)] = back.get(id(s.old), s.old)
+        original = lambda code: back.get(id(code), code)  # noqa: E731
+        switches, stores = self._apply_plan(patch, heap, baseline_of=original)
+        covered = {id(s.old) for s in switches}
+        for applied in self._stack:
+            for s in applied.switches:
+                if id(s.new) not in covered and heap.functions_using(s.new):
+                    covered.add(id(s.new))
+                    switches.append(Switch(s.target, s.new, original(s.new), s.allow_active, s.implied))
+        # globals: what the stack set goes back to its first 'before', then the patch's values
+        planned = {(id(g.owner), g.name) for g in stores}
+        for applied in self._stack:
+            for g in applied.globals:
+                if (id(g.owner), g.name) not in planned:
+                    planned.add((id(g.owner), g.name))
+                    first = next(x for p in self._stack for x in p.globals if x.owner is g.owner and x.name == g.name)
+                    stores.append(GlobalStore(g.key, g.owner, g.name, vars(g.owner).get(g.name, MISSING), first.before))
+        return switches, stores
+
+    # --------------------------------------------------------------- rollback
+    def rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False) -> Result:
+        require_supported_runtime()
+        with self._lock:
+            try:
+                if not self._stack:
+                    raise RollbackRefused("no patch is applied")
+                if patch_id is None:
+                    index = len(self._stack) - 1
+                else:
+                    ids = [p.id for p in self._stack]
+                    if patch_id not in ids:
+                        raise RollbackRefused(f"patch {patch_id!r} is not applied (applied: {', '.join(ids)})")
+                    index = ids.index(patch_id)
+                target = self._stack[index]
+                dependents = self._dependents(index)
+                if dependents:
+                    raise RollbackRefused(f"cannot roll back {target.id!r}: later patches depend on it",
+                                          [Problem("rollback-refused", t, f"also changed by {p}") for p, t in dependents])
+                build = lambda heap: self._rollback_plan(target, heap)  # noqa: E731
+                result, _ = self._transition("rollback", target.id, build, timeout, force,
+                                             restore_defaults=target.saved_defaults)
+            except PatchError as exc:
+                self._record("rollback", patch_id or "", _failure_kind(exc), str(exc), exc=exc)
+                raise
+            del self._stack[index]
+            if target.cumulative and target.replaced:
+                self._stack[index:index] = target.replaced
+            self._record("rollback", target.id, "ok", "", result=result)
+            return result
+
+    def rollback_all(self, *, timeout: float = 5.0, force: bool = False) -> list[Result]:
+        results = []
+        while self._stack:
+            results.append(self.rollback(timeout=timeout, force=force))
+        return results
+
+    def _dependents(self, index: int) -> list[tuple[str, str]]:
+        target = self._stack[index]
+        mine = {id(s.new) for s in target.switches}
+        keys = {g.key for g in target.globals}
+        out = []
+        for later in self._stack[index + 1:]:
+            if target.id in later.requires:
+                out.append((later.id, f"requires {target.id}"))
+            for s in later.switches:
+                if id(s.old) in mine:
+                    out.append((later.id, s.target))
+            for g in later.globals:
+                if g.key in keys:
+                    out.append((later.id, g.key))
+        return out
+
+    @staticmethod
+    def _rollback_plan(applied: AppliedPatch, heap: HeapIndex):
+        switches, seen = [], set()
+        for s in applied.switches:
+            if id(s.new) in seen:
+                continue
+            seen.add(id(s.new))
+            switches.append(Switch(s.target, s.new, s.old, s.allow_active, s.implied))
+        stores = [GlobalStore(g.key, g.owner, g.name, vars(g.owner).get(g.name, MISSING), g.before)
+                  for g in reversed(applied.globals)]
+        return switches, stores
+
+    # ------------------------------------------------------------- transition
+    def _transition(self, action, patch_id, build, timeout, force, restore_defaults=None):
+        deadline = time.monotonic() + max(0.0, timeout)
+        attempts = 0
+        backoff = 0.005
+        last = None
+        while True:
+            attempts += 1
+            gc_was_enabled = gc.isenabled()
+            gc.disable()  # keeps new objects in generation 0 until the commit (see safepoint)
+            try:
+                heap = HeapIndex.scan()
+                switches, stores = build(heap)
+                ops, undo, saved, functions = self._make_ops(switches, stores, heap, restore_defaults)
+                busy_ids = {id(s.old) for s in switches if not (force or s.allow_active or s.implied)}
+                gen_ids = {id(s.old) for s in switches if id(s.old) in busy_ids and code_kind(s.old) != "function"}
+                gc_counts = [g["collections"] for g in gc.get_stats()]
+                frames = sys._current_frames()
+                blocker = first_busy(frames, busy_ids) or first_suspended(heap.suspendables, busy_ids)
+                if blocker is None:
+                    def check(frames_map):
+                        found = first_busy(frames_map, busy_ids)
+                        if found is None and gen_ids:
+                            if [g["collections"] for g in gc.get_stats()] != gc_counts:
+                                return _HEAP_CHANGED
+                            found = young_suspended(gen_ids)
+                        return found
+                    outcome = _commit.run(ops, undo, check)
+                    if outcome.committed:
+                        break
+                    frames = outcome.frames
+                target_of = {id(s.old): s.target for s in switches}
+                last = (frames, heap.suspended_in(busy_ids), busy_ids, target_of)
+                del frames, heap, ops, undo
+            except PatchError:
+                raise
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            if time.monotonic() >= deadline:
+                frames, suspended, busy_ids, target_of = last
+                blockers = describe(frames, suspended, busy_ids, target_of)
+                problems = [Problem("busy", ", ".join(b["targets"]),
+                                    (f"thread {b['thread_name']!r} (id {b['thread_id']}) is running it: "
+                                     if b["kind"] == "thread" else f"a suspended {b['kind']} holds it: ")
+                                    + "; ".join(b["holding"])) for b in blockers]
+                if not problems:
+                    problems = [Problem("busy", "", _HEAP_CHANGED)]
+                raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts",
+                                 problems, blockers)
+            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, 0.2)
+
+        if force:
+            self._forced = True
+        if outcome.interrupted_by:
+            names = {t.ident: t.name for t in threading.enumerate()}
+            ran = ", ".join(f"{names.get(t, '?')} ({t})" for t in outcome.interrupted_by)
+            self._warnings.append(f"{action} {patch_id}: other threads ran during the commit ({ran}); "
+                                  "something inside it released the GIL (an audit hook doing I/O?)")
+        applied = AppliedPatch(patch_id, [s for s in switches], stores, saved, time.time(), outcome.pause_ns,
+                               attempts, force, False, (), {})
+        result = Result(patch_id, action, outcome.pause_ns, attempts, force, functions,
+                        applied.targets, outcome.interrupted_by)
+        return result, applied
+
+    @staticmethod
+    def _make_ops(switches, stores, heap, restore_defaults):
+        ops, undo, saved = [], [], []
+        functions = 0
+        restore = {}
+        for ref, defaults, kwdefaults in restore_defaults or ():
+            f = ref()
+            if f is not None:
+                restore[id(f)] = (defaults, kwdefaults)
+        for s in switches:
+            for f in heap.functions_using(s.old):
+                functions += 1
+                ops.append((setattr, f, "__code__", s.new))
+                undo.append((setattr, f, "__code__", s.old))
+                new_defaults, new_kwdefaults = s.defaults, s.kwdefaults
+                if id(f) in restore:
+                    new_defaults, new_kwdefaults = restore[id(f)]
+                if new_defaults is not UNCHANGED or new_kwdefaults is not UNCHANGED:
+                    saved.append((weakref.ref(f), f.__defaults__, f.__kwdefaults__))
+                if new_defaults is not UNCHANGED:
+                    ops.append((setattr, f, "__defaults__", new_defaults))
+                    undo.append((setattr, f, "__defaults__", f.__defaults__))
+                if new_kwdefaults is not UNCHANGED:
+                    ops.append((setattr, f, "__kwdefaults__", new_kwdefaults))
+                    undo.append((setattr, f, "__kwdefaults__", f.__kwdefaults__))
+        for g in stores:
+            ops.append((setattr, g.owner, g.name, g.after) if g.after is not MISSING else (delattr, g.owner, g.name))
+            undo.append((setattr, g.owner, g.name, g.before) if g.before is not MISSING else (delattr, g.owner, g.name))
+        return ops, undo, saved, functions
+
+    # --------------------------------------------------------------- reports
+    @staticmethod
+    def _register_sources(patch: Patch) -> None:
+        for filename, text in (patch.sources or {}).items():
+            lines = text.splitlines(keepends=True)
+            # mtime None: linecache.checkcache never evicts it
+            linecache.cache[filename] = (len(text), None, lines, filename)
+
+    def _record(self, action, patch_id, outcome, reason, result=None, exc=None):
+        entry = {"time": _now_iso(time.time()), "action": action, "patch": patch_id, "outcome": outcome}
+        if result is not None:
+            entry.update(pause_ns=result.pause_ns, attempts=result.attempts, forced=result.forced,
+                         functions=result.functions, targets=result.targets)
+            if result.interrupted_by:
+                entry["interrupted_by"] = list(result.interrupted_by)
+        if exc is not None:
+            entry.update(reason=reason, error=type(exc).__name__, problems=[p.to_dict() for p in exc.problems])
+        self._history.append(entry)
+
+    def status(self) -> dict:
+        with self._lock:
+            stack = []
+            for p in self._stack:
+                old_ids = {id(s.old) for s in p.switches if s.allow_active or p.forced}
+                stack.append({
+                    "id": p.id,
+                    "state": "applied",
+                    "applied_at": _now_iso(p.applied_at),
+                    "targets": p.targets,
+                    "pause_ns": p.pause_ns,
+                    "attempts": p.attempts,
+                    "forced": p.forced,
+                    "cumulative": p.cumulative,
+                    "requires": list(p.requires),
+                    "replaces": [r.id for r in p.replaced],
+                    "frames_on_old_code": count_running(old_ids) if old_ids else 0,
+                    "metadata": dict(p.metadata),
+                })
+            return {
+                "python": {
+                    "implementation": sys.implementation.name,
+                    "version": platform.python_version(),
+                    "cache_tag": sys.implementation.cache_tag,
+                },
+                "forced": self._forced,
+                "applied": stack,
+                "history": list(self._history),
+                "warnings": list(self._warnings),
+            }
+
+    def history(self) -> list[dict]:
+        with self._lock:
+            return list(self._history)
+
+    def applied_ids(self) -> list[str]:
+        with self._lock:
+            return [p.id for p in self._stack]
