@@ -1,0 +1,274 @@
+"""Applying patches: every way a function can be referenced sees the new code."""
+import asyncio
+import functools
+import linecache
+import traceback
+
+import pytest
+
+import livepatch
+from livepatch import Change, Patch, fingerprint
+from conftest import patch_of
+
+SHOP = '''
+import functools
+
+RATE = 2
+
+def deco(f):
+    @functools.wraps(f)
+    def wrapper(*a, **k):
+        return f(*a, **k)
+    return wrapper
+
+@deco
+def price(x, tax=1):
+    return x * RATE + tax
+
+alias = price
+handlers = {"price": price.__wrapped__}
+
+class Base:
+    def total(self):
+        return 1
+
+class Cart(Base):
+    def total(self):
+        return super().total() + 10
+
+    @staticmethod
+    def s():
+        return "s1"
+
+    @classmethod
+    def c(cls):
+        return "c1"
+
+    @property
+    def p(self):
+        return "p1"
+
+def make(n):
+    def row(a):
+        return a + n
+    return row
+
+square = lambda v: v * v
+
+def gen(n):
+    for i in range(n):
+        yield i
+
+async def fetch(y):
+    return y + 1
+
+def kw(a, /, b, *, c=5):
+    return (a, b, c)
+
+@functools.singledispatch
+def show(x):
+    return "any"
+
+@functools.lru_cache(maxsize=None)
+def cached(x):
+    return x
+'''
+
+PATCHED = (SHOP.replace("x * RATE + tax", "x * RATE + tax + 100")
+           .replace("super().total() + 10", "super().total() + 20")
+           .replace('"s1"', '"s2"').replace('"c1"', '"c2"').replace('"p1"', '"p2"')
+           .replace("a + n", "a + n * 100")
+           .replace("v * v", "v * v * v")
+           .replace("yield i", "yield -i")
+           .replace("y + 1", "y + 2")
+           .replace("return (a, b, c)", "return (c, b, a)")
+           .replace('return "any"', 'return "ANY"'))
+
+
+def test_every_reference_sees_new_code_and_rollback_restores_identity(make_module, engine):
+    m, src = make_module(SHOP)
+    cart = m.Cart()
+    bound = cart.total
+    closure = m.make(1)
+    originals = {name: f.__code__ for name, f in [
+        ("price", m.price.__wrapped__), ("total", m.Cart.total), ("row", closure), ("square", m.square)]}
+    hot = [m.kw(1, 2) for _ in range(5000)]  # specialised call sites must pick up new code too
+    assert hot[-1] == (1, 2, 5)
+
+    patch = patch_of(m, src, PATCHED)
+    result = engine.apply(patch)
+    assert result.attempts == 1 and result.pause_ns > 0
+    assert m.price(1) == m.alias(1) == m.handlers["price"](1) == 103
+    assert bound() == cart.total() == 21  # zero-argument super() still works
+    assert (m.Cart.s(), m.Cart.c(), cart.p) == ("s2", "c2", "p2")
+    assert closure(1) == 101 and m.make(2)(1) == 201  # existing and future closures
+    assert m.square(2) == 8
+    assert list(m.gen(3)) == [0, -1, -2]
+    assert asyncio.run(m.fetch(1)) == 3
+    assert m.kw(1, 2) == (5, 2, 1)
+    assert m.show(1) == "ANY"
+
+    engine.rollback()
+    assert m.price(1) == 3 and bound() == 11 and closure(1) == 2 and m.make(2)(1) == 3
+    assert m.price.__wrapped__.__code__ is originals["price"]
+    assert m.Cart.total.__code__ is originals["total"]
+    assert closure.__code__ is originals["row"]
+    assert m.make(5).__code__ is originals["row"]
+    assert m.square.__code__ is originals["square"]
+    assert m.kw(1, 2) == (1, 2, 5)
+
+
+def test_changed_defaults_are_stored_and_rolled_back(make_module, engine):
+    m, src = make_module('''
+        def f(a, b=1, *, c=2):
+            return a + b + c
+    ''')
+    engine.apply(patch_of(m, src, '''
+        def f(a, b=10, *, c=20, d=300):
+            return a + b + c + d
+    '''))
+    assert m.f(0) == 330 and m.f.__defaults__ == (10,) and m.f.__kwdefaults__ == {"c": 20, "d": 300}
+    engine.rollback()
+    assert m.f(0) == 3 and m.f.__defaults__ == (1,) and m.f.__kwdefaults__ == {"c": 2}
+
+
+def test_new_helper_import_and_constant_commit_together(make_module, engine):
+    m, src = make_module('''
+        LIMIT = 10
+        def check(path):
+            return len(path) < LIMIT
+    ''')
+    engine.apply(patch_of(m, src, '''
+        import posixpath
+        LIMIT = 5
+        def _safe(path):
+            return ".." not in posixpath.normpath(path).split("/")
+        def check(path):
+            return len(path) < LIMIT and _safe(path)
+    '''))
+    assert m.LIMIT == 5 and m.check("a/b") and not m.check("../x")
+    assert m.posixpath.__name__ == "posixpath"
+    engine.rollback()
+    assert m.LIMIT == 10 and not hasattr(m, "_safe") and not hasattr(m, "posixpath")
+    assert m.check("../x")
+
+
+def test_traceback_shows_patched_source(make_module, engine):
+    m, src = make_module('''
+        def boom():
+            return 1
+    ''')
+    engine.apply(patch_of(m, src, '''
+        def boom():
+            raise ValueError("patched failure")
+    '''))
+    with pytest.raises(ValueError) as info:
+        m.boom()
+    text = "".join(traceback.format_exception(info.value))
+    assert 'raise ValueError("patched failure")' in text
+    assert "[livepatch HP-1]" in text
+    frame_file = info.traceback[-1].frame.code.raw.co_filename
+    assert linecache.getline(frame_file, 3).strip() == 'raise ValueError("patched failure")'
+
+
+def test_builtin_target_is_refused_clearly(engine):
+    change = Change("builtins:len", (lambda x: 0).__code__, "0" * 32)
+    with pytest.raises(livepatch.IncompatibleChange) as info:
+        engine.apply(Patch("HP-len", [change]))
+    assert "implemented in C" in str(info.value)
+    assert len([1, 2]) == 2
+
+
+def test_missing_targets_are_named(make_module, engine):
+    m, src = make_module("def f():\n    return 1\n")
+    changes = [Change(f"{m.__name__}:nope", m.f.__code__, fingerprint(m.f)),
+               Change("no_such_module_xyz:f", m.f.__code__, fingerprint(m.f))]
+    with pytest.raises(livepatch.TargetNotFound) as info:
+        engine.apply(Patch("HP-x", changes))
+    text = str(info.value)
+    assert f"{m.__name__}:nope" in text and "no_such_module_xyz" in text and "not loaded" in text
+
+
+def test_stacked_patches_build_on_each_other(make_module, engine):
+    m, src = make_module("def f():\n    return 1\n")
+    v2 = "def f():\n    return 2\n"
+    v3 = "def f():\n    return 3\n"
+    engine.apply(patch_of(m, src, v2, "HP-1"))
+    # a second patch built against the original baseline no longer matches
+    with pytest.raises(livepatch.BaselineMismatch) as info:
+        engine.apply(patch_of(m, src, v3, "HP-2"))
+    assert "currently patched by HP-1" in str(info.value)
+    engine.apply(patch_of(m, v2, v3, "HP-2"))
+    assert m.f() == 3
+    with pytest.raises(livepatch.RollbackRefused) as info:
+        engine.rollback("HP-1")
+    assert "HP-2" in str(info.value)
+    engine.rollback("HP-2")
+    engine.rollback("HP-1")
+    assert m.f() == 1
+
+
+def test_independent_patch_in_the_middle_can_be_rolled_back(make_module, engine):
+    m, src = make_module("def f():\n    return 1\ndef g():\n    return 1\n")
+    engine.apply(patch_of(m, src, src.replace("def f():\n    return 1", "def f():\n    return 2"), "HP-f"))
+    engine.apply(patch_of(m, src, src.replace("def g():\n    return 1", "def g():\n    return 5"), "HP-g"))
+    engine.rollback("HP-f")
+    assert (m.f(), m.g()) == (1, 5)
+    assert [p["id"] for p in engine.status()["applied"]] == ["HP-g"]
+
+
+def test_cumulative_patch_replaces_the_stack_in_one_commit(make_module, engine):
+    m, src = make_module("def f():\n    return 1\ndef g():\n    return 1\nLIMIT = 1\n")
+    f0, g0 = m.f.__code__, m.g.__code__
+    engine.apply(patch_of(m, src, src.replace("def f():\n    return 1", "def f():\n    return 2"), "HP-1"))
+    engine.apply(patch_of(m, src, src.replace("def g():\n    return 1", "def g():\n    return 2")
+                          .replace("LIMIT = 1", "LIMIT = 2"), "HP-2"))
+    assert (m.f(), m.g(), m.LIMIT) == (2, 2, 2)
+    cumulative = patch_of(m, src, src.replace("def f():\n    return 1", "def f():\n    return 3"),
+                          "HP-C", cumulative=True)
+    engine.apply(cumulative)
+    # f from the cumulative patch, g and LIMIT back to baseline
+    assert (m.f(), m.g(), m.LIMIT) == (3, 1, 1)
+    assert m.g.__code__ is g0
+    status = engine.status()
+    assert [p["id"] for p in status["applied"]] == ["HP-C"]
+    assert status["applied"][0]["replaces"] == ["HP-1", "HP-2"]
+    engine.rollback()  # undoing the cumulative patch brings back what it replaced
+    assert (m.f(), m.g(), m.LIMIT) == (2, 2, 2)
+    engine.rollback_all()
+    assert m.f.__code__ is f0 and m.g.__code__ is g0 and m.LIMIT == 1
+
+
+def test_requires_and_duplicate_ids(make_module, engine):
+    m, src = make_module("def f():\n    return 1\n")
+    with pytest.raises(livepatch.PatchError, match="requires patches that are not applied: HP-0"):
+        engine.apply(patch_of(m, src, "def f():\n    return 2\n", "HP-1", requires=["HP-0"]))
+    engine.apply(patch_of(m, src, "def f():\n    return 2\n", "HP-1"))
+    with pytest.raises(livepatch.PatchError, match="already applied"):
+        engine.apply(patch_of(m, src, "def f():\n    return 2\n", "HP-1"))
+
+
+def test_status_is_json_serialisable_with_history(make_module, engine):
+    import json
+    m, src = make_module("def f():\n    return 1\n")
+    engine.apply(patch_of(m, src, "def f():\n    return 2\n", "HP-1"))
+    with pytest.raises(livepatch.BaselineMismatch):
+        engine.apply(patch_of(m, src, "def f():\n    return 3\n", "HP-2"))
+    engine.rollback()
+    status = json.loads(json.dumps(engine.status()))
+    assert status["python"]["cache_tag"]
+    actions = [(h["action"], h["patch"], h["outcome"]) for h in status["history"]]
+    assert actions == [("apply", "HP-1", "ok"), ("apply", "HP-2", "refused"), ("rollback", "HP-1", "ok")]
+    assert status["history"][1]["problems"][0]["category"] == "baseline-mismatch"
+    assert status["history"][0]["pause_ns"] > 0
+
+
+def test_module_level_api(make_module):
+    m, src = make_module("def f():\n    return 1\n")
+    result = livepatch.apply(patch_of(m, src, "def f():\n    return 2\n", "HP-api"))
+    try:
+        assert m.f() == 2 and result.pause_ns > 0
+        assert "HP-api" in [p["id"] for p in livepatch.status()["applied"]]
+    finally:
+        livepatch.rollback("HP-api")
+    assert m.f() == 1

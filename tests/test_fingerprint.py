@@ -1,0 +1,63 @@
+import subprocess
+import sys
+import textwrap
+
+from livepatch import fingerprint
+
+SRC = textwrap.dedent('''
+    def f(a, b=2, *, c=3):
+        try:
+            x = [i * 2 for i in range(a)]
+        except ValueError:
+            return frozenset({1.5, "a", None, (1, 2)})
+        def inner():
+            return x
+        return inner
+''')
+
+
+def _compile(src, filename="m.py"):
+    ns = {}
+    exec(compile(src, filename, "exec"), ns)
+    return ns["f"]
+
+
+def test_independent_of_lines_filename_and_identity():
+    f = _compile(SRC)
+    moved = _compile("\n\n\n# comment\n" + SRC, "elsewhere/other.py")
+    assert f.__code__ is not moved.__code__
+    assert fingerprint(f) == fingerprint(moved) == fingerprint(f.__code__)
+
+
+def test_detects_constant_instruction_and_nested_changes():
+    base = fingerprint(_compile(SRC))
+    assert fingerprint(_compile(SRC.replace("i * 2", "i * 3"))) != base
+    assert fingerprint(_compile(SRC.replace("i * 2", "i + 2"))) != base
+    assert fingerprint(_compile(SRC.replace("return x", "return -x"))) != base  # nested code only
+    assert fingerprint(_compile(SRC.replace("b=2, *, c=3", "b=2, c=3"))) != base  # argument counts
+    assert fingerprint(_compile(SRC.replace("x = [", "y = [").replace("return x", "return y"))) != base
+
+
+def test_identical_in_separate_processes_despite_hash_randomisation(tmp_path):
+    script = tmp_path / "fp.py"
+    script.write_text(SRC + "\nfrom livepatch import fingerprint\nprint(fingerprint(f))\n")
+    outs = set()
+    for seed in ("1", "2", "3"):
+        env = {"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}
+        outs.add(subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip())
+    assert len(outs) == 1
+    assert outs == {fingerprint(_compile(SRC))}
+
+
+def test_accepts_methods_and_rejects_builtins():
+    class C:
+        def m(self):
+            return 1
+    assert fingerprint(C().m) == fingerprint(C.m)
+    try:
+        fingerprint(len)
+    except TypeError as exc:
+        assert "no Python code object" in str(exc)
+    else:
+        raise AssertionError("builtin accepted")
