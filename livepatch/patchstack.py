@@ -87,8 +87,8 @@ class Result:
         return dict(self.__dict__)
 
 
-def _failure_kind(exc: PatchError) -> str:
-    return "failed" if isinstance(exc, CommitFailed) else "refused"
+def _failure_kind(exc: Exception) -> str:
+    return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
 
 
 def _now_iso(ts: float) -> str:
@@ -154,7 +154,7 @@ class Engine:
                 else:
                     build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
                 result, applied = self._transition("apply", patch.id, build, timeout, force)
-            except PatchError as exc:
+            except Exception as exc:
                 self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
                 raise
             applied.cumulative = patch.cumulative
@@ -323,7 +323,7 @@ class Engine:
                 build = lambda heap: self._rollback_plan(target, heap)  # noqa: E731
                 result, _ = self._transition("rollback", target.id, build, timeout, force,
                                              restore_defaults=target.saved_defaults)
-            except PatchError as exc:
+            except Exception as exc:
                 self._record("rollback", patch_id or "", _failure_kind(exc), str(exc), exc=exc)
                 raise
             del self._stack[index]
@@ -400,8 +400,6 @@ class Engine:
                 target_of = {id(s.old): s.target for s in switches}
                 last = (frames, heap.suspended_in(busy_ids), busy_ids, target_of)
                 del frames, heap, ops, undo
-            except PatchError:
-                raise
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -478,7 +476,8 @@ class Engine:
             if result.interrupted_by:
                 entry["interrupted_by"] = list(result.interrupted_by)
         if exc is not None:
-            entry.update(reason=reason, error=type(exc).__name__, problems=[p.to_dict() for p in exc.problems])
+            entry.update(reason=reason, error=type(exc).__name__,
+                         problems=[p.to_dict() for p in getattr(exc, "problems", ())])
         self._history.append(entry)
 
     def status(self) -> dict:

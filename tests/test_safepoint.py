@@ -1,0 +1,134 @@
+"""Safe points: busy targets are waited for, then reported with their stacks."""
+import asyncio
+import threading
+import time
+
+import pytest
+
+import livepatch
+from conftest import patch_of
+
+SRC = '''
+import threading
+gate = threading.Event()
+entered = threading.Event()
+
+def work():
+    entered.set()
+    gate.wait()
+    return "old"
+
+def serve_forever(stop, seen):
+    while not stop.is_set():
+        seen.append(handle())
+        stop.wait(0.001)
+
+def handle():
+    return "old"
+
+def gen():
+    yield "old"
+    yield "old"
+
+async def coro(ev):
+    await ev.wait()
+    return "old"
+'''
+NEW = SRC.replace('return "old"', 'return "new"').replace('yield "old"', 'yield "new"')
+
+
+def _thread(target, *args, name):
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_busy_thread_is_reported_with_name_and_stack(make_module, engine):
+    m, src = make_module(SRC)
+    t = _thread(m.work, name="busy-worker")
+    m.entered.wait(5)
+    try:
+        with pytest.raises(livepatch.TargetBusy) as info:
+            engine.apply(patch_of(m, src, NEW), timeout=0.3)
+        text = str(info.value)
+        assert "busy-worker" in text and str(t.ident) in text
+        assert "in work" in text and m.__file__ in text
+        blocker = info.value.blockers[0]
+        assert blocker["thread_name"] == "busy-worker" and any("gate.wait()" in s for s in blocker["stack"])
+        assert m.handle() == "old"
+        assert engine.status()["history"][-1]["problems"][0]["category"] == "busy"
+    finally:
+        m.gate.set()
+        t.join()
+
+
+def test_waits_until_the_target_leaves_the_stack(make_module, engine):
+    m, src = make_module(SRC)
+    t = _thread(m.work, name="leaving")
+    m.entered.wait(5)
+    threading.Timer(0.2, m.gate.set).start()
+    result = engine.apply(patch_of(m, src, NEW), timeout=5)
+    t.join()
+    assert result.attempts > 1
+    assert m.work() == "new"
+
+
+def test_suspended_generator_blocks(make_module, engine):
+    m, src = make_module(SRC)
+    g = m.gen()
+    assert next(g) == "old"
+    with pytest.raises(livepatch.TargetBusy, match="suspended generator"):
+        engine.apply(patch_of(m, src, NEW), timeout=0.2)
+    assert next(g) == "old"
+    g.close()
+    engine.apply(patch_of(m, src, NEW), timeout=1)
+    assert list(m.gen()) == ["new", "new"]
+
+
+def test_suspended_coroutine_blocks(make_module, engine):
+    m, src = make_module(SRC)
+
+    async def main():
+        ev = asyncio.Event()
+        task = asyncio.ensure_future(m.coro(ev))
+        await asyncio.sleep(0.01)
+        with pytest.raises(livepatch.TargetBusy, match="suspended coroutine"):
+            await asyncio.to_thread(engine.apply, patch_of(m, src, NEW), timeout=0.2)
+        ev.set()
+        assert await task == "old"
+        await asyncio.to_thread(engine.apply, patch_of(m, src, NEW), timeout=1)
+        return await m.coro(ev)
+
+    assert asyncio.run(main()) == "new"
+
+
+def test_allow_active_lets_a_loop_keep_running_old_frame(make_module, engine):
+    m, src = make_module(SRC)
+    stop, seen = threading.Event(), []
+    t = _thread(m.serve_forever, stop, seen, name="server")
+    while not seen:
+        time.sleep(0.001)
+    new = NEW.replace("seen.append(handle())", "seen.append(handle() + '!')")
+    with pytest.raises(livepatch.TargetBusy, match="server"):
+        engine.apply(patch_of(m, src, new), timeout=0.1)
+    engine.apply(patch_of(m, src, new, allow_active={"serve_forever"}), timeout=2)
+    n = len(seen)
+    while len(seen) < n + 3:
+        time.sleep(0.001)
+    # the running loop is still the old frame, but its callees are new
+    assert seen[-1] == "new"
+    assert engine.status()["applied"][0]["frames_on_old_code"] == 1
+    stop.set()
+    t.join()
+    assert engine.status()["applied"][0]["frames_on_old_code"] == 0
+
+
+def test_force_applies_despite_busy_and_marks_status(make_module, engine):
+    m, src = make_module(SRC)
+    t = _thread(m.work, name="busy-worker")
+    m.entered.wait(5)
+    result = engine.apply(patch_of(m, src, NEW), timeout=0.1, force=True)
+    assert result.forced and engine.status()["forced"] is True
+    m.gate.set()
+    t.join()
+    assert m.work() == "new"
