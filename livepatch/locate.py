@@ -54,7 +54,15 @@ def suspended_frame(obj):
 
 @dataclass
 class HeapIndex:
-    """Functions and generator-likes of the heap, gathered in one pass."""
+    """The functions of the target modules and the generator-likes running
+    target code, gathered with `gc.get_referrers` (one C-level pass).
+
+    Deliberately not `gc.get_objects()`: holding a list of every object hands
+    out references to objects other threads are still building (a tuple
+    being filled from an iterator has its refcount checked by
+    `_PyTuple_Resize`, and fails with SystemError if we hold it). Referrers of
+    a module's globals dict are functions, the module and frames, never
+    half-built containers."""
 
     functions: list = field(default_factory=list)
     suspendables: list = field(default_factory=list)
@@ -63,40 +71,39 @@ class HeapIndex:
     by_name: dict = field(default_factory=dict)
 
     @classmethod
-    def scan(cls) -> "HeapIndex":
+    def scan(cls, modules=()) -> "HeapIndex":
+        """Index the functions whose globals are one of `modules` (names)."""
         index = cls()
-        funcs = index.functions
-        susp = index.suspendables
-        objects = gc.get_objects()
+        anchors = [vars(sys.modules[m]) for m in modules if m in sys.modules]
         index.frozen_objects = gc.get_freeze_count()
         if index.frozen_objects:
-            # gc.freeze() hides objects from get_objects(); reach them from roots.
-            objects = objects + _reachable_from_roots()
-        seen = set()
-        for obj in objects:
-            t = type(obj)
-            if t is FunctionType:
-                if index.frozen_objects:
-                    if id(obj) in seen:
-                        continue
-                    seen.add(id(obj))
-                funcs.append(obj)
-            elif t in _SUSPENDABLE:
-                if index.frozen_objects:
-                    if id(obj) in seen:
-                        continue
-                    seen.add(id(obj))
-                susp.append(obj)
-        del objects
+            # gc.freeze() hides objects from the collector's lists; walk from roots.
+            found = _reachable_from_roots()
+            index.functions = [o for o in found if type(o) is FunctionType and any(o.__globals__ is a for a in anchors)]
+            index.suspendables = [o for o in found if type(o) in _SUSPENDABLE]
+        elif anchors:
+            index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
         by_code = defaultdict(list)
         by_name = defaultdict(list)
-        for f in funcs:
+        for f in index.functions:
             code = f.__code__
             by_code[id(code)].append(f)
             by_name[(f.__module__, code.co_qualname)].append(f)
         index.by_code = by_code
         index.by_name = by_name
         return index
+
+    def find_suspendables(self, codes) -> None:
+        """Collect the generator-likes whose code is one of `codes`."""
+        if self.frozen_objects:
+            ids = {id(c) for c in codes}
+            self.suspendables = [o for o in self.suspendables if id(frame_code(o)) in ids]
+            return
+        codes = list(codes)
+        found = []
+        for i in range(0, len(codes), 64):  # get_referrers compares linearly with its arguments
+            found += [o for o in gc.get_referrers(*codes[i:i + 64]) if type(o) in _SUSPENDABLE]
+        self.suspendables = found
 
     def functions_using(self, code) -> list:
         return [f for f in self.by_code.get(id(code), ()) if f.__code__ is code]
@@ -110,15 +117,18 @@ class HeapIndex:
 
 
 def _reachable_from_roots() -> list:
-    """Every object reachable from modules and thread stacks (slow; only used
-    when the heap is frozen)."""
+    """Functions and generator-likes reachable from modules and thread stacks
+    (slow; only used when the heap is frozen). Only containers reachable from
+    roots are visited, so no half-built object is ever referenced."""
     roots = list(sys.modules.values()) + list(sys._current_frames().values())
     seen = {id(r) for r in roots}
     out = []
     stack = roots
+    wanted = (FunctionType,) + _SUSPENDABLE
     while stack:
         obj = stack.pop()
-        out.append(obj)
+        if type(obj) in wanted:
+            out.append(obj)
         for ref in gc.get_referents(obj):
             if id(ref) not in seen:
                 seen.add(id(ref))

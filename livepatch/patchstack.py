@@ -30,6 +30,8 @@ from .safepoint import count_running, describe, first_busy, first_suspended, you
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
 _HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
+# How long to keep sampling for a safe point before rescanning the heap.
+_BURST_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -153,7 +155,10 @@ class Engine:
                     build = lambda heap: self._cumulative_plan(patch, heap)  # noqa: E731
                 else:
                     build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
-                result, applied = self._transition("apply", patch.id, build, timeout, force)
+                modules = {split_target(c.target)[0] for c in patch.changes}
+                modules |= {split_target(k)[0] for k in (patch.new_globals or {})}
+                modules |= {split_target(s.target)[0] for p in self._stack for s in p.switches} if patch.cumulative else set()
+                result, applied = self._transition("apply", patch.id, build, modules, timeout, force)
             except Exception as exc:
                 self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
                 raise
@@ -321,7 +326,8 @@ class Engine:
                     raise RollbackRefused(f"cannot roll back {target.id!r}: later patches depend on it",
                                           [Problem("rollback-refused", t, f"also changed by {p}") for p, t in dependents])
                 build = lambda heap: self._rollback_plan(target, heap)  # noqa: E731
-                result, _ = self._transition("rollback", target.id, build, timeout, force,
+                modules = {split_target(s.target)[0] for s in target.switches}
+                result, _ = self._transition("rollback", target.id, build, modules, timeout, force,
                                              restore_defaults=target.saved_defaults)
             except Exception as exc:
                 self._record("rollback", patch_id or "", _failure_kind(exc), str(exc), exc=exc)
@@ -367,39 +373,48 @@ class Engine:
         return switches, stores
 
     # ------------------------------------------------------------- transition
-    def _transition(self, action, patch_id, build, timeout, force, restore_defaults=None):
+    def _transition(self, action, patch_id, build, modules, timeout, force, restore_defaults=None):
+        """Prepare from a heap scan, then sample safe points in short bursts
+        (each sample is one fresh GIL acquisition, see commit.py) until one
+        commits or the deadline passes. The heap is rescanned between bursts
+        because functions and generators come and go."""
         deadline = time.monotonic() + max(0.0, timeout)
         attempts = 0
-        backoff = 0.005
-        last = None
+        backoff = 0.01
+        outcome = None
         while True:
-            attempts += 1
             gc_was_enabled = gc.isenabled()
             gc.disable()  # keeps new objects in generation 0 until the commit (see safepoint)
             try:
-                heap = HeapIndex.scan()
+                heap = HeapIndex.scan(modules)
                 switches, stores = build(heap)
                 ops, undo, saved, functions = self._make_ops(switches, stores, heap, restore_defaults)
                 busy_ids = {id(s.old) for s in switches if not (force or s.allow_active or s.implied)}
-                gen_ids = {id(s.old) for s in switches if id(s.old) in busy_ids and code_kind(s.old) != "function"}
+                gen_codes = [s.old for s in switches if id(s.old) in busy_ids and code_kind(s.old) != "function"]
+                gen_ids = {id(c) for c in gen_codes}
+                heap.find_suspendables(gen_codes)
+                suspended = heap.suspended_in(busy_ids)
                 gc_counts = [g["collections"] for g in gc.get_stats()]
-                frames = sys._current_frames()
-                blocker = first_busy(frames, busy_ids) or first_suspended(heap.suspendables, busy_ids)
-                if blocker is None:
-                    def check(frames_map):
-                        found = first_busy(frames_map, busy_ids)
-                        if found is None and gen_ids:
-                            if [g["collections"] for g in gc.get_stats()] != gc_counts:
-                                return _HEAP_CHANGED
-                            found = young_suspended(gen_ids)
-                        return found
+
+                def check(frames_map):
+                    found = first_busy(frames_map, busy_ids)
+                    if found is None and gen_ids:
+                        if [g["collections"] for g in gc.get_stats()] != gc_counts:
+                            return _HEAP_CHANGED
+                        found = young_suspended(gen_ids)
+                    return found
+
+                burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
+                while not suspended:
+                    attempts += 1
                     outcome = _commit.run(ops, undo, check)
-                    if outcome.committed:
+                    if outcome.committed or outcome.blocker is _HEAP_CHANGED or time.monotonic() >= burst_end:
                         break
-                    frames = outcome.frames
+                if outcome is not None and outcome.committed:
+                    break
                 target_of = {id(s.old): s.target for s in switches}
-                last = (frames, heap.suspended_in(busy_ids), busy_ids, target_of)
-                del frames, heap, ops, undo
+                last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
+                del heap, ops, undo, suspended
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -424,7 +439,7 @@ class Engine:
             ran = ", ".join(f"{names.get(t, '?')} ({t})" for t in outcome.interrupted_by)
             self._warnings.append(f"{action} {patch_id}: other threads ran during the commit ({ran}); "
                                   "something inside it released the GIL (an audit hook doing I/O?)")
-        applied = AppliedPatch(patch_id, [s for s in switches], stores, saved, time.time(), outcome.pause_ns,
+        applied = AppliedPatch(patch_id, switches, stores, saved, time.time(), outcome.pause_ns,
                                attempts, force, False, (), {})
         result = Result(patch_id, action, outcome.pause_ns, attempts, force, functions,
                         applied.targets, outcome.interrupted_by)

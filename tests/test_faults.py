@@ -51,15 +51,15 @@ def _fail_on_call(n, real):
 
 
 STEPS = {
-    "heap scan": lambda mp: mp.setattr(patchstack.HeapIndex, "scan", classmethod(lambda cls: _fail())),
+    "heap scan": lambda mp: mp.setattr(patchstack.HeapIndex, "scan", classmethod(lambda cls, modules: _fail())),
     "locate second target": lambda mp: mp.setattr(patchstack, "resolve", _fail_on_call(2, patchstack.resolve)),
     "fingerprint": lambda mp: mp.setattr(patchstack, "fingerprint", _fail_on_call(3, patchstack.fingerprint)),
     "compatibility check": lambda mp: mp.setattr(patchstack, "check_change", _fail_on_call(2, patchstack.check_change)),
     "global stores": lambda mp: mp.setattr(patchstack, "_resolve_owner", _fail),
     "building ops": lambda mp: mp.setattr(patchstack.Engine, "_make_ops", staticmethod(_fail)),
-    "safe point pre-check": lambda mp: mp.setattr(patchstack, "first_suspended", _fail),
+    "suspended generator scan": lambda mp: mp.setattr(patchstack.HeapIndex, "find_suspendables", _fail),
     "final check in the critical section": lambda mp: mp.setattr(patchstack, "first_busy",
-                                                                 _fail_on_call(2, patchstack.first_busy)),
+                                                                 _fail_on_call(1, patchstack.first_busy)),
 }
 
 
