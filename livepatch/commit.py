@@ -55,6 +55,7 @@ class Outcome:
     blocker: object = None  # what the final check found, when not committed
     frames: dict = field(default_factory=dict)  # the frames the check saw
     interrupted_by: list = field(default_factory=list)  # threads that ran inside
+    window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the section
 
 
 def _positions(frames_map: dict) -> dict:
@@ -78,7 +79,8 @@ def run(ops: list, undo: list, check) -> Outcome:
         before = sys._current_frames()
         blocker = check(before)
         if blocker is not None:
-            return Outcome(False, time.perf_counter_ns() - start, blocker, before)
+            end = time.perf_counter_ns()
+            return Outcome(False, end - start, blocker, before, window_ns=(start, end))
         pending = iter(ops)
         try:
             deque(starmap(_call, pending), maxlen=0)
@@ -98,14 +100,8 @@ def run(ops: list, undo: list, check) -> Outcome:
         time.sleep(0)  # hand the GIL over now, not after the long interval
     was, now = _positions(before), _positions(after)
     moved = sorted(tid for tid in was.keys() | now.keys() if tid != me and was.get(tid) != now.get(tid))
-    return Outcome(True, end - start, None, before, moved)
+    return Outcome(True, end - start, None, before, moved, (start, end))
 
 
 def _undo(undo_ops: list) -> None:
     deque(starmap(_call, reversed(undo_ops)), maxlen=0)
-
-
-def revert(undo: list) -> None:
-    """Undo a whole committed op list (used when the caller must abort after
-    a commit, e.g. an exception delivered to this thread)."""
-    _undo(undo)

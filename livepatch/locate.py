@@ -15,6 +15,7 @@ import functools
 import gc
 import sys
 import types
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -75,14 +76,15 @@ class HeapIndex:
         """Index the functions whose globals are one of `modules` (names)."""
         index = cls()
         anchors = [vars(sys.modules[m]) for m in modules if m in sys.modules]
+        if anchors:
+            index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
         index.frozen_objects = gc.get_freeze_count()
         if index.frozen_objects:
-            # gc.freeze() hides objects from the collector's lists; walk from roots.
-            found = _reachable_from_roots()
-            index.functions = [o for o in found if type(o) is FunctionType and any(o.__globals__ is a for a in anchors)]
-            index.suspendables = [o for o in found if type(o) in _SUSPENDABLE]
-        elif anchors:
-            index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
+            # gc.freeze() moves objects where get_referrers does not look;
+            # those are found by one walk from the roots, cached per freeze.
+            known = {id(f) for f in index.functions}
+            index.functions += [f for f in _frozen_cache.functions()
+                                if id(f) not in known and any(f.__globals__ is a for a in anchors)]
         by_code = defaultdict(list)
         by_name = defaultdict(list)
         for f in index.functions:
@@ -95,14 +97,14 @@ class HeapIndex:
 
     def find_suspendables(self, codes) -> None:
         """Collect the generator-likes whose code is one of `codes`."""
-        if self.frozen_objects:
-            ids = {id(c) for c in codes}
-            self.suspendables = [o for o in self.suspendables if id(frame_code(o)) in ids]
-            return
         codes = list(codes)
         found = []
         for i in range(0, len(codes), 64):  # get_referrers compares linearly with its arguments
             found += [o for o in gc.get_referrers(*codes[i:i + 64]) if type(o) in _SUSPENDABLE]
+        if self.frozen_objects and codes:
+            ids = {id(c) for c in codes}
+            known = {id(o) for o in found}
+            found += [o for o in _frozen_cache.suspendables() if id(frame_code(o)) in ids and id(o) not in known]
         self.suspendables = found
 
     def functions_using(self, code) -> list:
@@ -116,11 +118,48 @@ class HeapIndex:
         return out
 
 
+class _FrozenCache:
+    """Functions and generator-likes reachable from the roots, gathered once
+    per `gc.freeze()` (frozen objects never move back on their own). Held
+    weakly so the cache keeps nothing alive."""
+
+    def __init__(self):
+        self._count = -1
+        self._functions = weakref.WeakSet()
+        self._suspendables = weakref.WeakSet()
+
+    def _refresh(self):
+        count = gc.get_freeze_count()
+        if count == self._count:
+            return
+        functions, suspendables = weakref.WeakSet(), weakref.WeakSet()
+        for obj in _reachable_from_roots():
+            (functions if type(obj) is FunctionType else suspendables).add(obj)
+        self._functions, self._suspendables, self._count = functions, suspendables, count
+
+    def functions(self):
+        self._refresh()
+        return list(self._functions)
+
+    def suspendables(self):
+        self._refresh()
+        return list(self._suspendables)
+
+
+_frozen_cache = _FrozenCache()
+
+
 def _reachable_from_roots() -> list:
     """Functions and generator-likes reachable from modules and thread stacks
-    (slow; only used when the heap is frozen). Only containers reachable from
-    roots are visited, so no half-built object is ever referenced."""
-    roots = list(sys.modules.values()) + list(sys._current_frames().values())
+    (slow). Only containers reachable from roots are visited, so no half-built
+    object is ever referenced. Running frames do not report their locals to
+    the collector, so those are added explicitly."""
+    roots = list(sys.modules.values())
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            roots.append(frame)
+            roots.extend(frame.f_locals.values())
+            frame = frame.f_back
     seen = {id(r) for r in roots}
     out = []
     stack = roots

@@ -84,6 +84,7 @@ class Result:
     functions: int  # function objects whose code was switched
     targets: list
     interrupted_by: list
+    window_ns: tuple = (0, 0)  # perf_counter_ns bounds of the critical section
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -442,7 +443,7 @@ class Engine:
         applied = AppliedPatch(patch_id, switches, stores, saved, time.time(), outcome.pause_ns,
                                attempts, force, False, (), {})
         result = Result(patch_id, action, outcome.pause_ns, attempts, force, functions,
-                        applied.targets, outcome.interrupted_by)
+                        applied.targets, outcome.interrupted_by, outcome.window_ns)
         return result, applied
 
     @staticmethod

@@ -272,3 +272,31 @@ def test_module_level_api(make_module):
     finally:
         livepatch.rollback("HP-api")
     assert m.f() == 1
+
+
+FROZEN_SCRIPT = '''
+import gc, sys, textwrap, tempfile, pathlib
+d = tempfile.mkdtemp(); sys.path.insert(0, d)
+pathlib.Path(d, "frozenmod.py").write_text("def f():\\n    return 1\\nregistry = {'f': f}\\ndef gen():\\n    yield 1\\n")
+import frozenmod
+g = frozenmod.gen(); next(g)
+gc.freeze()  # as pre-fork servers do: objects leave the collector's lists
+import livepatch
+from livepatch.build import patch_from_source
+src = pathlib.Path(d, "frozenmod.py").read_text()
+livepatch.apply(patch_from_source("HP-F", "frozenmod", src.replace("return 1", "return 2"), base_source=src))
+print(frozenmod.f(), frozenmod.registry["f"]())
+try:
+    livepatch.apply(patch_from_source("HP-G", "frozenmod", src.replace("return 1", "return 2").replace("yield 1", "yield 2"),
+                                      base_source=src.replace("return 1", "return 2"), requires=["HP-F"]), timeout=0.2)
+except livepatch.TargetBusy as exc:
+    print("busy", "suspended generator" in str(exc))
+'''
+
+
+def test_frozen_heap_is_handled(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FROZEN_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2", "busy", "True"]
