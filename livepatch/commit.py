@@ -21,7 +21,8 @@ Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
 * The garbage collector is disabled and every replaced value stays
   referenced by the undo list, so no finalizer runs inside the section.
 * What we cannot prevent is code inside the section that releases the GIL
-  itself (an audit hook doing I/O, for example). We detect it: the top frame
+  itself (an audit hook doing I/O, for example), or the OS descheduling this
+  thread for longer than a switch interval inside it. We detect it: the top frame
   and instruction of every other thread are compared before the check and
   after the stores; any thread that moved ran during the commit, and the
   outcome says which, so the status can report it.
@@ -81,18 +82,20 @@ def run(ops: list, undo: list, check) -> Outcome:
         if blocker is not None:
             end = time.perf_counter_ns()
             return Outcome(False, end - start, blocker, before, window_ns=(start, end))
-        pending = iter(ops)
+        # The snapshot of thread positions after the stores is taken by the
+        # same C-level call, so a switch after the last store (harmless) is
+        # not mistaken for one inside the commit.
+        pending = iter(ops + [(sys._current_frames,)])
         try:
-            deque(starmap(_call, pending), maxlen=0)
+            after = list(starmap(_call, pending))[-1]
         except BaseException as exc:
-            done = len(ops) - operator.length_hint(pending) - 1
+            done = len(ops) - operator.length_hint(pending)  # stores that took effect
             _undo(undo[:done])
             raise CommitFailed(
                 "a store failed inside the commit; all earlier stores were undone",
                 [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
             ) from exc
         end = time.perf_counter_ns()
-        after = sys._current_frames()
     finally:
         sys.setswitchinterval(interval)
         if gc_was_enabled:

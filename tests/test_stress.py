@@ -27,7 +27,9 @@ def test_no_torn_observation_over_a_million_calls(audit_hook):
     assert report["snapshots"] > 10_000
     assert report["torn_calls"] == 0, report
     assert report["torn_snapshots"] == 0, report
-    assert report["warnings"] == []
+    # report["warnings"] lists commits the detector saw interrupted (the OS
+    # can deschedule the patcher for longer than a switch interval on a
+    # loaded machine); the torn counts above are what must stay zero.
     if audit_hook:
         assert report["hook_events"] >= report["swaps"] * 4  # the hook really ran inside the stores
 
@@ -37,3 +39,32 @@ def test_the_stress_detects_a_non_atomic_patcher():
     detector above is sensitive enough to fail."""
     report = _run("--calls", "1000000", "--swaps", "2000", "--naive")
     assert report["torn_calls"] + report["torn_snapshots"] > 0, report
+
+
+DETECT_SCRIPT = """
+import sys, threading, time, tempfile, pathlib
+d = tempfile.mkdtemp(); sys.path.insert(0, d)
+pathlib.Path(d, "hookmod.py").write_text("def f():\\n    return 1\\n")
+import hookmod, livepatch
+from livepatch.build import patch_from_source
+def hook(event, args):
+    if event == "object.__setattr__" and args[1] == "__code__":
+        time.sleep(0.002)  # releases the GIL inside the commit
+sys.addaudithook(hook)
+stop = threading.Event()
+def spin():
+    n = 0
+    while not stop.is_set():
+        n += 1
+t = threading.Thread(target=spin, name="spinner"); t.start()
+src = "def f():\\n    return 1\\n"
+livepatch.apply(patch_from_source("HP-H", "hookmod", src.replace("1", "2"), base_source=src))
+stop.set(); t.join()
+print(livepatch.status()["warnings"])
+"""
+
+
+def test_a_hook_that_releases_the_gil_inside_the_commit_is_reported():
+    out = subprocess.run([sys.executable, "-c", DETECT_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "other threads ran during the commit (spinner" in out.stdout
