@@ -41,7 +41,7 @@ def patched_filename(filename: str, patch_id: str) -> str:
 @dataclass
 class ModuleDiff:
     module: str
-    changes: list = field(default_factory=list)  # (qualname, base code, new code, defaults, kwdefaults)
+    changes: list = field(default_factory=list)  # (qualname, baseline fingerprint, new code, defaults, kwdefaults)
     new_functions: list = field(default_factory=list)  # (qualname, code, defaults, kwdefaults)
     new_imports: list = field(default_factory=list)  # ast nodes of added module-level imports
     constants: dict = field(default_factory=dict)  # name -> new literal value
@@ -132,7 +132,8 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
         for base, new in zip(bases, news):
             if isinstance(node, ast.ClassDef) or base.co_name == "<module>":
                 continue
-            if fingerprint(base) == fingerprint(new):
+            base_fp = fingerprint(base)
+            if base_fp == fingerprint(new):
                 continue
             defaults = kwdefaults = UNCHANGED
             base_node = base_defs.get(qualname)
@@ -143,7 +144,7 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
                     diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: changed defaults are not literals"))
                     continue
                 defaults, kwdefaults = lit
-            diff.changes.append((qualname, base, new, defaults, kwdefaults))
+            diff.changes.append((qualname, base_fp, new, defaults, kwdefaults))
 
     base_top, new_top = _module_level(base_tree), _module_level(new_tree)
     for name, node in new_top.items():
@@ -182,9 +183,8 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
     if diff.refused:
         raise PatchError(f"cannot hotpatch {module_name}", diff.refused)
     changes = [
-        Change(f"{module_name}:{q}", new, fingerprint(base), allow_active=q in allow_active,
-               defaults=d, kwdefaults=kw)
-        for q, base, new, d, kw in diff.changes
+        Change(f"{module_name}:{q}", new, base_fp, allow_active=q in allow_active, defaults=d, kwdefaults=kw)
+        for q, base_fp, new, d, kw in diff.changes
     ]
     new_globals = {}
     for name, node in diff.new_imports:
