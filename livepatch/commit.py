@@ -77,6 +77,7 @@ def run(ops: list, undo: list, check) -> Outcome:
         time.sleep(0)  # fresh GIL acquisition: a full interval with no drop request
         sys.setswitchinterval(HOLD_INTERVAL)
         start = time.perf_counter_ns()
+        cpu_start = time.thread_time_ns()
         before = sys._current_frames()
         blocker = check(before)
         if blocker is not None:
@@ -96,6 +97,7 @@ def run(ops: list, undo: list, check) -> Outcome:
                 [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
             ) from exc
         end = time.perf_counter_ns()
+        off_cpu = (end - start) - (time.thread_time_ns() - cpu_start)
     finally:
         sys.setswitchinterval(interval)
         if gc_was_enabled:
@@ -103,6 +105,11 @@ def run(ops: list, undo: list, check) -> Outcome:
         time.sleep(0)  # hand the GIL over now, not after the long interval
     was, now = _positions(before), _positions(after)
     moved = sorted(tid for tid in was.keys() | now.keys() if tid != me and was.get(tid) != now.get(tid))
+    # A thread spinning in a tight loop may stop at the same instruction
+    # again; being off the CPU for half a switch interval also means others
+    # could have run, so that counts too (reported as thread id 0 if alone).
+    if not moved and off_cpu > interval * 1e9 / 2:
+        moved = [tid for tid in was if tid != me] or [0]
     return Outcome(True, end - start, None, before, moved, (start, end))
 
 

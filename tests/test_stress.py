@@ -49,7 +49,7 @@ import hookmod, livepatch
 from livepatch.build import patch_from_source
 def hook(event, args):
     if event == "object.__setattr__" and args[1] == "__code__":
-        time.sleep(0.002)  # releases the GIL inside the commit
+        time.sleep(0.01)  # releases the GIL inside the commit
 sys.addaudithook(hook)
 stop = threading.Event()
 def spin():
