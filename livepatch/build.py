@@ -69,7 +69,7 @@ def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
     return out
 
 
-def _literal_defaults(node, module, where):
+def _literal_defaults(node):
     """(defaults, kwdefaults) of a def whose default expressions are literals."""
     args = node.args
     try:
@@ -120,7 +120,7 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
             if node is not None and node.decorator_list:
                 diff.refused.append(Problem("refused:new-decorated", f"{module}:{qualname}", f"line {line}: a new decorated function cannot be added"))
                 continue
-            lit = _literal_defaults(node, module, line) if node is not None else (None, None)
+            lit = _literal_defaults(node) if node is not None else (None, None)
             if lit is None:
                 diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: defaults of a new function must be literals"))
                 continue
@@ -139,7 +139,7 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
             base_node = base_defs.get(qualname)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and base_node is not None \
                     and _defaults_text(node) != _defaults_text(base_node):
-                lit = _literal_defaults(node, module, line)
+                lit = _literal_defaults(node)
                 if lit is None:
                     diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: changed defaults are not literals"))
                     continue
@@ -190,7 +190,7 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
     for name, node in diff.new_imports:
         new_globals[f"{module_name}:{name}"] = _import_value(name, node, module)
     for q, code, d, kw in diff.new_functions:
-        owner_path, _, name = q.rpartition(".")
+        name = q.rpartition(".")[2]
         fn = types.FunctionType(code, module.__dict__, name, d)
         fn.__kwdefaults__ = kw
         fn.__qualname__ = q

@@ -24,9 +24,9 @@ from . import commit as _commit
 from .checks import check_change, code_kind, require_supported_runtime
 from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
 from .fingerprint import fingerprint
-from .locate import HeapIndex, Resolution, nested_codes, resolve, split_target
+from .locate import HeapIndex, Resolution, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
-from .safepoint import count_running, describe, first_busy, first_suspended, young_suspended
+from .safepoint import count_running, describe, first_busy, young_suspended
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
 _HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
