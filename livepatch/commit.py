@@ -5,19 +5,30 @@ Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
 
 * Another thread only runs when the holder drops the GIL: voluntarily (a
   blocking call) or at an eval-breaker check after a waiting thread set a
-  drop request. A waiter sets that request only after a full switch interval
-  passes *with no GIL switch in between*, and each wait iteration re-reads
-  the interval. So right after this thread (re)acquires the GIL, no drop
-  request can exist for at least one interval.
-* We therefore start with `time.sleep(0)` (drop and re-take the GIL), then
-  raise the switch interval so waiters starting a new iteration wait long.
-  The check and the stores, tens of microseconds for typical patches, then
-  run inside that fresh window: even the Python code of the check, and the
-  Python code of any audit hook that fires on a `__code__` store, meet no
-  drop request. Everything is restored and the GIL handed over at the end
-  (a second `sleep(0)`) so waiters do not sit out the long interval.
-* The stores are issued by one C-level call (`deque(starmap(call, ops))`),
-  so no bytecode of ours runs between them either.
+  drop request. A waiter sets that request when one wait iteration (as long
+  as the switch interval in force when it started) ends with no GIL switch
+  since it started. A switch is counted only when the GIL changes hands:
+  dropping and re-taking it with nobody in between counts nothing, so a
+  waiter that has waited all along may ask at any moment.
+* We therefore `time.sleep(0)` until another thread has actually run in
+  between (its top frame or instruction moved; a waiting thread is woken by
+  each drop and nearly always wins within a try or two; if none moves after
+  a few tries, no thread is waiting for the GIL). Right after such a
+  switch, every wait iteration is either stale (started before it: no
+  request) or started after it (at least one switch interval away). The
+  interval is then raised so iterations starting later wait long.
+* The check (Python code) runs inside that window. If it finishes too late
+  (the OS preempted this thread for half an interval), the attempt is
+  abandoned before any store and retried. The stores are issued by one
+  C-level call (`list(starmap(call, ops))`), so no bytecode of ours runs
+  between them: without audit hooks nothing can switch there at all; with
+  a Python audit hook, whose code runs inside every `__code__` store, the
+  window guarantees no drop request unless the OS preempts this thread for
+  half an interval inside those few microseconds.
+* Everything is restored and the GIL handed over at the end (a last
+  `sleep(0)`) so waiters do not sit out the long interval. HOLD_INTERVAL is
+  short: a waiter whose iteration starts inside the window is deaf to the
+  holder for that long afterwards.
 * The garbage collector is disabled and every replaced value stays
   referenced by the undo list, so no finalizer runs inside the section.
 * What we cannot prevent is code inside the section that releases the GIL
@@ -43,9 +54,11 @@ from itertools import starmap
 
 from .errors import CommitFailed, Problem
 
-# Long enough that no waiter asks for the GIL during any realistic commit;
-# restored immediately afterwards.
-HOLD_INTERVAL = 1.0
+# Longer than any realistic commit; restored immediately afterwards.
+HOLD_INTERVAL = 0.05
+# sleep(0) tries to see another thread run before the window (see above)
+HANDOFF_TRIES = 4
+PREEMPTED = "the committing thread was preempted before its stores (the machine is overloaded)"
 _call = operator.call
 
 
@@ -63,6 +76,22 @@ def _positions(frames_map: dict) -> dict:
     return {tid: (id(f), f.f_lasti) for tid, f in frames_map.items()}
 
 
+def _fresh_switch(me: int):
+    """sleep(0) until another thread ran in between (see the module notes);
+    returns the frames seen right after and the time of the acquisition."""
+    seen = _positions(sys._current_frames())
+    seen.pop(me, None)
+    for _ in range(HANDOFF_TRIES):
+        time.sleep(0)
+        start = time.perf_counter_ns()
+        frames = sys._current_frames()
+        now = _positions(frames)
+        now.pop(me, None)
+        if not now or now != seen:
+            break
+    return frames, start
+
+
 def run(ops: list, undo: list, check) -> Outcome:
     """Run `check(frames_map)`; if it returns None, issue every op of `ops`
     (tuples `(callable, *args)`), all inside one critical section.
@@ -74,12 +103,12 @@ def run(ops: list, undo: list, check) -> Outcome:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        time.sleep(0)  # fresh GIL acquisition: a full interval with no drop request
+        before, start = _fresh_switch(me)
         sys.setswitchinterval(HOLD_INTERVAL)
-        start = time.perf_counter_ns()
         cpu_start = time.thread_time_ns()
-        before = sys._current_frames()
         blocker = check(before)
+        if blocker is None and time.perf_counter_ns() - start > interval * 5e8:
+            blocker = PREEMPTED
         if blocker is not None:
             end = time.perf_counter_ns()
             return Outcome(False, end - start, blocker, before, window_ns=(start, end))

@@ -415,6 +415,7 @@ class Engine:
                     break
                 target_of = {id(s.old): s.target for s in switches}
                 last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
+                last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else _HEAP_CHANGED
                 del heap, ops, undo, suspended
             finally:
                 if gc_was_enabled:
@@ -427,7 +428,7 @@ class Engine:
                                      if b["kind"] == "thread" else f"a suspended {b['kind']} holds it: ")
                                     + "; ".join(b["holding"])) for b in blockers]
                 if not problems:
-                    problems = [Problem("busy", "", _HEAP_CHANGED)]
+                    problems = [Problem("busy", "", last_reason)]
                 raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts",
                                  problems, blockers)
             time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
