@@ -14,6 +14,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
+from .checks import code_kind
 from .errors import PatchError, Problem
 from .fingerprint import fingerprint
 from .patch import UNCHANGED, Change, Patch
@@ -85,6 +86,89 @@ def _defaults_text(node) -> str:
     return ast.dump(ast.Tuple(elts=list(a.defaults) + [d or ast.Constant(None) for d in a.kw_defaults], ctx=ast.Load()))
 
 
+def _decorators(node) -> list[str]:
+    return [ast.dump(d) for d in getattr(node, "decorator_list", ())]
+
+
+def _class_layout(node: ast.ClassDef) -> dict:
+    """What a hotpatch cannot change about a class: bases, keywords
+    (metaclass), decorators, __slots__ and annotated (dataclass) fields."""
+    slots = [ast.dump(n.value) for n in node.body
+             if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in n.targets)]
+    fields = [ast.dump(n) for n in node.body if isinstance(n, ast.AnnAssign)]
+    return {"bases": [ast.dump(b) for b in node.bases], "metaclass or class keywords": [ast.dump(k) for k in node.keywords],
+            "class decorators": _decorators(node), "__slots__": slots, "fields": fields}
+
+
+def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
+    for qualname, node in new_defs.items():
+        base = base_defs.get(qualname)
+        if not isinstance(node, ast.ClassDef) or not isinstance(base, ast.ClassDef):
+            continue
+        target = f"{diff.module}:{qualname}"
+        old_layout, new_layout = _class_layout(base), _class_layout(node)
+        for what in old_layout:
+            if old_layout[what] != new_layout[what]:
+                diff.refused.append(Problem("refused:class-layout", target, f"line {node.lineno}: {what} changed; instances and subclasses keep the old layout"))
+        old_attrs = {t.id: n for n in base.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        for n in node.body:
+            if not isinstance(n, ast.Assign) or not all(isinstance(t, ast.Name) for t in n.targets):
+                continue
+            for t in n.targets:
+                if t.id == "__slots__" or (t.id in old_attrs and ast.dump(old_attrs[t.id].value) == ast.dump(n.value)):
+                    continue
+                try:
+                    diff.constants[f"{qualname}.{t.id}"] = ast.literal_eval(n.value)
+                except ValueError:
+                    diff.refused.append(Problem("refused:statement", f"{target}.{t.id}", f"line {n.lineno}: changed class attribute is not a literal constant"))
+
+
+def _strip(node: ast.AST) -> str:
+    return ast.dump(node, annotate_fields=True, include_attributes=False)
+
+
+def _other_statements(tree: ast.Module) -> list:
+    """Module-level statements that are not defs, classes, imports or plain
+    assignments: code that ran once at import and cannot be re-run."""
+    return [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                                       ast.Import, ast.ImportFrom, ast.Assign))
+            and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstrings
+
+
+def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Module) -> None:
+    base = [_strip(n) for n in _other_statements(base_tree)]
+    for n in _other_statements(new_tree):
+        if _strip(n) in base:
+            base.remove(_strip(n))
+        else:
+            diff.refused.append(Problem("refused:statement", f"{diff.module}:<module>", f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
+    for gone in base:
+        diff.refused.append(Problem("refused:statement", f"{diff.module}:<module>", f"a module-level statement was removed ({gone[:60]}...)"))
+
+
+def _names_used(codes: dict) -> set:
+    out = set()
+    for group in codes.values():
+        for c in group:
+            out.update(c.co_names)
+            out.update(c.co_freevars)
+    return out
+
+
+def _diff_removed(diff: ModuleDiff, base_codes: dict, new_codes: dict, new_tree: ast.Module) -> None:
+    used = _names_used(new_codes)
+    for n in ast.walk(new_tree):
+        if isinstance(n, ast.Name):
+            used.add(n.id)
+    for qualname in base_codes:
+        if qualname in new_codes or "<" in qualname:
+            continue
+        name = qualname.rpartition(".")[2]
+        if name in used:
+            diff.refused.append(Problem("refused:removed-referenced", f"{diff.module}:{qualname}",
+                                        f"removed, but the patched code still refers to the name {name!r}"))
+
+
 def _module_level(tree: ast.Module) -> dict:
     """Top-level names bound by imports, assignments and defs."""
     out = {}
@@ -135,6 +219,16 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
             base_fp = fingerprint(base)
             if base_fp == fingerprint(new):
                 continue
+            target = f"{module}:{qualname}"
+            if code_kind(base) != code_kind(new):
+                diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}"))
+                continue
+            if base.co_freevars != new.co_freevars:
+                diff.refused.append(Problem("refused:free-vars", target, f"line {line}: free variables changed from {base.co_freevars} to {new.co_freevars}"))
+                continue
+            if node is not None and base_defs.get(qualname) is not None and _decorators(node) != _decorators(base_defs[qualname]):
+                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed; a hotpatch does not re-run them, so what the baseline registered or wrapped stays as it was"))
+                continue
             defaults = kwdefaults = UNCHANGED
             base_node = base_defs.get(qualname)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and base_node is not None \
@@ -146,6 +240,9 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
                 defaults, kwdefaults = lit
             diff.changes.append((qualname, base_fp, new, defaults, kwdefaults))
 
+    _diff_classes(diff, base_defs, new_defs)
+    _diff_statements(diff, base_tree, new_tree)
+    _diff_removed(diff, base_codes, new_codes, new_tree)
     base_top, new_top = _module_level(base_tree), _module_level(new_tree)
     for name, node in new_top.items():
         before = base_top.get(name)

@@ -1,0 +1,237 @@
+"""The `livepatch` command. Human output by default, `--json` everywhere.
+
+Exit codes (also in README.md):
+  0  success
+  1  error (bad input, I/O, internal)
+  2  usage error (argparse)
+  3  refused: the patch or build was refused (baseline mismatch, busy
+     target, incompatible change, refused source change)
+  4  verification failed (signature, tampered or invalid bundle)
+  5  no such process, or no agent reachable in it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_VERIFY, EXIT_NO_AGENT = 0, 1, 2, 3, 4, 5
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR, details=None):
+        super().__init__(message)
+        self.code, self.details = code, details or {}
+
+
+# ---------------------------------------------------------------- output
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _emit(args, data, human) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(human(data) if callable(human) else human)
+
+
+def _problems_text(problems) -> str:
+    return "\n".join(f"  - [{p['category']}] {p['target'] + ': ' if p['target'] else ''}{p['message']}" for p in problems)
+
+
+def _patch_error(exc) -> CliError:
+    from .bundle import BundleError
+    from .signing import SignatureError
+    code = EXIT_VERIFY if isinstance(exc, (BundleError, SignatureError)) else EXIT_REFUSED
+    return CliError(str(exc).splitlines()[0], code, exc.to_dict())
+
+
+# ---------------------------------------------------------------- bundles
+
+def cmd_keygen(args):
+    from .signing import generate
+    key, pub, kid = generate(args.output)
+    _emit(args, {"private": key, "public": pub, "key_id": kid},
+          lambda d: f"private key {d['private']} (keep it secret)\npublic key  {d['public']} (give to agents: --trust)\nkey id      {d['key_id']}")
+
+
+def cmd_build(args):
+    from .builder import build
+    from .errors import PatchError
+    from .signing import load_private
+    key = load_private(args.key) if args.key else None
+    try:
+        data, summary = build(args.baseline, args.patched, patch_id=args.id, pythons=args.python or (),
+                              title=args.title or "", description=args.description or "", references=args.ref or (),
+                              classification=args.classification, requires=args.requires or (),
+                              cumulative=args.cumulative, name=args.name, version=args.version,
+                              allow=args.allow or (), allow_active=args.allow_active or (), private_key=key)
+    except PatchError as exc:
+        raise _patch_error(exc) from None
+    # write via a temp file in the same directory: never a half-written bundle
+    tmp = f"{args.output}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, args.output)
+    summary.update(output=args.output, size=len(data), signed=key is not None)
+
+    def human(s):
+        lines = [f"built {s['output']} ({s['size']} bytes, {'signed' if s['signed'] else 'UNSIGNED'})",
+                 f"patch {s['id']} against {s['baseline']['name']} {s['baseline']['version']} for {', '.join(s['pythons'])}"]
+        for module, names in s["targets"].items():
+            lines.append(f"  {module}: {', '.join(names)}")
+        if s["data changes"]:
+            lines.append(f"  data changes: {', '.join(s['data changes'])}")
+        if s["new globals"]:
+            lines.append(f"  new globals: {', '.join(s['new globals'])}")
+        for o in s["overridden"]:
+            lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        return "\n".join(lines)
+    _emit(args, summary, human)
+
+
+def _read_bundle(path: str, trust=None, allow_unsigned=True):
+    from .bundle import MAX_BUNDLE_BYTES, read
+    from .errors import PatchError
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_BUNDLE_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return read(data, trust, allow_unsigned=allow_unsigned), data
+    except PatchError as exc:
+        raise _patch_error(exc) from None
+
+
+def cmd_verify(args):
+    bundle, _ = _read_bundle(args.bundle, args.trust, allow_unsigned=False)
+    _emit(args, {"bundle": args.bundle, "id": bundle.id, "valid": True, "signed_by": bundle.signed_by},
+          lambda d: f"{d['bundle']}: {d['id']} is intact and signed by trusted key {d['signed_by']}")
+
+
+def cmd_inspect(args):
+    from .signing import SignatureError
+    try:
+        bundle, data = _read_bundle(args.bundle, args.trust, allow_unsigned=args.trust is None)
+        signature = ("signed by trusted key " + bundle.signed_by) if bundle.signed_by else None
+    except CliError as exc:
+        if exc.details.get("error") != SignatureError.__name__:
+            raise
+        bundle, data = _read_bundle(args.bundle, None, allow_unsigned=True)
+        signature = f"SIGNATURE NOT VALID: {exc}"
+    from .bundle import source_diffs
+    m = bundle.manifest
+    sig = _signature_block(data)
+    if signature is None:
+        signature = f"signed by key {sig['key_id']} (not checked: give --trust)" if sig else "UNSIGNED"
+    out = {"manifest": m, "signature": signature, "diffs": source_diffs(bundle)}
+
+    def human(d):
+        lines = [f"bundle {m['id']} (format {m['format']}): {m['title']}",
+                 f"  classification {m['classification']}; references {', '.join(m['references']) or '-'}; created {m['created']}",
+                 f"  baseline {m['baseline']['name']} {m['baseline']['version']}; pythons {', '.join(m['pythons'])}",
+                 f"  {'cumulative' if m['cumulative'] else 'requires ' + (', '.join(m['requires']) or 'nothing')}",
+                 f"  {d['signature']}", ""]
+        rows = [{"target": t["target"], "kind": t["kind"], "line": f"{t['file']}:{t['line']}",
+                 "baseline": next(iter(t["code"].values()))["baseline"][:12],
+                 "patched": next(iter(t["code"].values()))["patched"][:12]} for t in m["targets"]]
+        lines.append(table(rows, ["target", "kind", "line", "baseline", "patched"]))
+        if m["globals"]:
+            lines += ["", table([{"global": g["name"], "kind": g["kind"],
+                                  "value": g.get("value") or g.get("statement") or ""} for g in m["globals"]],
+                                ["global", "kind", "value"])]
+        for o in m["overrides"]:
+            lines.append(f"OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        for diff in d["diffs"].values():
+            lines += ["", diff.rstrip()]
+        return "\n".join(lines)
+    _emit(args, out, human)
+
+
+def _signature_block(data: bytes):
+    import struct
+    from .bundle import MAGIC
+    n = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])[0]
+    off = len(MAGIC) + 4 + n
+    s = struct.unpack(">I", data[off:off + 4])[0]
+    return json.loads(data[off + 4:off + 4 + s]) if s else None
+
+
+# ---------------------------------------------------------------- parser
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="livepatch", description="Hotpatch running Python processes.",
+                                 epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("keygen", cmd_keygen, "create an Ed25519 signing key pair (PREFIX.key, PREFIX.pub)")
+    p.add_argument("output", metavar="PREFIX")
+
+    p = command("build", cmd_build, "build a bundle from a baseline and a patched source tree")
+    p.add_argument("baseline")
+    p.add_argument("patched")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--classification", default="bugfix", choices=["security", "critical", "bugfix", "other"])
+    p.add_argument("--title")
+    p.add_argument("--description")
+    p.add_argument("--ref", action="append", help="a reference (CVE id, ticket); repeatable")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--requires", action="append", metavar="ID", help="a patch that must already be applied; repeatable")
+    g.add_argument("--cumulative", action="store_true", help="replace all earlier patches in one commit")
+    p.add_argument("--python", action="append", help="an interpreter to compile for; repeatable (default: this one)")
+    p.add_argument("--key", help="private key to sign with")
+    p.add_argument("--name", help="baseline application name")
+    p.add_argument("--version", help="baseline application version")
+    p.add_argument("--allow", action="append", metavar="CATEGORY", help="override a refusal category (decorator, statement)")
+    p.add_argument("--allow-active", action="append", metavar="QUALNAME",
+                   help="a function that never leaves the stack (a serve loop); repeatable")
+
+    p = command("verify", cmd_verify, "check a bundle's integrity and signature")
+    p.add_argument("bundle")
+    p.add_argument("--trust", required=True, metavar="KEYFILE_OR_DIR")
+
+    p = command("inspect", cmd_inspect, "show a bundle's manifest, changed code and signature")
+    p.add_argument("bundle")
+    p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="check the signature against these keys")
+
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+        return EXIT_OK
+    except CliError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "exit_code": exc.code, **exc.details}, indent=2, default=str))
+        else:
+            print(f"livepatch {args.command}: {exc}", file=sys.stderr)
+            if exc.details.get("problems"):
+                print(_problems_text(exc.details["problems"]), file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
