@@ -39,13 +39,21 @@ def rollback_all(*, timeout: float = 5.0, force: bool = False):
     return engine.rollback_all(timeout=timeout, force=force)
 
 
+def load_bundle(source, trusted_keys=None, *, allow_unsigned: bool = False) -> Patch:
+    """Verify a bundle (path or bytes) against trusted keys (a .pub file, a
+    directory of them, or {key id: key}) and return its Patch for this
+    interpreter; see docs/bundle-format.md."""
+    from .bundle import load_bundle as _load
+    return _load(source, trusted_keys, allow_unsigned=allow_unsigned)
+
+
 def status() -> dict:
     """JSON-serialisable state of the patch stack and its history."""
     return engine.status()
 
 
 __all__ = [
-    "apply", "rollback", "rollback_all", "status", "engine", "fingerprint",
+    "apply", "rollback", "rollback_all", "status", "load_bundle", "engine", "fingerprint",
     "Change", "Patch", "UNCHANGED", "Engine", "Result",
     "PatchError", "BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound",
     "RollbackRefused", "UnsupportedRuntime", "CommitFailed", "Problem",

@@ -217,25 +217,28 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
             if isinstance(node, ast.ClassDef) or base.co_name == "<module>":
                 continue
             base_fp = fingerprint(base)
-            if base_fp == fingerprint(new):
-                continue
+            base_node = base_defs.get(qualname)
+            defaults_changed = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and base_node is not None \
+                and _defaults_text(node) != _defaults_text(base_node)
             target = f"{module}:{qualname}"
+            if node is not None and base_node is not None and _decorators(node) != _decorators(base_node):
+                # reported even when the body is unchanged: the change would otherwise be silently lost
+                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed; a hotpatch does not re-run them, so what the baseline registered or wrapped stays as it was"))
+                if base_fp == fingerprint(new) and not defaults_changed:
+                    continue
+            elif base_fp == fingerprint(new) and not defaults_changed:
+                continue
             if code_kind(base) != code_kind(new):
                 diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}"))
                 continue
             if base.co_freevars != new.co_freevars:
                 diff.refused.append(Problem("refused:free-vars", target, f"line {line}: free variables changed from {base.co_freevars} to {new.co_freevars}"))
                 continue
-            if node is not None and base_defs.get(qualname) is not None and _decorators(node) != _decorators(base_defs[qualname]):
-                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed; a hotpatch does not re-run them, so what the baseline registered or wrapped stays as it was"))
-                continue
             defaults = kwdefaults = UNCHANGED
-            base_node = base_defs.get(qualname)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and base_node is not None \
-                    and _defaults_text(node) != _defaults_text(base_node):
+            if defaults_changed:
                 lit = _literal_defaults(node)
                 if lit is None:
-                    diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: changed defaults are not literals"))
+                    diff.refused.append(Problem("refused:defaults", target, f"line {line}: changed defaults are not literals"))
                     continue
                 defaults, kwdefaults = lit
             diff.changes.append((qualname, base_fp, new, defaults, kwdefaults))

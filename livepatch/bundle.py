@@ -287,7 +287,7 @@ def _mapping(key, item, limit):
         if len(value) > limit:
             _fail(field, f"more than {limit} entries")
         for k, v in value.items():
-            key(k, f"{field} key")
+            key(k, f"{field} key {k[:40]!r}")
             item(v, f"{field}.{k}")
     return check
 
@@ -298,7 +298,8 @@ def _object(spec: dict, optional=()):
             _fail(field, "expected an object")
         for k in value:
             if k not in spec:
-                _fail(f"{field}.{k}" if field else k, "unknown field")
+                name = k if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", k) else repr(k[:40])
+                _fail(f"{field}.{name}" if field else name, "unknown field")
         for k, sub in spec.items():
             if k not in value:
                 if k in optional:
