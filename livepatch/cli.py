@@ -213,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="check the signature against these keys")
 
+    from . import cli_agent
+    cli_agent.add_commands(command)
     return ap
 
 

@@ -149,16 +149,7 @@ class Engine:
             try:
                 if any(p.id == patch.id for p in self._stack):
                     raise PatchError(f"patch {patch.id!r} is already applied")
-                missing = [r for r in patch.requires if not any(p.id == r for p in self._stack)]
-                if missing:
-                    raise PatchError(f"patch {patch.id!r} requires patches that are not applied: {', '.join(missing)}")
-                if patch.cumulative:
-                    build = lambda heap: self._cumulative_plan(patch, heap)  # noqa: E731
-                else:
-                    build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
-                modules = {split_target(c.target)[0] for c in patch.changes}
-                modules |= {split_target(k)[0] for k in (patch.new_globals or {})}
-                modules |= {split_target(s.target)[0] for p in self._stack for s in p.switches} if patch.cumulative else set()
+                build, modules = self._plan_for(patch)
                 result, applied = self._transition("apply", patch.id, build, modules, timeout, force)
             except Exception as exc:
                 self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
@@ -173,6 +164,41 @@ class Engine:
             self._register_sources(patch)
             self._record("apply", patch.id, "ok", "", result=result)
             return result
+
+    def _plan_for(self, patch: Patch):
+        missing = [r for r in patch.requires if not any(p.id == r for p in self._stack)]
+        if missing:
+            raise PatchError(f"patch {patch.id!r} requires patches that are not applied: {', '.join(missing)}",
+                             [Problem("requires", "", f"{r} is not applied") for r in missing])
+        if patch.cumulative:
+            build = lambda heap: self._cumulative_plan(patch, heap)  # noqa: E731
+        else:
+            build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
+        modules = {split_target(c.target)[0] for c in patch.changes}
+        modules |= {split_target(k)[0] for k in (patch.new_globals or {})}
+        modules |= {split_target(s.target)[0] for p in self._stack for s in p.switches} if patch.cumulative else set()
+        return build, modules
+
+    def assess(self, patch: Patch) -> dict:
+        """Every check of apply() except the safe point and the commit:
+        would this patch apply now? Changes nothing, records nothing."""
+        require_supported_runtime()
+        with self._lock:
+            if any(p.id == patch.id for p in self._stack):
+                return {"patch_id": patch.id, "verdict": "already-applied", "problems": []}
+            try:
+                self._check_shape(patch)
+                build, modules = self._plan_for(patch)
+                switches, stores = build(HeapIndex.scan(modules))
+            except PatchError as exc:
+                return {"patch_id": patch.id, "verdict": "refused", "error": type(exc).__name__,
+                        "message": str(exc).splitlines()[0], "problems": [p.to_dict() for p in exc.problems]}
+            busy = {s.target for s in switches if not (s.allow_active or s.implied)
+                    and count_running({id(s.old)})}
+            return {"patch_id": patch.id, "verdict": "applies", "problems": [],
+                    "targets": sorted({s.target for s in switches if not s.implied}),
+                    "functions": len(switches), "globals": len(stores),
+                    "running_now": sorted(busy)}
 
     @staticmethod
     def _check_shape(patch: Patch) -> None:

@@ -1,0 +1,174 @@
+"""What the agent does for each request of the control protocol. Bundles
+are verified against the agent's trusted keys before anything in them is
+unmarshalled; apply and rollback run one at a time."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import platform
+import sys
+import threading
+import time
+
+from . import protocol
+
+# An apply or rollback waits this long for another one to finish, then the
+# client gets a clear "busy" answer.
+EXCLUSIVE_WAIT = 30.0
+
+
+class Agent:
+    def __init__(self, *, name: str, trust, allow_unsigned: bool, socket_path: str):
+        from livepatch.signing import load_trusted
+        self.name = name
+        self.trust_source = trust
+        self.trusted = load_trusted(trust) if trust else {}
+        self.allow_unsigned = allow_unsigned
+        self.socket_path = socket_path
+        self.started = time.time()
+        self._exclusive = threading.Lock()
+
+    # ------------------------------------------------------------ dispatch
+    def handle(self, request: dict, peer) -> dict:
+        op = request.get("op")
+        if request.get("v") != protocol.VERSION:
+            return self._error("ProtocolError", f"unsupported protocol version {request.get('v')!r} (agent speaks {protocol.VERSION})")
+        if op not in protocol.OPS:
+            return self._error("ProtocolError", f"unknown request {str(op)[:40]!r}; known: {', '.join(protocol.OPS)}")
+        try:
+            return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op)(request)}
+        except _RequestError as exc:
+            return self._error(exc.kind, str(exc), exc.details)
+        except Exception as exc:  # a PatchError, or a bug: reported, never fatal to the agent
+            from livepatch.errors import PatchError
+            if isinstance(exc, PatchError):
+                d = exc.to_dict()
+                return self._error(d.pop("error"), d.pop("message").splitlines()[0], d)
+            return self._error(type(exc).__name__, str(exc))
+
+    @staticmethod
+    def _error(kind: str, message: str, details=None) -> dict:
+        return {"v": protocol.VERSION, "ok": False, "error": {"error": kind, "message": message, **(details or {})}}
+
+    # ------------------------------------------------------------ requests
+    def op_ping(self, request):
+        return {"pid": os.getpid(), "python": platform.python_version(), "agent": _version()}
+
+    def op_status(self, request):
+        import livepatch
+        status = livepatch.status()
+        status["agent"] = {
+            "pid": os.getpid(), "name": self.name, "version": _version(), "socket": self.socket_path,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "argv": sys.argv[:8], "trusted_keys": sorted(self.trusted),
+            "development_mode_unsigned_bundles": self.allow_unsigned,
+            "busy": self._exclusive.locked(),
+        }
+        baselines = [p["metadata"].get("baseline") for p in status["applied"] if p["metadata"].get("baseline")]
+        status["baseline"] = baselines[-1] if baselines else None
+        return status
+
+    def op_history(self, request):
+        import livepatch
+        return livepatch.engine.history()
+
+    def op_assess(self, request):
+        import livepatch
+        out = []
+        for i, blob in enumerate(_list(request, "bundles")):
+            try:
+                patch = self._patch(blob, f"bundles[{i}]")
+            except Exception as exc:
+                out.append(_refusal(exc))
+                continue
+            out.append(livepatch.engine.assess(patch))
+        return out
+
+    def op_apply(self, request):
+        import livepatch
+        patch = self._patch(request.get("bundle"), "bundle")
+        timeout, force = _timeout(request), bool(request.get("force", False))
+        if request.get("dry_run"):
+            return {"dry_run": True, **livepatch.engine.assess(patch)}
+        with self._exclusively():
+            started = time.perf_counter_ns()
+            result = livepatch.engine.apply(patch, timeout=timeout, force=force)
+        return {"patch_id": result.patch_id, "pause_ns": result.pause_ns, "attempts": result.attempts,
+                "functions": result.functions, "targets": result.targets, "forced": result.forced,
+                "interrupted_by": result.interrupted_by, "engine_ns": time.perf_counter_ns() - started,
+                "signed_by": patch.metadata.get("signed_by")}
+
+    def op_rollback(self, request):
+        import livepatch
+        timeout, force = _timeout(request), bool(request.get("force", False))
+        with self._exclusively():
+            if request.get("all"):
+                results = livepatch.engine.rollback_all(timeout=timeout, force=force)
+            else:
+                patch_id = request.get("patch_id")
+                if patch_id is not None and not isinstance(patch_id, str):
+                    raise _RequestError("BadRequest", "patch_id must be a string")
+                results = [livepatch.engine.rollback(patch_id, timeout=timeout, force=force)]
+        return [{"patch_id": r.patch_id, "pause_ns": r.pause_ns, "attempts": r.attempts,
+                 "functions": r.functions, "targets": r.targets} for r in results]
+
+    # ------------------------------------------------------------ helpers
+    def _patch(self, blob, field):
+        from livepatch.bundle import read, to_patch
+        if not isinstance(blob, str):
+            raise _RequestError("BadRequest", f"{field} must be a base64 string")
+        try:
+            data = base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            raise _RequestError("BadRequest", f"{field} is not valid base64") from None
+        return to_patch(read(data, self.trusted, allow_unsigned=self.allow_unsigned))
+
+    def _exclusively(self):
+        agent = self
+
+        class _Guard:
+            def __enter__(self):
+                if not agent._exclusive.acquire(timeout=EXCLUSIVE_WAIT):
+                    raise _RequestError("Busy", f"another apply or rollback has been running for over {EXCLUSIVE_WAIT:g}s; retry later")
+
+            def __exit__(self, *exc):
+                agent._exclusive.release()
+        return _Guard()
+
+
+class _RequestError(Exception):
+    def __init__(self, kind, message, details=None):
+        super().__init__(message)
+        self.kind, self.details = kind, details or {}
+
+
+def _list(request, key):
+    value = request.get(key)
+    if not isinstance(value, list) or len(value) > 64:
+        raise _RequestError("BadRequest", f"{key} must be a list of at most 64 items")
+    return value
+
+
+def _timeout(request) -> float:
+    value = request.get("timeout", 5.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 600:
+        raise _RequestError("BadRequest", "timeout must be a number of seconds between 0 and 600")
+    return float(value)
+
+
+def _refusal(exc) -> dict:
+    from livepatch.errors import PatchError
+    if isinstance(exc, PatchError):
+        d = exc.to_dict()
+        return {"patch_id": None, "verdict": "refused", "error": d["error"], "message": d["message"].splitlines()[0],
+                "problems": d["problems"]}
+    if isinstance(exc, _RequestError):
+        return {"patch_id": None, "verdict": "refused", "error": exc.kind, "message": str(exc), "problems": []}
+    return {"patch_id": None, "verdict": "refused", "error": type(exc).__name__, "message": str(exc), "problems": []}
+
+
+def _version() -> str:
+    import livepatch
+    return livepatch.__version__

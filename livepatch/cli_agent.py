@@ -1,0 +1,274 @@
+"""`livepatch` commands that act on live processes through their agents:
+ps, status, history, assess, apply, rollback, attach, run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from .cli import EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, table
+
+
+class Progress:
+    """A one-line elapsed-time display on a terminal for waits longer than a
+    moment; silent when stderr is not a terminal (or with --json)."""
+
+    def __init__(self, message: str, enabled: bool = True, after: float = 0.5):
+        self.message, self.after = message, after
+        self.enabled = enabled and sys.stderr.isatty()
+        self._stop = threading.Event()
+        self._shown = False
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K{text}\n")
+
+    def _run(self):
+        start = time.monotonic()
+        while not self._stop.wait(0.2):
+            elapsed = time.monotonic() - start
+            if elapsed >= self.after:
+                sys.stderr.write(f"\r\033[K{self.message} {elapsed:.1f}s")
+                sys.stderr.flush()
+                self._shown = True
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+            if self._shown:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+
+
+def _call(pid: int, op: str, wait: float = 60.0, **fields):
+    from .client import AgentUnavailable, request
+    try:
+        response = request(pid, op, wait=wait, **fields)
+    except AgentUnavailable as exc:
+        raise CliError(str(exc), EXIT_NO_AGENT) from None
+    except TimeoutError:
+        raise CliError(f"the agent of process {pid} did not answer within {wait:g}s", EXIT_ERROR) from None
+    if not response.get("ok"):
+        error = response.get("error", {})
+        kind = error.get("error", "")
+        code = EXIT_VERIFY if kind in ("BundleError", "SignatureError") else \
+            EXIT_NO_AGENT if kind == "PermissionDenied" else \
+            EXIT_REFUSED if kind in _REFUSALS else EXIT_ERROR
+        raise CliError(f"{kind}: {error.get('message', '')}", code, error)
+    return response["result"]
+
+
+_REFUSALS = {"BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound", "RollbackRefused",
+             "PatchError", "UnsupportedRuntime", "CommitFailed", "Busy"}
+
+
+def _read(path: str) -> bytes:
+    from .bundle import MAX_BUNDLE_BYTES
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_BUNDLE_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise CliError(f"{path} is larger than a bundle may be ({MAX_BUNDLE_BYTES} bytes)", EXIT_VERIFY)
+    return data
+
+
+def _ns(ns) -> str:
+    return f"{ns / 1000:.1f} µs" if ns < 10_000_000 else f"{ns / 1e6:.1f} ms"
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_ps(args):
+    import psutil
+    from .client import AgentUnavailable, live_agents, request
+    rows = []
+    for pid in live_agents():
+        try:
+            proc = psutil.Process(pid)
+            command = " ".join(proc.cmdline())[:60]
+        except psutil.Error:
+            continue
+        row = {"pid": pid, "name": proc.name(), "command": command}
+        try:
+            response = request(pid, "status", wait=5)
+            status = response["result"] if response.get("ok") else None
+        except (AgentUnavailable, OSError):
+            status = None
+        if status is None:
+            row.update(python="?", baseline="-", patches="-", state="not answering")
+        else:
+            base = status.get("baseline") or {}
+            row.update(name=status["agent"]["name"], python=status["python"]["version"],
+                       baseline=f"{base.get('name', '-')} {base.get('version', '')}".strip(),
+                       patches=",".join(p["id"] for p in status["applied"]) or "-",
+                       state=("forced" if status["forced"] else "patched" if status["applied"] else "baseline")
+                       + (" (dev: unsigned allowed)" if status["agent"]["development_mode_unsigned_bundles"] else ""))
+        rows.append(row)
+    _emit(args, rows, lambda r: table(r, ["pid", "name", "python", "baseline", "patches", "state", "command"]))
+
+
+def cmd_status(args):
+    status = _call(args.pid, "status")
+
+    def human(s):
+        a = s["agent"]
+        lines = [f"process {a['pid']} ({a['name']}), Python {s['python']['version']}, agent {a['version']} on {a['socket']}",
+                 f"trusted keys: {', '.join(a['trusted_keys']) or 'none'}"
+                 + ("; DEVELOPMENT MODE: unsigned bundles accepted" if a["development_mode_unsigned_bundles"] else ""),
+                 f"state: {'FORCED' if s['forced'] else 'normal'}", ""]
+        rows = [{"id": p["id"], "applied": p["applied_at"], "targets": len(p["targets"]), "pause": _ns(p["pause_ns"]),
+                 "attempts": p["attempts"], "forced": p["forced"], "old frames": p["frames_on_old_code"],
+                 "class": p["metadata"].get("classification", "-")} for p in s["applied"]]
+        lines.append("applied patches:\n" + table(rows, ["id", "class", "applied", "targets", "pause", "attempts", "forced", "old frames"]))
+        for w in s["warnings"]:
+            lines.append(f"WARNING: {w}")
+        return "\n".join(lines)
+    _emit(args, status, human)
+
+
+def cmd_history(args):
+    history = _call(args.pid, "history")
+
+    def human(h):
+        rows = [{"time": e.get("time", ""), "action": e.get("action", ""), "patch": e.get("patch_id", ""),
+                 "outcome": e.get("outcome", ""), "pause": _ns(e["pause_ns"]) if e.get("pause_ns") else "-",
+                 "reason": (e.get("reason") or "").splitlines()[0][:70] if e.get("reason") else ""} for e in h]
+        return table(rows, ["time", "action", "patch", "outcome", "pause", "reason"])
+    _emit(args, history, human)
+
+
+def cmd_assess(args):
+    from .client import encode_bundle
+    blobs = [encode_bundle(_read(path)) for path in args.bundles]
+    results = _call(args.pid, "assess", bundles=blobs)
+    for path, r in zip(args.bundles, results):
+        r["bundle"] = path
+
+    def human(rs):
+        lines = [table([{"bundle": r["bundle"], "patch": r.get("patch_id") or "?", "verdict": r["verdict"],
+                         "detail": r.get("message", "") or (", ".join(r.get("targets", []))[:60])} for r in rs],
+                       ["bundle", "patch", "verdict", "detail"])]
+        for r in rs:
+            if r.get("problems"):
+                lines.append(f"{r['bundle']}:\n{_problems_text(r['problems'])}")
+        return "\n".join(lines)
+    _emit(args, results, human)
+    if any(r["verdict"] == "refused" for r in results):
+        raise SystemExit(EXIT_REFUSED)
+
+
+def cmd_apply(args):
+    from .client import encode_bundle
+    blob = encode_bundle(_read(args.bundle))
+    started = time.perf_counter()
+    with Progress(f"waiting for a safe point in process {args.pid} (up to {args.timeout:g}s)...", not args.json):
+        result = _call(args.pid, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
+                       force=args.force, dry_run=args.dry_run)
+    result["wall_ms"] = round((time.perf_counter() - started) * 1000, 1)
+
+    def human(r):
+        if r.get("dry_run"):
+            if r["verdict"] == "applies":
+                return f"dry run: {r['patch_id']} would apply now ({len(r['targets'])} targets, {r['functions']} functions)"
+            return f"dry run: {r['patch_id']} {r['verdict']}\n{_problems_text(r.get('problems', []))}"
+        lines = [f"applied {r['patch_id']} to process {args.pid}: {len(r['targets'])} targets, {r['functions']} functions",
+                 f"commit pause {_ns(r['pause_ns'])} after {r['attempts']} attempt(s); whole apply {r['wall_ms']} ms"
+                 + (" (FORCED)" if r["forced"] else "")]
+        lines += [f"  {t}" for t in r["targets"]]
+        if r.get("interrupted_by"):
+            lines.append(f"WARNING: other threads ran during the commit: {r['interrupted_by']}")
+        return "\n".join(lines)
+    _emit(args, result, human)
+    if result.get("dry_run") and result["verdict"] == "refused":
+        raise SystemExit(EXIT_REFUSED)
+
+
+def cmd_rollback(args):
+    fields = {"timeout": args.timeout, "force": args.force}
+    if args.all:
+        fields["all"] = True
+    elif args.patch_id:
+        fields["patch_id"] = args.patch_id
+    with Progress(f"waiting for a safe point in process {args.pid}...", not args.json):
+        results = _call(args.pid, "rollback", wait=args.timeout + 60, **fields)
+    _emit(args, results, lambda rs: "\n".join(
+        f"rolled back {r['patch_id']} in process {args.pid}: {r['functions']} functions, pause {_ns(r['pause_ns'])}, "
+        f"{r['attempts']} attempt(s)" for r in rs) or "nothing to roll back")
+
+
+def cmd_attach(args):
+    from .attach import AttachError, attach
+    progress = Progress(f"attaching to process {args.pid}...", not args.json)
+    try:
+        with progress:
+            info = attach(args.pid, trust=args.trust, allow_unsigned=args.allow_unsigned, name=args.name,
+                          method=args.method, timeout=args.timeout, progress=progress.note)
+    except AttachError as exc:
+        code = EXIT_NO_AGENT if "no process" in str(exc) or "not a CPython" in str(exc) else EXIT_ERROR
+        raise CliError(str(exc), code) from None
+    _emit(args, info, lambda i: f"agent listening in process {args.pid} on {i['socket']} "
+          f"(via {i['method']}; target stopped {i['stop_ms']} ms; attach took {i['elapsed_ms']} ms)")
+
+
+def cmd_run(args):
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if len(command) < 2:
+        raise CliError("usage: livepatch run [--name NAME] [--trust DIR] -- PYTHON app.py ARGS | PYTHON -m module ARGS", 2)
+    env = dict(os.environ)
+    if args.name:
+        env["LIVEPATCH_NAME"] = args.name
+    if args.trust:
+        env["LIVEPATCH_TRUST"] = os.path.abspath(args.trust)
+    if args.allow_unsigned:
+        env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
+    python, rest = command[0], command[1:]
+    # exec: the service keeps this PID, its signals and its exit status
+    os.execvpe(python, [python, "-c", "from livepatch.agent.launch import main; main()", "--", *rest], env)
+
+
+def add_commands(command) -> None:
+    p = command("ps", cmd_ps, "list processes on this machine with a live agent")
+    p = command("status", cmd_status, "show a process's agent status and applied patches")
+    p.add_argument("pid", type=int)
+    p = command("history", cmd_history, "show every apply, rollback, refusal and failure in a process")
+    p.add_argument("pid", type=int)
+    p = command("assess", cmd_assess, "check which bundles would apply to a process now, changing nothing")
+    p.add_argument("pid", type=int)
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    p = command("apply", cmd_apply, "apply a bundle to a live process")
+    p.add_argument("pid", type=int)
+    p.add_argument("bundle")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a safe point (default 5)")
+    p.add_argument("--force", action="store_true", help="patch even targets that are running (they finish on old code)")
+    p.add_argument("--dry-run", action="store_true", help="verify and check only; change nothing")
+    p = command("rollback", cmd_rollback, "roll back the latest patch, a named one, or all")
+    p.add_argument("pid", type=int)
+    p.add_argument("patch_id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--force", action="store_true")
+    p = command("attach", cmd_attach, "start an agent inside a running Python process")
+    p.add_argument("pid", type=int)
+    p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
+    p.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned bundles")
+    p.add_argument("--name", help="a name for the service in `livepatch ps`")
+    p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
+    p.add_argument("--timeout", type=float, default=15.0)
+    p = command("run", cmd_run, "run a Python program with the agent already listening")
+    p.add_argument("--name")
+    p.add_argument("--trust", metavar="KEYFILE_OR_DIR")
+    p.add_argument("--allow-unsigned", action="store_true")
+    p.add_argument("command", nargs="+", metavar="-- PYTHON app.py ARGS")
