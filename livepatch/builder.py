@@ -43,7 +43,13 @@ def discover(root: str) -> dict[str, str]:
     is_package = os.path.exists(os.path.join(root, "__init__.py"))
     base = os.path.dirname(root) if is_package else root
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # a baseline may link to the live tree
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.endswith((".dist-info", ".data", ".egg-info")))
         for name in sorted(filenames):
             if not name.endswith(".py"):

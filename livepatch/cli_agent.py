@@ -110,6 +110,7 @@ def cmd_ps(args):
         else:
             base = status.get("baseline") or {}
             row.update(name=status["agent"]["name"], python=status["python"]["version"],
+                       command=" ".join(status["agent"]["argv"])[:60],
                        baseline=f"{base.get('name', '-')} {base.get('version', '')}".strip(),
                        patches=",".join(p["id"] for p in status["applied"]) or "-",
                        state=("forced" if status["forced"] else "patched" if status["applied"] else "baseline")
@@ -141,7 +142,7 @@ def cmd_history(args):
     history = _call(args.pid, "history")
 
     def human(h):
-        rows = [{"time": e.get("time", ""), "action": e.get("action", ""), "patch": e.get("patch_id", ""),
+        rows = [{"time": e.get("time", ""), "action": e.get("action", ""), "patch": e.get("patch", ""),
                  "outcome": e.get("outcome", ""), "pause": _ns(e["pause_ns"]) if e.get("pause_ns") else "-",
                  "reason": (e.get("reason") or "").splitlines()[0][:70] if e.get("reason") else ""} for e in h]
         return table(rows, ["time", "action", "patch", "outcome", "pause", "reason"])

@@ -1,0 +1,1 @@
+"""A small inventory service: a threaded HTTP JSON API (demo for livepatch)."""
