@@ -119,6 +119,8 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     """Start an agent inside process `pid`. Returns {"socket", "method",
     "stop_ms", "elapsed_ms", "python"}; raises AttachError with the reason."""
     from livepatch.client import AgentUnavailable, request, socket_for
+    if not os.path.exists(f"/proc/{pid}"):
+        raise AttachError(f"no process with PID {pid}")
     if socket_for(pid):
         try:
             if request(pid, "ping", wait=5)["ok"]:

@@ -236,4 +236,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package module, so cli_agent and this share one CliError
+    from livepatch.cli import main as _main
+    sys.exit(_main())

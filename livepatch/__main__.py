@@ -1,0 +1,6 @@
+"""`python -m livepatch ...` is the `livepatch` command."""
+import sys
+
+from livepatch.cli import main
+
+sys.exit(main())

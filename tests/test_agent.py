@@ -1,0 +1,335 @@
+"""The agent and the CLI against real processes: the inventory HTTP service
+under load, attached by PID (pyinjector and the gdb fallback) or started
+with `livepatch run`, patched and rolled back with zero failed requests;
+every refusal path; hostile clients of the control channel."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "demo_apps", "http_api")
+PATCHES = os.path.join(DEMO, "patches")
+SECRET = "/docs?name=../private/secrets.txt"
+
+
+def cli(*args, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "livepatch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trust")
+    assert cli("keygen", str(d / "ops")).returncode == 0
+    os.unlink(d / "ops.key") if False else None
+    trust = d / "trusted"
+    trust.mkdir()
+    shutil.copy(d / "ops.pub", trust / "ops.pub")
+    return {"key": str(d / "ops.key"), "trust": str(trust)}
+
+
+@pytest.fixture(scope="module")
+def bundles(keys, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name, fix in (("docs", "fix-path-traversal"), ("rounding", "fix-rounding")):
+        path = str(d / f"{name}.lpb")
+        r = cli("build", os.path.join(PATCHES, "baseline"), os.path.join(PATCHES, fix), "-o", path,
+                "--id", f"HP-{name.upper()}", "--key", keys["key"], "--name", "inventory", "--version", "1.0",
+                "--classification", "security")
+        assert r.returncode == 0, r.stderr
+        out[name] = path
+    return out
+
+
+_ports = __import__("itertools").count()
+
+
+class Service:
+    """The inventory API in its own process, plus a client thread driving load."""
+
+    def __init__(self, tmp_path, launcher=(), env=None):
+        self.port_file = str(tmp_path / f"port-{next(_ports)}")
+        cmd = [*launcher, sys.executable, "-m", "inventory.server", "--port", "0", "--port-file", self.port_file]
+        self.proc = subprocess.Popen(cmd, cwd=DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, **(env or {})))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.port_file):
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "service did not start"
+            time.sleep(0.02)
+        self.port = int(open(self.port_file).read())
+        self.pid = self.proc.pid
+        self.served = self.failed = 0
+        self.errors = []
+        self._stop = threading.Event()
+        self._load = threading.Thread(target=self._drive, daemon=True)
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def _drive(self):
+        while not self._stop.is_set():
+            for path in ("/quote?sku=widget&qty=1", SECRET, "/health"):
+                try:
+                    status, _ = self.get(path)
+                    if status >= 500:
+                        raise RuntimeError(status)
+                    self.served += 1
+                except Exception as exc:  # any failed request counts
+                    self.failed += 1
+                    self.errors.append(repr(exc))
+
+    def start_load(self):
+        self._load.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._load.is_alive():
+            self._load.join()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def service(tmp_path):
+    made = []
+
+    def make(**kw):
+        s = Service(tmp_path, **kw)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _apply_and_roll_back(svc, bundles):
+    assert svc.get(SECRET)[0] == 200  # the vulnerable baseline serves the secret
+    r = cli("apply", str(svc.pid), bundles["docs"], "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["patch_id"] == "HP-DOCS" and result["pause_ns"] > 0 and result["signed_by"]
+    assert svc.get(SECRET)[0] == 404
+    assert svc.get("/docs?name=widget.txt")[0] == 200
+    status = json.loads(cli("status", str(svc.pid), "--json").stdout)
+    assert [p["id"] for p in status["applied"]] == ["HP-DOCS"]
+    assert status["baseline"] == {"name": "inventory", "version": "1.0"}
+    r = cli("rollback", str(svc.pid), "--json")
+    assert r.returncode == 0, r.stderr
+    assert svc.get(SECRET)[0] == 200
+    history = json.loads(cli("history", str(svc.pid), "--json").stdout)
+    assert [(h["action"], h["outcome"]) for h in history] == [("apply", "ok"), ("rollback", "ok")]
+    return result
+
+
+@pytest.mark.parametrize("method", ["pyinjector", "gdb"])
+def test_attach_by_pid_apply_and_roll_back_under_load(service, bundles, keys, method):
+    if method == "gdb" and shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed")
+    svc = service().start_load()
+    time.sleep(0.3)
+    r = cli("attach", str(svc.pid), "--trust", keys["trust"], "--method", method, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(r.stdout)
+    assert info["method"] == method and info["stop_ms"] > 0
+    _apply_and_roll_back(svc, bundles)
+    svc.stop()
+    assert svc.failed == 0, svc.errors[:5]
+    assert svc.served > 20
+
+
+def test_run_launcher_apply_and_roll_back_under_load(service, bundles, keys):
+    svc = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--name", "inventory", "--trust",
+                            keys["trust"], "--"]).start_load()
+    listed = json.loads(cli("ps", "--json").stdout)
+    assert any(row["pid"] == svc.pid and row["name"] == "inventory" for row in listed)
+    _apply_and_roll_back(svc, bundles)
+    svc.stop()
+    assert svc.failed == 0, svc.errors[:5]
+
+
+def test_run_keeps_argv_and_main_semantics(tmp_path):
+    app = tmp_path / "app.py"
+    app.write_text("import sys, json, os, livepatch.agent\n"
+                   "class Point: pass\n"
+                   "import pickle\n"
+                   "print(json.dumps({'argv': sys.argv, 'name': __name__, 'path0': sys.path[0],\n"
+                   "  'main_is_me': sys.modules['__main__'].Point is Point,\n"
+                   "  'agent': livepatch.agent.socket_path() is not None, 'pickle': len(pickle.dumps(Point())) > 0}))\n")
+    r = cli("run", "--", sys.executable, str(app), "a", "--flag")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"argv": [str(app), "a", "--flag"], "name": "__main__", "path0": str(tmp_path),
+                   "main_is_me": True, "agent": True, "pickle": True}
+
+
+def test_in_code_start_is_idempotent_and_leaves_the_service_own_agent_module(tmp_path):
+    (tmp_path / "agent.py").write_text("WHO = 'the service'\n")
+    code = ("import livepatch.agent, agent\n"
+            "a = livepatch.agent.start(); b = livepatch.agent.start()\n"
+            "import os\n"
+            "print(a == b, os.path.exists(a), agent.WHO, oct(os.stat(a).st_mode & 0o777), oct(os.stat(os.path.dirname(a)).st_mode & 0o777))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True", "the", "service", "0o600", "0o700"]
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_refusals_wrong_baseline_busy_target_and_tampered_bundle(service, bundles, keys, tmp_path):
+    svc = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--trust", keys["trust"], "--"])
+    # built against a release whose documents code differs from what runs
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(PATCHES, "fix-path-traversal"), other / "base")
+    shutil.copytree(os.path.join(PATCHES, "fix-path-traversal"), other / "new")
+    f = other / "new" / "inventory" / "files.py"
+    f.write_text(f.read_text().replace('    docs = os.path', '    name = name.strip()\n    docs = os.path', 1))
+    wrong = str(tmp_path / "wrong.lpb")
+    r = cli("build", str(other / "base"), str(other / "new"), "-o", wrong, "--id", "HP-WRONG", "--key", keys["key"])
+    assert r.returncode == 0, r.stderr
+    r = cli("apply", str(svc.pid), wrong)
+    assert r.returncode == 3 and "BaselineMismatch" in r.stderr and "inventory.files:document_path" in r.stderr
+
+    # a request holds pricing.build_report on a thread's stack
+    slow = tmp_path / "slow"
+    shutil.copytree(os.path.join(PATCHES, "baseline"), slow / "base", symlinks=False)
+    shutil.copytree(os.path.join(PATCHES, "baseline"), slow / "new", symlinks=False)
+    p = slow / "new" / "inventory" / "pricing.py"
+    p.write_text(p.read_text().replace("lines += 1", "lines += 2"))
+    busy = str(tmp_path / "busy.lpb")
+    assert cli("build", str(slow / "base"), str(slow / "new"), "-o", busy, "--id", "HP-BUSY", "--key", keys["key"]).returncode == 0
+    t = threading.Thread(target=svc.get, args=("/report?seconds=6",))
+    t.start()
+    time.sleep(0.5)
+    r = cli("apply", str(svc.pid), busy, "--timeout", "1")
+    t.join()
+    assert r.returncode == 3, r.stderr
+    assert "TargetBusy" in r.stderr and "build_report" in r.stderr and "Thread" in r.stderr and "pricing.py" in r.stderr
+
+    data = bytearray(open(bundles["docs"], "rb").read())
+    data[len(data) // 2] ^= 0x40
+    tampered = tmp_path / "tampered.lpb"
+    tampered.write_bytes(bytes(data))
+    r = cli("apply", str(svc.pid), str(tampered))
+    assert r.returncode == 4, r.stderr
+    assessed = json.loads(cli("assess", str(svc.pid), bundles["docs"], str(tampered), wrong, "--json").stdout)
+    assert [a["verdict"] for a in assessed] == ["applies", "refused", "refused"]
+    assert svc.get(SECRET)[0] == 200  # nothing was applied by any of it
+    status = json.loads(cli("status", str(svc.pid), "--json").stdout)
+    assert status["applied"] == [] and not status["agent"]["development_mode_unsigned_bundles"]
+
+
+def test_unsigned_bundle_refused_unless_development_mode(service, tmp_path):
+    unsigned = str(tmp_path / "unsigned.lpb")
+    assert cli("build", os.path.join(PATCHES, "baseline"), os.path.join(PATCHES, "fix-rounding"), "-o", unsigned,
+               "--id", "HP-U").returncode == 0
+    strict = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--"])
+    r = cli("apply", str(strict.pid), unsigned)
+    assert r.returncode == 4 and "not signed" in r.stderr
+    dev = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--allow-unsigned", "--"])
+    assert dev.get("/quote?sku=widget&qty=1")[1]["total"] == 2.67
+    assert cli("apply", str(dev.pid), unsigned).returncode == 0
+    assert dev.get("/quote?sku=widget&qty=1")[1]["total"] == 2.68
+    assert json.loads(cli("status", str(dev.pid), "--json").stdout)["agent"]["development_mode_unsigned_bundles"]
+
+
+def test_dead_pid_and_non_python_pid(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = cli("status", str(dead.pid))
+    assert r.returncode == 5 and "no process" in r.stderr
+    r = cli("attach", str(dead.pid))
+    assert r.returncode == 5
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        r = cli("attach", str(sleeper.pid))
+        assert r.returncode == 5 and "not a CPython interpreter" in r.stderr
+        r = cli("status", str(sleeper.pid))
+        assert r.returncode == 5 and "has no livepatch agent" in r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+OTHER_UID_CLIENT = r"""
+import socket, struct, json, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except PermissionError as exc:
+    print(json.dumps({"connect": "refused", "why": str(exc)})); sys.exit()
+body = json.dumps({"v": 1, "op": "status"}).encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+n = struct.unpack(">I", s.recv(4))[0]
+print(json.dumps({"connect": "ok", "answer": json.loads(s.recv(n))}))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to switch uid")
+def test_clients_of_another_uid_are_refused(service):
+    svc = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--"])
+    path = json.loads(cli("status", str(svc.pid), "--json").stdout)["agent"]["socket"]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*nobody, sys.executable, "-c", OTHER_UID_CLIENT, path], capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout)["connect"] == "refused", r.stderr  # the 0700 directory stops it
+    # even with the directory check bypassed (CAP_DAC_OVERRIDE), the agent's SO_PEERCRED check refuses
+    r = subprocess.run([*nobody, "--inh-caps=+dac_override", "--ambient-caps=+dac_override", sys.executable, "-c",
+                        OTHER_UID_CLIENT, path], capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout)
+    assert out["connect"] == "ok" and out["answer"]["ok"] is False
+    assert out["answer"]["error"]["error"] == "PermissionDenied" and "uid 65534" in out["answer"]["error"]["message"]
+
+
+def test_garbage_stalled_and_vanishing_clients_do_not_hurt_the_agent(service):
+    svc = service(launcher=[sys.executable, "-m", "livepatch.cli", "run", "--"])
+    path = json.loads(cli("status", str(svc.pid), "--json").stdout)["agent"]["socket"]
+
+    def raw(payload, read=True):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(15)
+        s.connect(path)
+        s.sendall(payload)
+        if not read:
+            return s
+        data = s.recv(1 << 16)
+        s.close()
+        return json.loads(data[4:]) if data else None
+
+    assert raw(struct.pack(">I", 5) + b"hello")["error"]["error"] == "ProtocolError"
+    assert "over the limit" in raw(struct.pack(">I", 2**31))["error"]["message"]
+    assert raw(struct.pack(">I", 2) + b"[]")["error"]["message"] == "frame is not a JSON object"
+    body = json.dumps({"v": 1, "op": "format_disk"}).encode()
+    assert "unknown request" in raw(struct.pack(">I", len(body)) + body)["error"]["message"]
+    body = json.dumps({"v": 1, "op": "apply", "bundle": "!!!"}).encode()
+    assert "base64" in raw(struct.pack(">I", len(body)) + body)["error"]["message"]
+    stalled = [raw(struct.pack(">I", 1000) + b"{", read=False) for _ in range(3)]  # half a frame, then silence
+    vanished = raw(struct.pack(">I", 1000) + b"{", read=False)
+    vanished.close()
+    r = cli("status", str(svc.pid), "--json")  # still answers while three clients stall
+    assert r.returncode == 0 and json.loads(r.stdout)["applied"] == []
+    for s in stalled:
+        s.close()
+    assert svc.get("/health")[0] == 200
