@@ -5,11 +5,11 @@ PY ?= 3.11
 .PHONY: demo test bench bench-quick clean
 .venv-%/.ready: pyproject.toml
 	@py=$$(sh scripts/find-python $*) && rm -rf .venv-$* && $$py -m venv .venv-$* \
-	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' \
+	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,demo]' \
 	  && touch $@
 
 demo: .venv-$(PY)/.ready
-	.venv-$(PY)/bin/python demo_apps/engine_demo.py
+	.venv-$(PY)/bin/python demo_apps/live_demo.py
 
 test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 	@set -e; for v in $(PYTHONS); do \

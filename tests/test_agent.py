@@ -283,8 +283,9 @@ except PermissionError as exc:
     print(json.dumps({"connect": "refused", "why": str(exc)})); sys.exit()
 body = json.dumps({"v": 1, "op": "status"}).encode()
 s.sendall(struct.pack(">I", len(body)) + body)
-n = struct.unpack(">I", s.recv(4))[0]
-print(json.dumps({"connect": "ok", "answer": json.loads(s.recv(n))}))
+data = b"".join(iter(lambda: s.recv(65536), b""))  # the agent answers, then hangs up
+n = struct.unpack(">I", data[:4])[0]
+print(json.dumps({"connect": "ok", "answer": json.loads(data[4:4 + n])}))
 """
 
 
@@ -311,6 +312,7 @@ def test_clients_of_another_uid_are_refused(service):
     # even with the directory check bypassed (CAP_DAC_OVERRIDE), the agent's SO_PEERCRED check refuses
     r = subprocess.run([*nobody, "--inh-caps=+dac_override", "--ambient-caps=+dac_override", python, "-c",
                         OTHER_UID_CLIENT, path], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["connect"] == "ok" and out["answer"]["ok"] is False
     assert out["answer"]["error"]["error"] == "PermissionDenied" and "uid 65534" in out["answer"]["error"]["message"]
@@ -327,7 +329,12 @@ def test_garbage_stalled_and_vanishing_clients_do_not_hurt_the_agent(service):
         s.sendall(payload)
         if not read:
             return s
-        data = s.recv(1 << 16)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
         s.close()
         return json.loads(data[4:]) if data else None
 

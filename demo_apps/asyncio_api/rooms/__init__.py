@@ -1,0 +1,1 @@
+"""A chat-room service on asyncio streams (demo for livepatch)."""

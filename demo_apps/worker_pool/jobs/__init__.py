@@ -1,0 +1,1 @@
+"""A worker pool consuming a job queue (demo for livepatch)."""
