@@ -89,9 +89,15 @@ class Server:
 
     @staticmethod
     def _reply_quietly(conn, message) -> None:
+        """Answer and hang up. Unread input would make close() send a reset
+        that can destroy the answer in flight, so a little is drained first."""
         try:
-            conn.settimeout(1.0)
+            conn.settimeout(0.5)
             protocol.send(conn, message)
+            conn.shutdown(socket.SHUT_WR)
+            for _ in range(16):
+                if not conn.recv(65536):
+                    break
         except OSError:
             pass
         finally:

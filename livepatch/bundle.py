@@ -27,6 +27,7 @@ import types
 from dataclasses import dataclass
 
 from .errors import PatchError, Problem
+from .locate import loaded_module
 from .patch import PYTHON_TAG, UNCHANGED, Change, Patch
 
 MAGIC = b"\x89LPB\r\n\x1a\n"
@@ -411,7 +412,7 @@ def _module_codes(bundle: Bundle, tag: str, module: str, cache: dict) -> dict:
             _fail(f"payloads.{name}", "not a marshalled code object for this Python")
         if not isinstance(code, types.CodeType):
             _fail(f"payloads.{name}", "not a code object")
-        live = sys.modules.get(module)
+        live = loaded_module(module)
         base_file = getattr(live, "__file__", None) or bundle.manifest["modules"].get(module, {}).get("file", module)
         filename = patched_filename(base_file, bundle.id)
         cache[name] = (code_tree(_with_filename(code, filename)), filename)
@@ -458,7 +459,7 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
     new_globals = {}
     for i, g in enumerate(m["globals"]):
         module_name, _, name = g["name"].partition(":")
-        module = sys.modules.get(module_name)
+        module = loaded_module(module_name)
         if module is None:
             raise TargetNotFound(f"module {module_name} is not loaded", [Problem("not-found", g["name"], "module not loaded")])
         if g["kind"] == "constant":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sys
 import types
 import weakref
@@ -31,6 +32,25 @@ _BUILTIN_TYPES = (
     types.ClassMethodDescriptorType,
 )
 
+
+
+def loaded_module(name: str):
+    """The loaded module called `name`. A program started as `python -m
+    pkg.mod` or `python pkg/mod.py` runs that module as `__main__`, so a
+    patch built from the source tree (which calls it `pkg.mod`) finds it
+    there when no module of that name was imported separately."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == name:
+        return main
+    if spec is None and getattr(main, "__file__", None):
+        stem = os.path.splitext(os.path.basename(main.__file__))[0]
+        if stem == name.rpartition(".")[2]:
+            return main
+    return None
 
 def split_target(target: str) -> tuple[str, str]:
     module, sep, qualname = target.partition(":")
@@ -75,7 +95,7 @@ class HeapIndex:
     def scan(cls, modules=()) -> "HeapIndex":
         """Index the functions whose globals are one of `modules` (names)."""
         index = cls()
-        anchors = [vars(sys.modules[m]) for m in modules if m in sys.modules]
+        anchors = [vars(mod) for mod in map(loaded_module, modules) if mod is not None]
         if anchors:
             index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
         index.frozen_objects = gc.get_freeze_count()
@@ -234,7 +254,7 @@ def resolve(target: str, heap: HeapIndex) -> Resolution | Problem:
         modname, qualname = split_target(target)
     except ValueError as exc:
         return Problem("not-found", target, str(exc))
-    module = sys.modules.get(modname)
+    module = loaded_module(modname)
     if module is None:
         return Problem("not-found", target, f"module {modname!r} is not loaded in this process")
     parts = qualname.split(".")

@@ -24,7 +24,7 @@ from . import commit as _commit
 from .checks import check_change, code_kind, require_supported_runtime
 from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
 from .fingerprint import fingerprint
-from .locate import HeapIndex, Resolution, resolve, split_target
+from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
 from .safepoint import count_running, describe, first_busy, young_suspended
 
@@ -101,7 +101,7 @@ def _now_iso(ts: float) -> str:
 def _resolve_owner(key: str):
     """"module:name" or "module:Class.name" -> (owner object, attribute name)."""
     modname, path = split_target(key)
-    module = sys.modules.get(modname)
+    module = loaded_module(modname)
     if module is None:
         raise PatchError("bad global", [Problem("not-found", key, f"module {modname!r} is not loaded")])
     *owners, name = path.split(".")

@@ -24,9 +24,7 @@ PATCHES = os.path.join(DEMO, "patches")
 SECRET = "/docs?name=../private/secrets.txt"
 
 
-def cli(*args, timeout=120, **kw):
-    return subprocess.run([sys.executable, "-m", "livepatch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+from live import Service, cli
 
 
 @pytest.fixture(scope="module")
@@ -54,71 +52,12 @@ def bundles(keys, tmp_path_factory):
     return out
 
 
-_ports = __import__("itertools").count()
-
-
-class Service:
-    """The inventory API in its own process, plus a client thread driving load."""
-
-    def __init__(self, tmp_path, launcher=(), env=None):
-        self.port_file = str(tmp_path / f"port-{next(_ports)}")
-        cmd = [*launcher, sys.executable, "-m", "inventory.server", "--port", "0", "--port-file", self.port_file]
-        self.proc = subprocess.Popen(cmd, cwd=DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.port_file):
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "service did not start"
-            time.sleep(0.02)
-        self.port = int(open(self.port_file).read())
-        self.pid = self.proc.pid
-        self.served = self.failed = 0
-        self.errors = []
-        self._stop = threading.Event()
-        self._load = threading.Thread(target=self._drive, daemon=True)
-
-    def get(self, path):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def _drive(self):
-        while not self._stop.is_set():
-            for path in ("/quote?sku=widget&qty=1", SECRET, "/health"):
-                try:
-                    status, _ = self.get(path)
-                    if status >= 500:
-                        raise RuntimeError(status)
-                    self.served += 1
-                except Exception as exc:  # any failed request counts
-                    self.failed += 1
-                    self.errors.append(repr(exc))
-
-    def start_load(self):
-        self._load.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        if self._load.is_alive():
-            self._load.join()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
 def service(tmp_path):
     made = []
 
     def make(**kw):
-        s = Service(tmp_path, **kw)
+        s = Service(tmp_path, DEMO, ["-m", "inventory.server"], **kw)
         made.append(s)
         return s
     yield make
