@@ -188,7 +188,12 @@ def _reachable_from_roots() -> list:
         obj = stack.pop()
         if type(obj) in wanted:
             out.append(obj)
-        for ref in gc.get_referents(obj):
+        # A module is followed through its __dict__ only: an extension
+        # module's own traverse may report raw freelist memory (CPython
+        # gh-122695: _asyncio on 3.12 before 3.12.6), which get_referents
+        # would resurrect and free again, corrupting the freelist.
+        refs = (obj.__dict__,) if isinstance(obj, types.ModuleType) else gc.get_referents(obj)
+        for ref in refs:
             if id(ref) not in seen:
                 seen.add(id(ref))
                 stack.append(ref)
