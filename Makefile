@@ -5,7 +5,7 @@ PY ?= 3.11
 .PHONY: demo test bench bench-quick clean
 .venv-%/.ready: pyproject.toml
 	@py=$$(sh scripts/find-python $*) && rm -rf .venv-$* && $$py -m venv .venv-$* \
-	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,demo]' \
+	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' \
 	  && touch $@
 
 demo: .venv-$(PY)/.ready
@@ -17,13 +17,13 @@ test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 	  .venv-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider tests; \
 	done
 
+BENCHMARKS = pause memory safepoint agent alternatives
+
 bench: .venv-$(PY)/.ready
-	.venv-$(PY)/bin/python benchmarks/pause.py
-	.venv-$(PY)/bin/python benchmarks/memory.py
+	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py; done
 
 bench-quick: .venv-$(PY)/.ready
-	.venv-$(PY)/bin/python benchmarks/pause.py --quick
-	.venv-$(PY)/bin/python benchmarks/memory.py --quick
+	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py --quick; done
 
 clean:
 	rm -rf .venv-* *.egg-info

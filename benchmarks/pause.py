@@ -85,15 +85,16 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="*")
     ap.add_argument("--reps", type=int)
     args = ap.parse_args()
-    threads = args.threads or ([1, 4] if args.quick else [1, 4, 16])
-    sizes = args.sizes or ([1, 10, 100] if args.quick else [1, 10, 100, 1000])
+    threads = args.threads or ([1, 4] if args.quick else [1, 4, 16, 64])
+    sizes = args.sizes or ([1, 10, 100] if args.quick else [1, 10, 100, 1000, 10000])
     reps = args.reps or (5 if args.quick else 40)
     rows = []
     serial = 0
     for t in threads:
         for n in sizes:
             serial += 1
-            rows.append(measure(t, n, reps, serial))
+            # building and checking a 10,000-function patch takes seconds: fewer repetitions there
+            rows.append(measure(t, n, reps if n <= 1000 else max(3, reps // 8), serial))
             r = rows[-1]
             print(f"threads={t:>3} functions={n:>5}  hold p50/p99 {r['commit_hold_ns']['p50']/1e3:8.1f}/"
                   f"{r['commit_hold_ns']['p99']/1e3:8.1f} us   gap p50/p99 {r['gap_with_commit_ns']['p50']/1e3:8.1f}/"
@@ -103,7 +104,31 @@ def main():
                   flush=True)
     path = write_result("pause", {"machine": machine(), "params": {"threads": threads, "sizes": sizes, "reps": reps},
                                   "rows": rows}, args.quick)
+    print("chart:", chart(rows, path[:-5] + ".png"))
     print("results:", path)
+
+
+def chart(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (hold_ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t in sorted({r["threads"] for r in rows}):
+        mine = sorted((r for r in rows if r["threads"] == t), key=lambda r: r["functions"])
+        xs = [r["functions"] for r in mine]
+        hold_ax.plot(xs, [r["commit_hold_ns"]["p99"] / 1000 for r in mine], marker="o", label=f"{t} threads")
+        gap_ax.plot(xs, [max(r["extra_gap_p99_ns"], 1) / 1000 for r in mine], marker="o", label=f"{t} threads")
+    for ax, title in ((hold_ax, "commit GIL hold, p99"), (gap_ax, "extra gap seen by workers, p99")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("functions in the patch")
+        ax.set_ylabel("µs")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

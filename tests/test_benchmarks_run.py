@@ -30,7 +30,33 @@ def test_memory_benchmark_runs():
     assert data["cycles"]["cycles"] == 100
 
 
-def test_demo_runs_with_zero_failures():
+def test_safepoint_benchmark_runs():
+    data = _run("safepoint.py", "--quick")
+    assert len(data["activeness"]) == 4 and all(r["heap_scan_ns_outside_pause"]["n"] == 5 for r in data["suspended"])
+
+
+def test_agent_benchmark_runs():
+    data = _run("agent.py", "--quick")
+    assert data["end_to_end"]["cycles"] == 3 and data["idle_cpu"]["ratio_agent_over_none"] > 0
+
+
+def test_alternatives_benchmark_runs():
+    data = _run("alternatives.py", "--quick")
+    assert data["restart_vs_hotpatch"]["hotpatch"]["failed"] == 0
+    assert data["reload"]["references_on_old_code_after_reload"] == 100
+    assert data["reload"]["references_on_old_code_after_livepatch"] == 0
+    assert os.path.exists(data["chart"])
+
+
+def test_live_demo_runs_with_zero_failures(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "demo_apps", "live_demo.py"), "--phase", "0.5",
+                          "--chart", str(tmp_path / "demo.png")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "<- VULNERABLE" in out.stdout and "<- FIXED" in out.stdout and ", 0 failed" in out.stdout
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_engine_demo_runs_with_zero_failures():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "demo_apps", "engine_demo.py")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
