@@ -34,9 +34,12 @@ def measure(threads: int, size: int, reps: int, serial: int):
             for _ in range(200):
                 now = pc()
                 prev = clock[0]
-                clock[0] = now
-                if now - prev > GAP_NS:
-                    gaps.append((prev, now))
+                # A switch can fall between reading the time and storing it:
+                # a worker resuming later must not stamp its stale reading.
+                if now > prev:
+                    clock[0] = now
+                    if now - prev > GAP_NS:
+                        gaps.append((prev, now))
 
     workers = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
     for w in workers:

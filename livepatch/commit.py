@@ -72,8 +72,14 @@ class Outcome:
     window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the section
 
 
+_lasti = operator.attrgetter("f_lasti")
+
+
 def _positions(frames_map: dict) -> dict:
-    return {tid: (id(f), f.f_lasti) for tid, f in frames_map.items()}
+    # C-level maps: this runs inside the pause, right after a GIL handoff,
+    # when every cache is cold
+    frames = frames_map.values()
+    return dict(zip(frames_map, zip(map(id, frames), map(_lasti, frames))))
 
 
 def _fresh_switch(me: int):
