@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="*")
     ap.add_argument("--sizes", type=int, nargs="*")
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--tag", default="", help="suffix for the result files (a separate grid)")
     args = ap.parse_args()
     threads = args.threads or ([1, 4] if args.quick else [1, 4, 16, 64])
     sizes = args.sizes or ([1, 10, 100] if args.quick else [1, 10, 100, 1000, 10000])
@@ -98,6 +99,9 @@ def main():
             serial += 1
             # building and checking a 10,000-function patch takes seconds: fewer repetitions there
             rows.append(measure(t, n, reps if n <= 1000 else max(3, reps // 8), serial))
+            # written after every cell: a long grid stopped midway keeps what it measured
+            path = write_result("pause" + args.tag, {"machine": machine(), "params": {
+                "threads": threads, "sizes": sizes, "reps": reps}, "rows": rows}, args.quick)
             r = rows[-1]
             print(f"threads={t:>3} functions={n:>5}  hold p50/p99 {r['commit_hold_ns']['p50']/1e3:8.1f}/"
                   f"{r['commit_hold_ns']['p99']/1e3:8.1f} us   gap p50/p99 {r['gap_with_commit_ns']['p50']/1e3:8.1f}/"
@@ -105,8 +109,6 @@ def main():
                   f"{r['gap_noop_handoff_ns']['p50']/1e3:8.1f}/{r['gap_noop_handoff_ns']['p99']/1e3:8.1f} us   "
                   f"extra p50/p99 {r['extra_gap_p50_ns']/1e3:8.1f}/{r['extra_gap_p99_ns']/1e3:8.1f} us",
                   flush=True)
-    path = write_result("pause", {"machine": machine(), "params": {"threads": threads, "sizes": sizes, "reps": reps},
-                                  "rows": rows}, args.quick)
     print("chart:", chart(rows, path[:-5] + ".png"))
     print("results:", path)
 

@@ -43,6 +43,8 @@ def code_kind(code: types.CodeType) -> str:
 def uses_zero_arg_super(code: types.CodeType) -> bool:
     """Does the code call `super()` with no arguments (which needs a
     `__class__` cell)? Looks for LOAD_GLOBAL super followed by a 0-arg call."""
+    if "super" not in code.co_names:  # the common case, without disassembling
+        return False
     instrs = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "PUSH_NULL", "PRECALL")]
     for i, ins in enumerate(instrs[:-1]):
         if ins.opname == "LOAD_GLOBAL" and ins.argval == "super":

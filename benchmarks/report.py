@@ -1,0 +1,85 @@
+"""Summarise the latest full benchmark results (benchmarks/results/*.json,
+not the quick ones) as a Markdown table, for the README."""
+
+import json
+import os
+import sys
+
+from common import RESULTS
+
+
+def _load(kind):
+    path = os.path.join(RESULTS, f"{kind}-py{sys.version_info.major}.{sys.version_info.minor}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def rows():
+    out = []
+    pause = _load("pause")
+    if pause:
+        for r in pause["rows"]:
+            if (r["threads"], r["functions"]) in ((1, 1), (16, 100), (16, 1000), (64, 100), (16, 10000)):
+                out.append((f"commit pause, {r['threads']} busy threads, {r['functions']} functions",
+                            f"GIL hold p50 {r['commit_hold_ns']['p50'] / 1000:.0f} µs, p99 {r['commit_hold_ns']['p99'] / 1000:.0f} µs; "
+                            f"extra gap in workers p50 {r['extra_gap_p50_ns'] / 1000:.0f} µs, p99 {r['extra_gap_p99_ns'] / 1000:.0f} µs "
+                            f"(no-op handoff p50 {r['gap_noop_handoff_ns']['p50'] / 1000:.0f} µs)", "pause.py"))
+    memory = _load("memory")
+    if memory:
+        ret = memory["retained"]
+        out.append((f"memory, {ret['functions']:,} patched functions",
+                    f"{ret['retained_bytes_per_function']:,.0f} B per function retained (tracemalloc), USS growth on apply "
+                    f"{ret['uss_growth_on_apply_per_function']:,.0f} B per function", "memory.py"))
+        cyc = memory["cycles"]
+        out.append((f"memory over {cyc['cycles']:,} apply/rollback cycles",
+                    f"RSS {cyc['samples'][0]['rss'] / 2**20:.1f} -> {cyc['samples'][-1]['rss'] / 2**20:.1f} MiB "
+                    f"(growth after warm-up {cyc['rss_growth_after_warmup_bytes'] / 1024:.0f} KiB)", "memory.py"))
+    sp = _load("safepoint")
+    if sp:
+        deep = max(sp["activeness"], key=lambda r: (r["threads"], r["depth"]))
+        out.append((f"activeness check, {deep['threads']} threads x depth {deep['depth']} (inside the pause)",
+                    f"p50 {deep['check_ns']['p50'] / 1000:.0f} µs ({deep['per_frame_ns']} ns per frame)", "safepoint.py"))
+        big = max(sp["suspended"], key=lambda r: r["heap_objects"])
+        out.append((f"suspended-coroutine scan, {big['heap_objects']:,} heap objects",
+                    f"{big['heap_scan_ns_outside_pause']['p50'] / 1e6:.0f} ms outside the pause, "
+                    f"{big['young_check_ns_inside_pause']['p50'] / 1000:.0f} µs inside", "safepoint.py"))
+    agent = _load("agent")
+    if agent:
+        out.append(("idle agent, CPU-bound throughput", f"ratio with/without {agent['idle_cpu']['ratio_agent_over_none']}", "agent.py"))
+        out.append(("idle agent, HTTP demo throughput", f"ratio with/without {agent['idle_http']['ratio_agent_over_none']}", "agent.py"))
+        e = agent["end_to_end"]
+        out.append(("`livepatch apply` end to end on a live service",
+                    f"p50 {e['apply_wall_ms']['p50']:.0f} ms wall (CLI start-up {e['cli_interpreter_startup_ms']:.0f} ms), "
+                    f"agent side {e['apply_in_agent_ms']['p50']:.1f} ms, commit pause {e['apply_pause_us']['p50']:.0f} µs", "agent.py"))
+    alt = _load("alternatives")
+    if alt:
+        rs, hp = alt["restart_vs_hotpatch"]["restart"], alt["restart_vs_hotpatch"]["hotpatch"]
+        out.append(("restart vs hotpatch of the HTTP demo under load",
+                    f"restart: {rs['window_ms']:.0f} ms outage, {rs['failed']} failed requests; hotpatch: "
+                    f"{hp['failed']} failed, pause {hp['pause_us']:.0f} µs "
+                    f"({alt['restart_vs_hotpatch']['ratio_restart_outage_over_hotpatch_pause']}x)", "alternatives.py"))
+        rl = alt["reload"]
+        out.append((f"importlib.reload, {rl['functions']:,} functions",
+                    f"{rl['reload_ms']['p50']:.0f} ms, {rl['references_on_old_code_after_reload']:,} held references left on old code "
+                    f"(livepatch: {rl['livepatch_apply_ms']['p50']:.0f} ms, {rl['references_on_old_code_after_livepatch']})", "alternatives.py"))
+        j = alt["jurigged"]
+        if "skipped" not in j:
+            t = j["torn_under_threads"]
+            out.append((f"jurigged, {j['functions']:,} functions",
+                        f"update {j['jurigged_update_ms']:.0f} ms (livepatch build+apply {j['livepatch_build_and_apply_ms']:.0f} ms); "
+                        f"torn calls under threads: jurigged {t['jurigged'].get('torn', '?'):,} of {t['jurigged'].get('calls', 0):,}, "
+                        f"livepatch {t['livepatch'].get('torn_calls', '?')} of {t['livepatch'].get('calls', 0):,}", "alternatives.py"))
+    return out
+
+
+def main():
+    print("| measurement | result | script |")
+    print("|---|---|---|")
+    for what, result, script in rows():
+        print(f"| {what} | {result} | `{script}` |")
+
+
+if __name__ == "__main__":
+    main()
