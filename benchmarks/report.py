@@ -18,10 +18,10 @@ def _load(kind):
 
 def rows():
     out = []
-    pause = _load("pause")
-    if pause:
-        for r in pause["rows"]:
-            if (r["threads"], r["functions"]) in ((1, 1), (16, 100), (16, 1000), (64, 100), (16, 10000)):
+    pause_rows = [r for kind in ("pause", "pause-10k") for r in (_load(kind) or {"rows": []})["rows"]]
+    if pause_rows:
+        for r in pause_rows:
+            if (r["threads"], r["functions"]) in ((1, 1), (1, 100), (16, 100), (16, 1000), (64, 100), (16, 10000)):
                 out.append((f"commit pause, {r['threads']} busy threads, {r['functions']} functions",
                             f"GIL hold p50 {r['commit_hold_ns']['p50'] / 1000:.0f} µs, p99 {r['commit_hold_ns']['p99'] / 1000:.0f} µs; "
                             f"extra gap in workers p50 {r['extra_gap_p50_ns'] / 1000:.0f} µs, p99 {r['extra_gap_p99_ns'] / 1000:.0f} µs "
