@@ -86,7 +86,7 @@ def http_overhead(seconds: float, rounds: int, work: str) -> dict:
             try:
                 runs[mode].append(_throughput(port, 4, seconds))
             finally:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
     med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     return {"requests_per_s": {k: summary(v) for k, v in runs.items()},
@@ -126,7 +126,7 @@ def end_to_end(cycles: int, work: str) -> dict:
             rows["rollback_wall_ms"].append((time.perf_counter() - t0) * 1000)
             rows["rollback_pause_us"].append(json.loads(out.stdout)[0]["pause_ns"] / 1000)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(10)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import livepatch.cli"], check=True)

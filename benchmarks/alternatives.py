@@ -124,7 +124,7 @@ def restart_vs_hotpatch(threads: int, phase: float, work: str) -> dict:
                 time.sleep(phase)
                 t0 = time.perf_counter()
                 if mode == "restart":
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM)
                     proc.wait(10)
                     proc = _start(port)  # the fixed release
                     _wait_serving(port, proc)
@@ -143,7 +143,7 @@ def restart_vs_hotpatch(threads: int, phase: float, work: str) -> dict:
                          "baseline_p99_ms": round(p99 * 1000, 2),
                          "timeline": [(round(s[0] - t0, 4), round(s[1] * 1000, 3), s[2]) for s in load.samples]}
         finally:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

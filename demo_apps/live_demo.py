@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         print(f"8. latency chart: {args.chart}")
         return 0 if failed == 0 else 1
     finally:
-        service.send_signal(signal.SIGINT)
+        service.send_signal(signal.SIGTERM)
         try:
             service.wait(10)
         except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 from urllib.parse import parse_qs, urlparse
 
 from . import access
@@ -72,12 +73,17 @@ async def serve(host, port, port_file):
         await server.serve_forever()
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the service cleanly, like Ctrl-C
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, default=8081)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port-file")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         asyncio.run(serve(args.host, args.port, args.port_file))
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ GET /report?seconds=1            -> a slow report
 import argparse
 import json
 import os
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -53,6 +54,10 @@ def route(path, params):
     return 404, {"error": "not found"}
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the service cleanly, like Ctrl-C
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, default=8080)
@@ -68,6 +73,7 @@ def main(argv=None):
             fh.write(str(port))
         os.replace(tmp, args.port_file)
     print(f"inventory API listening on http://{args.host}:{port} (pid {os.getpid()})", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ A tiny HTTP endpoint reports progress: GET /stats."""
 import argparse
 import json
 import os
+import signal
 import queue
 import threading
 import time
@@ -57,6 +58,10 @@ class Stats(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the service cleanly, like Ctrl-C
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workers", type=int, default=4)
@@ -73,6 +78,7 @@ def main(argv=None):
             fh.write(str(server.server_address[1]))
         os.replace(args.port_file + ".tmp", args.port_file)
     print(f"worker pool: {args.workers} workers, stats on http://127.0.0.1:{server.server_address[1]}/stats", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
