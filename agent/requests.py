@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import platform
 import sys
@@ -125,17 +126,14 @@ class Agent:
             raise _RequestError("BadRequest", f"{field} is not valid base64") from None
         return to_patch(read(data, self.trusted, allow_unsigned=self.allow_unsigned))
 
+    @contextlib.contextmanager
     def _exclusively(self):
-        agent = self
-
-        class _Guard:
-            def __enter__(self):
-                if not agent._exclusive.acquire(timeout=EXCLUSIVE_WAIT):
-                    raise _RequestError("Busy", f"another apply or rollback has been running for over {EXCLUSIVE_WAIT:g}s; retry later")
-
-            def __exit__(self, *exc):
-                agent._exclusive.release()
-        return _Guard()
+        if not self._exclusive.acquire(timeout=EXCLUSIVE_WAIT):
+            raise _RequestError("Busy", f"another apply or rollback has been running for over {EXCLUSIVE_WAIT:g}s; retry later")
+        try:
+            yield
+        finally:
+            self._exclusive.release()
 
 
 class _RequestError(Exception):

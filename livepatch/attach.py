@@ -56,14 +56,7 @@ def target_python(pid: int) -> tuple[str, tuple[int, int]]:
         except (OSError, subprocess.TimeoutExpired):
             pass
         raise AttachError(f"process {pid} ({exe}) is not a CPython interpreter")
-    if "PyGILState_Ensure" not in maps and not _exports_python_api(exe, maps):
-        raise AttachError(f"process {pid} ({exe}) is not a CPython interpreter")
     return "cpython", (int(m.group(1)), int(m.group(2)))
-
-
-def _exports_python_api(exe: str, maps: str) -> bool:
-    # the version was read off a mapped libpython or the executable's name
-    return "libpython" in maps or os.path.basename(exe).startswith("python")
 
 
 def _shim_library(directory: str) -> str:

@@ -98,11 +98,6 @@ def _worker(request: dict) -> dict:
         except SyntaxError as exc:
             out["modules"][module] = {"refused": [Problem("refused:syntax", f"{module}:<module>", f"line {exc.lineno}: {exc.msg}").to_dict()]}
             continue
-        lines = {}
-        from .build import code_tree
-        for qualname, codes in code_tree(new_code).items():
-            lines[qualname] = codes[0].co_firstlineno
-
         def lit(value):
             from .patch import UNCHANGED
             return None if value is UNCHANGED or value is None else repr(value)

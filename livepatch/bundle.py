@@ -122,8 +122,9 @@ class _Reader:
 class Bundle:
     manifest: dict
     payloads: dict  # name -> bytes, every digest already checked
-    signed_by: str | None  # key id, or None when unsigned
+    signed_by: str | None  # key id that verified it, or None when unsigned or not checked
     manifest_bytes: bytes
+    signature: dict | None = None  # the signature block as found, checked or not
 
     @property
     def id(self) -> str:
@@ -169,7 +170,7 @@ def read(data: bytes, trusted_keys=None, *, allow_unsigned: bool = False) -> Bun
     if r.pos != len(r.data):
         _fail("file", f"{len(r.data) - r.pos} unexpected bytes after the last payload")
 
-    signed_by = _check_signature(body, sig_raw, trusted_keys, allow_unsigned)
+    signed_by, signature = _check_signature(body, sig_raw, trusted_keys, allow_unsigned)
     manifest = _parse_manifest(body)
     validate(manifest)
     listed = manifest["payloads"]
@@ -180,14 +181,15 @@ def read(data: bytes, trusted_keys=None, *, allow_unsigned: bool = False) -> Bun
             _fail(f"payloads.{name}", "present in the file but not listed in the manifest")
         if len(payloads[name]) != listed[name]["size"] or hashlib.sha256(payloads[name]).hexdigest() != listed[name]["sha256"]:
             _fail(f"payloads.{name}", "content does not match its digest in the manifest (tampered or corrupted)")
-    return Bundle(manifest, payloads, signed_by, body)
+    return Bundle(manifest, payloads, signed_by, body, signature)
 
 
 def _check_signature(body: bytes, sig_raw: bytes, trusted_keys, allow_unsigned: bool):
+    """(key id that verified it or None, the parsed signature block or None)."""
     from .signing import SignatureError, load_trusted, verify
     if not sig_raw:
         if allow_unsigned:
-            return None
+            return None, None
         raise SignatureError("bundle is not signed; refused (unsigned bundles load only when explicitly allowed)",
                              [Problem("signature", "", "unsigned")])
     try:
@@ -201,10 +203,10 @@ def _check_signature(body: bytes, sig_raw: bytes, trusted_keys, allow_unsigned: 
         trusted_keys = load_trusted(trusted_keys)
     if not trusted_keys:
         if allow_unsigned:
-            return None  # development mode: the signature is not checked
+            return None, sig  # development mode: the signature is not checked
         raise SignatureError("no trusted keys configured: cannot verify the bundle's signature",
                              [Problem("signature", "", f"signed by key {sig['key_id']}")])
-    return verify(sig, body, trusted_keys)
+    return verify(sig, body, trusted_keys), sig
 
 
 def _no_duplicates(pairs):
@@ -499,12 +501,15 @@ def load_bundle(source, trusted_keys=None, *, allow_unsigned: bool = False) -> P
     """Read, verify and convert a bundle (a path or bytes) into a Patch for
     the running interpreter. Raises BundleError/SignatureError, never
     partially loads."""
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    else:
-        with open(source, "rb") as fh:
-            data = fh.read(MAX_BUNDLE_BYTES + 1)
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_file(source)
     return to_patch(read(data, trusted_keys, allow_unsigned=allow_unsigned))
+
+
+def read_file(path) -> bytes:
+    """A bundle file's bytes, reading at most one byte past the size limit
+    (read() then refuses it by size, without loading a huge file)."""
+    with open(path, "rb") as fh:
+        return fh.read(MAX_BUNDLE_BYTES + 1)
 
 
 def source_diffs(bundle: Bundle) -> dict:

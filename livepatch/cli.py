@@ -101,22 +101,28 @@ def cmd_build(args):
     _emit(args, summary, human)
 
 
-def _read_bundle(path: str, trust=None, allow_unsigned=True):
-    from .bundle import MAX_BUNDLE_BYTES, read
-    from .errors import PatchError
+def read_bundle_bytes(path: str) -> bytes:
+    from .bundle import MAX_BUNDLE_BYTES, read_file
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_BUNDLE_BYTES + 1)
+        data = read_file(path)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise CliError(f"{path} is larger than a bundle may be ({MAX_BUNDLE_BYTES} bytes)", EXIT_VERIFY)
+    return data
+
+
+def _read_bundle(path: str, trust=None, allow_unsigned=True):
+    from .bundle import read
+    from .errors import PatchError
     try:
-        return read(data, trust, allow_unsigned=allow_unsigned), data
+        return read(read_bundle_bytes(path), trust, allow_unsigned=allow_unsigned)
     except PatchError as exc:
         raise _patch_error(exc) from None
 
 
 def cmd_verify(args):
-    bundle, _ = _read_bundle(args.bundle, args.trust, allow_unsigned=False)
+    bundle = _read_bundle(args.bundle, args.trust, allow_unsigned=False)
     _emit(args, {"bundle": args.bundle, "id": bundle.id, "valid": True, "signed_by": bundle.signed_by},
           lambda d: f"{d['bundle']}: {d['id']} is intact and signed by trusted key {d['signed_by']}")
 
@@ -124,16 +130,16 @@ def cmd_verify(args):
 def cmd_inspect(args):
     from .signing import SignatureError
     try:
-        bundle, data = _read_bundle(args.bundle, args.trust, allow_unsigned=args.trust is None)
+        bundle = _read_bundle(args.bundle, args.trust, allow_unsigned=args.trust is None)
         signature = ("signed by trusted key " + bundle.signed_by) if bundle.signed_by else None
     except CliError as exc:
         if exc.details.get("error") != SignatureError.__name__:
             raise
-        bundle, data = _read_bundle(args.bundle, None, allow_unsigned=True)
+        bundle = _read_bundle(args.bundle, None, allow_unsigned=True)
         signature = f"SIGNATURE NOT VALID: {exc}"
     from .bundle import source_diffs
     m = bundle.manifest
-    sig = _signature_block(data)
+    sig = bundle.signature
     if signature is None:
         signature = f"signed by key {sig['key_id']} (not checked: give --trust)" if sig else "UNSIGNED"
     out = {"manifest": m, "signature": signature, "diffs": source_diffs(bundle)}
@@ -158,15 +164,6 @@ def cmd_inspect(args):
             lines += ["", diff.rstrip()]
         return "\n".join(lines)
     _emit(args, out, human)
-
-
-def _signature_block(data: bytes):
-    import struct
-    from .bundle import MAGIC
-    n = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])[0]
-    off = len(MAGIC) + 4 + n
-    s = struct.unpack(">I", data[off:off + 4])[0]
-    return json.loads(data[off + 4:off + 4 + s]) if s else None
 
 
 # ---------------------------------------------------------------- parser

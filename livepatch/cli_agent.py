@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from .cli import EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, table
+from .cli import EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, read_bundle_bytes, table
 
 
 class Progress:
@@ -69,18 +69,6 @@ def _call(pid: int, op: str, wait: float = 60.0, **fields):
 
 _REFUSALS = {"BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound", "RollbackRefused",
              "PatchError", "UnsupportedRuntime", "CommitFailed", "Busy"}
-
-
-def _read(path: str) -> bytes:
-    from .bundle import MAX_BUNDLE_BYTES
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_BUNDLE_BYTES + 1)
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise CliError(f"{path} is larger than a bundle may be ({MAX_BUNDLE_BYTES} bytes)", EXIT_VERIFY)
-    return data
 
 
 def _ns(ns) -> str:
@@ -151,7 +139,7 @@ def cmd_history(args):
 
 def cmd_assess(args):
     from .client import encode_bundle
-    blobs = [encode_bundle(_read(path)) for path in args.bundles]
+    blobs = [encode_bundle(read_bundle_bytes(path)) for path in args.bundles]
     results = _call(args.pid, "assess", bundles=blobs)
     for path, r in zip(args.bundles, results):
         r["bundle"] = path
@@ -171,7 +159,7 @@ def cmd_assess(args):
 
 def cmd_apply(args):
     from .client import encode_bundle
-    blob = encode_bundle(_read(args.bundle))
+    blob = encode_bundle(read_bundle_bytes(args.bundle))
     started = time.perf_counter()
     with Progress(f"waiting for a safe point in process {args.pid} (up to {args.timeout:g}s)...", not args.json):
         result = _call(args.pid, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
