@@ -5,7 +5,8 @@ iteration and record every gap longer than 20 us. For each commit (apply or
 rollback of a patch of N functions) the gap that spans the critical section
 is the pause the application saw; the same is measured for a no-op critical
 section (the GIL handoff alone) interleaved in the same run. Reports p50/p99/
-max of both, their difference, and the commit's own GIL hold."""
+max of both, their difference, the commit's whole GIL hold (from taking the
+GIL to handing it back) and, within it, the final check plus the stores."""
 
 import argparse
 import sys
@@ -52,7 +53,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
         spans = [b - a for a, b in list(gaps) if a <= end and b >= start]
         return max(spans) if spans else 0
 
-    hold, seen, noop_seen = [], [], []
+    hold, critical, seen, noop_seen = [], [], [], []
     try:
         for _ in range(reps):
             for action in ("apply", "noop", "rollback", "noop"):
@@ -63,6 +64,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
                     continue
                 result = livepatch.apply(patch) if action == "apply" else livepatch.rollback()
                 hold.append(result.pause_ns)
+                critical.append(result.critical_ns)
                 seen.append(gap_spanning(result.window_ns))
     finally:
         stop.set()
@@ -73,6 +75,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
         "threads": threads,
         "functions": size,
         "commit_hold_ns": summary(hold),
+        "check_and_stores_ns": summary(critical),
         "gap_with_commit_ns": summary(seen),
         "gap_noop_handoff_ns": summary(noop_seen),
         "extra_gap_p50_ns": percentile(seen, 50) - percentile(noop_seen, 50),
@@ -104,7 +107,8 @@ def main():
                 "threads": threads, "sizes": sizes, "reps": reps}, "rows": rows}, args.quick)
             r = rows[-1]
             print(f"threads={t:>3} functions={n:>5}  hold p50/p99 {r['commit_hold_ns']['p50']/1e3:8.1f}/"
-                  f"{r['commit_hold_ns']['p99']/1e3:8.1f} us   gap p50/p99 {r['gap_with_commit_ns']['p50']/1e3:8.1f}/"
+                  f"{r['commit_hold_ns']['p99']/1e3:8.1f} us   check+stores p50/p99 "
+                  f"{r['check_and_stores_ns']['p50']/1e3:8.1f}/{r['check_and_stores_ns']['p99']/1e3:8.1f} us   gap p50/p99 {r['gap_with_commit_ns']['p50']/1e3:8.1f}/"
                   f"{r['gap_with_commit_ns']['p99']/1e3:8.1f} us   noop gap p50/p99 "
                   f"{r['gap_noop_handoff_ns']['p50']/1e3:8.1f}/{r['gap_noop_handoff_ns']['p99']/1e3:8.1f} us   "
                   f"extra p50/p99 {r['extra_gap_p50_ns']/1e3:8.1f}/{r['extra_gap_p99_ns']/1e3:8.1f} us",

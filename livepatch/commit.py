@@ -10,13 +10,15 @@ Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
   since it started. A switch is counted only when the GIL changes hands:
   dropping and re-taking it with nobody in between counts nothing, so a
   waiter that has waited all along may ask at any moment.
-* We therefore `time.sleep(0)` until another thread has actually run in
-  between (its top frame or instruction moved; a waiting thread is woken by
-  each drop and nearly always wins within a try or two; if none moves after
-  a few tries, no thread is waiting for the GIL). Right after such a
-  switch, every wait iteration is either stale (started before it: no
-  request) or started after it (at least one switch interval away). The
-  interval is then raised so iterations starting later wait long.
+* So the critical section starts right after a switch that is certain: this
+  thread blocks on a lock that only a helper thread releases, and the
+  helper needs the GIL to release it. When this thread takes the GIL back,
+  it takes it from another thread: every wait iteration that started
+  earlier is void, and every later one lasts at least a switch interval.
+  The interval is then raised so iterations starting later wait long. (The
+  handoff costs latency while threads queue for the GIL, none inside the
+  section: the earlier approach of `sleep(0)` until another thread's frame
+  was seen to move cost ~40 us of cold reads inside it.)
 * The check (Python code) runs inside that window. If it finishes too late
   (the OS preempted this thread for half an interval), the attempt is
   abandoned before any store and retried. The stores are issued by one
@@ -25,18 +27,20 @@ Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
   a Python audit hook, whose code runs inside every `__code__` store, the
   window guarantees no drop request unless the OS preempts this thread for
   half an interval inside those few microseconds.
-* Everything is restored and the GIL handed over at the end (a last
-  `sleep(0)`) so waiters do not sit out the long interval. HOLD_INTERVAL is
+* Everything is restored at the end and this thread sleeps briefly, long
+  enough for a waiting thread to take the GIL, so waiters neither sit out
+  the long interval nor wait for the caller's bookkeeping. HOLD_INTERVAL is
   short: a waiter whose iteration starts inside the window is deaf to the
   holder for that long afterwards.
 * The garbage collector is disabled and every replaced value stays
   referenced by the undo list, so no finalizer runs inside the section.
 * What we cannot prevent is code inside the section that releases the GIL
   itself (an audit hook doing I/O, for example), or the OS descheduling this
-  thread for longer than a switch interval inside it. We detect it: the top frame
-  and instruction of every other thread are compared before the check and
-  after the stores; any thread that moved ran during the commit, and the
-  outcome says which, so the status can report it.
+  thread for longer than a switch interval inside it. We detect it: any
+  thread whose top frame changed between the check and the end of the
+  stores ran in between, and so may any other thread if this one was off
+  the CPU inside the section for longer than a GIL handoff takes (it had to
+  wait for the GIL back). The outcome names them, so the status reports it.
 
 A store that fails midway is undone (in reverse, inside the same section)
 before the error is raised, so a failed commit leaves everything as it was."""
@@ -45,6 +49,8 @@ from __future__ import annotations
 
 import gc
 import operator
+import os
+import queue
 import sys
 import threading
 import time
@@ -56,46 +62,71 @@ from .errors import CommitFailed, Problem
 
 # Longer than any realistic commit; restored immediately afterwards.
 HOLD_INTERVAL = 0.05
-# sleep(0) tries to see another thread run before the window (see above)
-HANDOFF_TRIES = 4
+# How long to leave the GIL before the handoff and after the section: a woken
+# waiter takes it well within this, instead of this thread re-taking it.
+RELEASE_SLEEP = 1e-4
+# Give up one attempt if the helper thread cannot get the GIL for this long.
+HANDOFF_TIMEOUT = 2.0
+# Off the CPU inside the section for longer than this: the GIL may have been
+# lost (a handoff and back costs more than this); shorter is the OS.
+OFF_CPU_SUSPECT_NS = 200_000
 PREEMPTED = "the committing thread was preempted before its stores (the machine is overloaded)"
+NO_HANDOFF = "the GIL could not be handed over to a helper thread (interpreter shutting down?)"
 _call = operator.call
 
 
 @dataclass
 class Outcome:
     committed: bool
-    pause_ns: int = 0
+    pause_ns: int = 0  # GIL held by the committing thread: from taking it to handing it back
     blocker: object = None  # what the final check found, when not committed
     frames: dict = field(default_factory=dict)  # the frames the check saw
     interrupted_by: list = field(default_factory=list)  # threads that ran inside
-    window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the section
+    window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the GIL hold
+    critical_ns: int = 0  # of which the final check plus the stores
 
 
-_lasti = operator.attrgetter("f_lasti")
+class _Handoff:
+    """A helper thread that takes the GIL between two holds of the caller:
+    `switch()` returns (holding the GIL again) only after the helper ran."""
+
+    def __init__(self):
+        self._requests = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="livepatch-handoff", daemon=True)
+        self._thread.start()
+        self.ident = self._thread.ident  # blocked on the queue outside switch(): never "ran inside"
+
+    def _serve(self):
+        get = self._requests.get
+        while True:
+            get().release()  # needs the GIL: this is the switch
+
+    def switch(self, timeout: float) -> bool:
+        # a fresh lock per switch: a late release after a timeout is harmless
+        done = threading.Lock()
+        done.acquire()
+        self._requests.put(done)
+        return done.acquire(timeout=timeout)
 
 
-def _positions(frames_map: dict) -> dict:
-    # C-level maps: this runs inside the pause, right after a GIL handoff,
-    # when every cache is cold
-    frames = frames_map.values()
-    return dict(zip(frames_map, zip(map(id, frames), map(_lasti, frames))))
+_handoff = None
+_handoff_lock = threading.Lock()
 
 
-def _fresh_switch(me: int):
-    """sleep(0) until another thread ran in between (see the module notes);
-    returns the frames seen right after and the time of the acquisition."""
-    seen = _positions(sys._current_frames())
-    seen.pop(me, None)
-    for _ in range(HANDOFF_TRIES):
-        time.sleep(0)
-        start = time.perf_counter_ns()
-        frames = sys._current_frames()
-        now = _positions(frames)
-        now.pop(me, None)
-        if not now or now != seen:
-            break
-    return frames, start
+def _the_handoff() -> _Handoff:
+    global _handoff
+    with _handoff_lock:
+        if _handoff is None:
+            _handoff = _Handoff()
+        return _handoff
+
+
+def _forget_handoff_in_child():
+    global _handoff, _handoff_lock
+    _handoff, _handoff_lock = None, threading.Lock()  # the helper thread did not survive fork
+
+
+os.register_at_fork(after_in_child=_forget_handoff_in_child)
 
 
 def run(ops: list, undo: list, check) -> Outcome:
@@ -108,44 +139,63 @@ def run(ops: list, undo: list, check) -> Outcome:
     interval = sys.getswitchinterval()
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    handoff = _the_handoff()
+    committed, start, end = False, 0, 0
     try:
-        before, start = _fresh_switch(me)
+        # Let threads that waited through the caller's preparation run first;
+        # otherwise their pause would run on through the helper and the section.
+        time.sleep(RELEASE_SLEEP)
+        if not handoff.switch(HANDOFF_TIMEOUT):
+            return Outcome(False, blocker=NO_HANDOFF)
+        start = time.perf_counter_ns()  # the GIL was just taken from another thread
         sys.setswitchinterval(HOLD_INTERVAL)
         cpu_start = time.thread_time_ns()
-        blocker = check(before)
-        if blocker is None and time.perf_counter_ns() - start > interval * 5e8:
+        check_start = time.perf_counter_ns()
+        frames = sys._current_frames()
+        blocker = check(frames)
+        checked = time.perf_counter_ns()
+        if blocker is None and checked - start > interval * 5e8:
             blocker = PREEMPTED
-        if blocker is not None:
-            end = time.perf_counter_ns()
-            return Outcome(False, end - start, blocker, before, window_ns=(start, end))
-        # The snapshot of thread positions after the stores is taken by the
-        # same C-level call, so a switch after the last store (harmless) is
-        # not mistaken for one inside the commit.
-        pending = iter(ops + [(sys._current_frames,)])
-        try:
-            after = list(starmap(_call, pending))[-1]
-        except BaseException as exc:
-            done = len(ops) - operator.length_hint(pending)  # stores that took effect
-            _undo(undo[:done])
-            raise CommitFailed(
-                "a store failed inside the commit; all earlier stores were undone",
-                [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
-            ) from exc
-        end = time.perf_counter_ns()
-        off_cpu = (end - start) - (time.thread_time_ns() - cpu_start)
+        if blocker is None:
+            # The snapshot of top frames after the stores is taken by the
+            # same C-level call, so a switch after the last store (harmless)
+            # is not mistaken for one inside the commit.
+            pending = iter(ops + [(sys._current_frames,)])
+            try:
+                after = list(starmap(_call, pending))[-1]
+            except BaseException as exc:
+                done = len(ops) - operator.length_hint(pending)  # stores that took effect
+                _undo(undo[:done])
+                raise CommitFailed(
+                    "a store failed inside the commit; all earlier stores were undone",
+                    [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
+                ) from exc
+            stored = time.perf_counter_ns()
+            off_cpu = (stored - start) - (time.thread_time_ns() - cpu_start)
+            committed = True
     finally:
         sys.setswitchinterval(interval)
         if gc_was_enabled:
             gc.enable()
-        time.sleep(0)  # hand the GIL over now, not after the long interval
-    was, now = _positions(before), _positions(after)
-    moved = sorted(tid for tid in was.keys() | now.keys() if tid != me and was.get(tid) != now.get(tid))
-    # A thread spinning in a tight loop may stop at the same instruction
-    # again; being off the CPU for half a switch interval also means others
-    # could have run, so that counts too (reported as thread id 0 if alone).
-    if not moved and off_cpu > interval * 1e9 / 2:
-        moved = [tid for tid in was if tid != me] or [0]
-    return Outcome(True, end - start, None, before, moved, (start, end))
+        if start:
+            end = time.perf_counter_ns()
+        time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping
+    # everything else is done after the GIL was handed over
+    if not committed:
+        return Outcome(False, end - start, blocker, frames, window_ns=(start, end))
+    return Outcome(True, end - start, None, frames, _ran_inside(frames, after, {me, handoff.ident}, off_cpu),
+                   (start, end), stored - check_start)
+
+
+def _ran_inside(before: dict, after: dict, ours: set, off_cpu_ns: int) -> list:
+    moved = sorted(tid for tid in before.keys() | after.keys()
+                   if tid not in ours and before.get(tid) is not after.get(tid))
+    # A thread spinning in one frame keeps its top frame; but if this thread
+    # was off the CPU long enough to have waited for the GIL, any of them
+    # may have run (reported as thread id 0 if there is no other thread).
+    if not moved and off_cpu_ns > OFF_CPU_SUSPECT_NS:
+        moved = [tid for tid in before if tid not in ours] or [0]
+    return moved
 
 
 def _undo(undo_ops: list) -> None:

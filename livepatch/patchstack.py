@@ -26,12 +26,14 @@ from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBu
 from .fingerprint import fingerprint
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
-from .safepoint import count_running, describe, first_busy, young_suspended
+from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
 _HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
 # How long to keep sampling for a safe point before rescanning the heap.
 _BURST_SECONDS = 0.25
+# How long to let a thread seen running a target go on before looking again.
+_BUSY_PAUSE = 0.001
 
 
 @dataclass(slots=True)
@@ -84,7 +86,8 @@ class Result:
     functions: int  # function objects whose code was switched
     targets: list
     interrupted_by: list
-    window_ns: tuple = (0, 0)  # perf_counter_ns bounds of the critical section
+    window_ns: tuple = (0, 0)  # perf_counter_ns bounds of the commit's GIL hold
+    critical_ns: int = 0  # of pause_ns, the final check plus the stores
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -423,8 +426,10 @@ class Engine:
                 suspended = heap.suspended_in(busy_ids)
                 gc_counts = [g["collections"] for g in gc.get_stats()]
 
+                proven = NOTHING_PROVEN
+
                 def check(frames_map):
-                    found = first_busy(frames_map, busy_ids)
+                    found = first_busy(frames_map, busy_ids, proven)
                     if found is None and gen_ids:
                         if [g["collections"] for g in gc.get_stats()] != gc_counts:
                             return _HEAP_CHANGED
@@ -434,7 +439,17 @@ class Engine:
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
                 while not suspended:
                     attempts += 1
-                    outcome = _commit.run(ops, undo, check)
+                    # Walk every stack now, so the section only re-walks what
+                    # changed since; a target seen running skips the handoff.
+                    frames = sys._current_frames()
+                    busy, proven = scan_stacks(frames, busy_ids)
+                    if busy is not None:
+                        outcome = _commit.Outcome(False, blocker=busy, frames=frames)
+                        time.sleep(_BUSY_PAUSE)
+                    else:
+                        outcome = _commit.run(ops, undo, check)
+                    del frames, busy
+                    proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
                     if outcome.committed or outcome.blocker is _HEAP_CHANGED or time.monotonic() >= burst_end:
                         break
                 if outcome is not None and outcome.committed:
@@ -470,7 +485,7 @@ class Engine:
         applied = AppliedPatch(patch_id, switches, stores, saved, time.time(), outcome.pause_ns,
                                attempts, force, False, (), {})
         result = Result(patch_id, action, outcome.pause_ns, attempts, force, functions,
-                        applied.targets, outcome.interrupted_by, outcome.window_ns)
+                        applied.targets, outcome.interrupted_by, outcome.window_ns, outcome.critical_ns)
         return result, applied
 
     @staticmethod

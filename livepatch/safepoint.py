@@ -1,13 +1,24 @@
 """Safe points: is any target running on a thread's stack or suspended in a
 generator, coroutine or async generator?
 
-Two speeds. `first_busy` is the cheap yes/no that runs inside the commit's
-critical section (compares code ids along every thread's `f_back` chain);
-`describe` is the slow, human-readable report used only when giving up."""
+Three speeds. `scan_stacks` walks every thread's whole `f_back` chain before
+the critical section and returns the frames it proved clean; `first_busy`
+is the cheap yes/no inside the section, which only walks down to the first
+of those frames (usually a thread's top frame); `describe` is the slow,
+human-readable report used only when giving up.
+
+Why stopping at a proven frame is sound: while a plain function's frame is
+running, the frames below it cannot change (its callers are all waiting
+for it to return), so a frame that was clean with a clean chain below it
+and is still on a stack still has that chain. A generator or coroutine
+frame can be suspended and resumed from elsewhere, so it is never trusted.
+The proven frames are held by reference for one attempt only, so no
+address is reused by a new frame meanwhile."""
 
 from __future__ import annotations
 
 import gc
+import inspect
 import sys
 import threading
 import traceback
@@ -16,14 +27,34 @@ import types
 from .locate import frame_code, suspended_frame
 
 _SUSPENDABLE = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
+_RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+NOTHING_PROVEN = frozenset([None])
 
 
-def first_busy(frames_map: dict, code_ids) -> object:
-    """The first frame found running one of `code_ids`, or None.
+def scan_stacks(frames_map: dict, code_ids) -> tuple[object, set]:
+    """(first frame running one of `code_ids` or None, frames proven clean).
+    The proven set always contains None (the end of every chain)."""
+    proven = {None}
+    for frame in frames_map.values():
+        chain = []
+        while frame is not None:
+            if id(frame.f_code) in code_ids:
+                return frame, NOTHING_PROVEN
+            chain.append(frame)
+            frame = frame.f_back
+        proven.update(f for f in chain if not f.f_code.co_flags & _RESUMABLE)
+    return None, proven
+
+
+def first_busy(frames_map: dict, code_ids, proven=NOTHING_PROVEN) -> object:
+    """The first frame found running one of `code_ids`, or None; walks each
+    chain only down to a frame in `proven` (see the module notes).
 
     Kept minimal on purpose: it runs with every other thread held off."""
+    if proven.issuperset(frames_map.values()):  # no thread ran since: one C-level call
+        return None
     for frame in frames_map.values():
-        while frame is not None:
+        while frame not in proven:
             if id(frame.f_code) in code_ids:
                 return frame
             frame = frame.f_back

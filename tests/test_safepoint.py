@@ -132,3 +132,55 @@ def test_force_applies_despite_busy_and_marks_status(make_module, engine):
     m.gate.set()
     t.join()
     assert m.work() == "new"
+
+
+def _wait_until(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def test_check_inside_the_commit_trusts_only_frames_that_cannot_have_changed():
+    """The section walks a stack only down to a frame the scan before it
+    proved clean. A generator frame is never trusted: resumed from a target,
+    the same frame object sits above that target, which must still be found."""
+    import sys
+    from livepatch.safepoint import first_busy, scan_stacks
+
+    step, resumed, done = threading.Event(), threading.Event(), threading.Event()
+
+    def parked():  # suspends the running thread inside the generator
+        while True:
+            step.wait()
+            step.clear()
+            resumed.set()
+            yield
+    gen = parked()
+
+    def plain_caller():
+        next(gen)  # the generator frame is on top, plain_caller below it
+
+    def target():
+        next(gen)  # later the same generator frame runs above the target
+        done.set()
+
+    target_ids = {id(target.__code__)}
+    t1 = _thread(plain_caller, name="plain-caller")
+    _wait_until(lambda: gen.gi_running)
+    found, proven = scan_stacks(sys._current_frames(), target_ids)
+    assert found is None
+    assert gen.gi_frame not in proven  # resumable: never trusted
+    assert sys._current_frames()[t1.ident].f_back in proven  # plain_caller: trusted
+    step.set()
+    t1.join(5)
+    t2 = _thread(target, name="target-caller")
+    _wait_until(lambda: gen.gi_running)
+    busy = first_busy(sys._current_frames(), target_ids, proven)
+    assert busy is not None and busy.f_code is target.__code__
+    step.set()
+    assert done.wait(5)
+    t2.join(5)
+    # a thread still in the frames the scan proved clean needs no walk at all
+    found, proven = scan_stacks(sys._current_frames(), target_ids)
+    assert found is None and first_busy(sys._current_frames(), target_ids, proven) is None
