@@ -50,10 +50,91 @@ else:
         return arg * 2
 
 
+# Reading `code.co_code` makes CPython build and cache a bytes copy on the
+# code object for the rest of its life (about 0.5 KB for a typical function),
+# and the baseline code objects the engine checks are then kept for rollback.
+# The same bytes are rebuilt here from the live (adaptive) copy, exactly as
+# CPython's deopt_code does: specialised opcodes back to their base opcode,
+# inline caches zeroed. Instrumented opcodes (sys.monitoring) and executors
+# hide the original instruction, so code holding them falls back to co_code.
+
+def _deopt_tables():
+    caches = opcode._inline_cache_entries
+    base_of = [None] * 256
+    cache_count = [0] * 256
+    for name, number in dis._all_opmap.items():
+        if number > 255 or name.startswith("INSTRUMENTED_") or name == "ENTER_EXECUTOR":
+            continue  # pseudo-instructions never appear in code
+        base = dis.deoptmap.get(name, name)
+        base_of[number] = dis._all_opmap[base]
+    for number in range(256):
+        base = base_of[number]
+        if base is not None:
+            cache_count[number] = (caches.get(dis._all_opname[base], 0) if isinstance(caches, dict)
+                                   else caches[base])
+    return base_of, cache_count
+
+
+def _rebuilt_co_code(code: types.CodeType):
+    """`code.co_code` without caching it, or None if it cannot be rebuilt."""
+    base_of, cache_count = _TABLES
+    out = bytearray(code._co_code_adaptive)
+    i, end = 0, len(out)
+    while i < end:
+        base = base_of[out[i]]
+        if base is None:
+            return None
+        out[i] = base
+        skip = 2 * cache_count[base]
+        if skip:
+            out[i + 2:i + 2 + skip] = bytes(skip)
+        i += 2 + skip
+    return bytes(out)
+
+
+def _probe_rebuild() -> bool:
+    """Check the tables against CPython itself once, on warmed-up code."""
+    namespace = {}
+    exec(compile(_PROBE_SOURCE, "<livepatch-probe>", "exec"), namespace)
+    probe = namespace["probe"]
+    for i in range(200):  # enough calls for the adaptive interpreter to specialise
+        probe([i, i + 1.5, "x"], {"k": i})
+    return _rebuilt_co_code(probe.__code__) == probe.__code__.co_code
+
+
+_PROBE_SOURCE = """
+import math
+class Box:
+    def __init__(self, v): self.v = v
+def probe(items, table):
+    total = 0
+    for item in items:
+        if isinstance(item, (int, float)):
+            total += item * 2 + Box(item).v
+        elif item in table or len(item) > 3:
+            total -= 1
+    return math.floor(total) + table.get("k", 0) + sum(x for x in items[:2])
+"""
+
+try:
+    _TABLES = _deopt_tables()
+except (AttributeError, KeyError, IndexError, TypeError):  # an interpreter this was not written for
+    _TABLES = None
+_rebuild_trusted = None
+
+
+def _co_code(code: types.CodeType) -> bytes:
+    global _rebuild_trusted
+    if _rebuild_trusted is None:
+        _rebuild_trusted = _TABLES is not None and _probe_rebuild()
+    raw = _rebuilt_co_code(code) if _rebuild_trusted else None
+    return code.co_code if raw is None else raw
+
+
 def _decode(code: types.CodeType):
     """[(op, arg, jump target offset or None)], offset -> kept index; or
     None when the jump decoding cannot be trusted."""
-    raw = code.co_code
+    raw = _co_code(code)
     items = []
     index_at = {}
     for entry in dis._unpack_opargs(raw):

@@ -2,6 +2,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from livepatch import fingerprint
 
 SRC = textwrap.dedent('''
@@ -77,3 +79,65 @@ def test_the_fast_decoder_handles_real_code_and_agrees_with_dis():
         codes += [c for group in tree.values() for c in group]
     assert len(codes) > 100
     assert all(fp._decode(c) is not None for c in codes)
+
+
+def test_live_bytecode_is_rebuilt_exactly_without_caching_co_code():
+    """Reading co_code caches a bytes copy on the code object for good; the
+    fingerprint rebuilds the same bytes from the specialised live copy."""
+    import gc
+    import json
+    import tracemalloc
+    import types
+    fp = sys.modules["livepatch.fingerprint"]
+    for i in range(300):  # let the adaptive interpreter specialise some code
+        json.loads(json.dumps({"a": [i, 2.5, "x"], "b": None}))
+    functions = [o for o in gc.get_objects() if isinstance(o, types.FunctionType)]
+    specialised = 0
+    for f in functions:
+        code = f.__code__
+        rebuilt = fp._rebuilt_co_code(code)
+        assert rebuilt == code.co_code, f.__qualname__
+        specialised += code._co_code_adaptive != rebuilt
+    assert specialised > 10  # the comparison above really exercised the deopt tables
+
+    ns = {}
+    exec(compile(SRC.replace("def f(", "def fresh("), "fresh.py", "exec"), ns)
+    fresh = ns["fresh"]
+    tracemalloc.start()
+    try:
+        fingerprint(fresh)  # warms up everything but the code object itself
+        ns2 = {}
+        exec(compile(SRC.replace("def f(", "def other("), "other.py", "exec"), ns2)
+        code = ns2["other"].__code__
+        before = tracemalloc.get_traced_memory()[0]
+        fingerprint(code)
+        gc.collect()
+        kept_by_fingerprint = tracemalloc.get_traced_memory()[0] - before
+        code.co_code
+        kept_by_co_code = tracemalloc.get_traced_memory()[0] - before - kept_by_fingerprint
+    finally:
+        tracemalloc.stop()
+    assert kept_by_co_code >= len(code.co_code)  # what reading co_code costs
+    assert kept_by_fingerprint < len(code.co_code) // 2
+
+
+def test_instrumented_code_falls_back_to_cpython(tmp_path):
+    """With sys.monitoring instrumenting a function (3.12+: a debugger or a
+    coverage tool), the original instructions are hidden; the fingerprint
+    must still be the one of the plain code."""
+    if not hasattr(sys, "monitoring"):
+        pytest.skip("sys.monitoring is new in 3.12")
+    f = _compile(SRC)
+    plain = fingerprint(_compile(SRC))
+    mon = sys.monitoring
+    tool = mon.PROFILER_ID
+    mon.use_tool_id(tool, "livepatch-test")
+    try:
+        mon.set_local_events(tool, f.__code__, mon.events.LINE | mon.events.PY_START)
+        f(3)
+        fp = sys.modules["livepatch.fingerprint"]
+        assert fp._rebuilt_co_code(f.__code__) is None  # instrumented: not rebuilt here
+        assert fingerprint(f) == plain
+    finally:
+        mon.set_local_events(tool, f.__code__, 0)
+        mon.free_tool_id(tool)
