@@ -23,7 +23,10 @@ def rows():
         for r in pause_rows:
             if (r["threads"], r["functions"]) in ((1, 1), (1, 100), (16, 100), (16, 1000), (64, 100), (16, 10000)):
                 out.append((f"commit pause, {r['threads']} busy threads, {r['functions']} functions",
-                            f"GIL hold p50 {r['commit_hold_ns']['p50'] / 1000:.0f} µs, p99 {r['commit_hold_ns']['p99'] / 1000:.0f} µs; "
+                            f"GIL hold p50 {r['commit_hold_ns']['p50'] / 1000:.0f} µs, p99 {r['commit_hold_ns']['p99'] / 1000:.0f} µs"
+                            + (f" (final check + stores p50 {r['check_and_stores_ns']['p50'] / 1000:.0f} µs, "
+                               f"p99 {r['check_and_stores_ns']['p99'] / 1000:.0f} µs)" if "check_and_stores_ns" in r else "")
+                            + "; "
                             f"extra gap in workers p50 {r['extra_gap_p50_ns'] / 1000:.0f} µs, p99 {r['extra_gap_p99_ns'] / 1000:.0f} µs "
                             f"(no-op handoff p50 {r['gap_noop_handoff_ns']['p50'] / 1000:.0f} µs)", "pause.py"))
     memory = _load("memory")
