@@ -42,8 +42,10 @@ def rows():
     sp = _load("safepoint")
     if sp:
         deep = max(sp["activeness"], key=lambda r: (r["threads"], r["depth"]))
-        out.append((f"activeness check, {deep['threads']} threads x depth {deep['depth']} (inside the pause)",
-                    f"p50 {deep['check_ns']['p50'] / 1000:.0f} µs ({deep['per_frame_ns']} ns per frame)", "safepoint.py"))
+        out.append((f"activeness check, {deep['threads']} threads x depth {deep['depth']}",
+                    f"full walk before the pause p50 {deep['check_ns']['p50'] / 1000:.0f} µs ({deep['per_frame_ns']} ns per frame)"
+                    + (f"; inside the pause p50 {deep['inside_pause_ns']['p50'] / 1000:.0f} µs" if "inside_pause_ns" in deep else ""),
+                    "safepoint.py"))
         big = max(sp["suspended"], key=lambda r: r["heap_objects"])
         out.append((f"suspended-coroutine scan, {big['heap_objects']:,} heap objects",
                     f"{big['heap_scan_ns_outside_pause']['p50'] / 1e6:.0f} ms outside the pause, "

@@ -1,8 +1,9 @@
 """What the safe-point checks cost.
 
-* Activeness check (runs INSIDE the commit pause): `sys._current_frames()`
-  plus the walk of every thread's stack, against the number of threads and
-  their stack depth.
+* Activeness check, against the number of threads and their stack depth:
+  the full walk of every thread's stack (`scan_stacks`, just BEFORE the
+  commit) and the check INSIDE the commit pause, `sys._current_frames()`
+  plus a walk down to the frames that scan proved clean.
 * Suspended generator/coroutine check against heap size: the heap scan
   (`gc.get_referrers` on the target code objects) runs OUTSIDE the pause,
   before each burst of attempts; inside the pause only objects created
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, summary, write_result  # noqa: E402
 
 from livepatch.locate import HeapIndex  # noqa: E402
-from livepatch.safepoint import first_busy, young_suspended  # noqa: E402
+from livepatch.safepoint import first_busy, scan_stacks, young_suspended  # noqa: E402
 
 
 def _deep(depth, event):
@@ -43,15 +44,19 @@ def activeness(threads: int, depth: int, samples: int) -> dict:
         t.start()
     time.sleep(0.05)
     ids = {id(target.__code__)}
-    times = []
+    times, inside = [], []
     for _ in range(samples):
         t0 = time.perf_counter_ns()
-        assert first_busy(sys._current_frames(), ids) is None
-        times.append(time.perf_counter_ns() - t0)
+        found, proven = scan_stacks(sys._current_frames(), ids)
+        t1 = time.perf_counter_ns()
+        assert found is None and first_busy(sys._current_frames(), ids, proven) is None
+        inside.append(time.perf_counter_ns() - t1)
+        times.append(t1 - t0)
+        del proven
     release.set()
     for t in ts:
         t.join()
-    return {"threads": threads, "depth": depth, "check_ns": summary(times),
+    return {"threads": threads, "depth": depth, "check_ns": summary(times), "inside_pause_ns": summary(inside),
             "per_frame_ns": round(sorted(times)[len(times) // 2] / max(1, threads * (depth + 3)), 1)}
 
 
@@ -99,8 +104,9 @@ def main():
         for d in depths:
             active.append(activeness(t, d, samples))
             r = active[-1]
-            print(f"activeness check: {t:3d} threads x depth {d:3d}: p50 {r['check_ns']['p50'] / 1000:8.1f} us "
-                  f"p99 {r['check_ns']['p99'] / 1000:8.1f} us ({r['per_frame_ns']} ns/frame)  [inside the pause]", flush=True)
+            print(f"activeness check: {t:3d} threads x depth {d:3d}: full walk p50 {r['check_ns']['p50'] / 1000:8.1f} us "
+                  f"p99 {r['check_ns']['p99'] / 1000:8.1f} us ({r['per_frame_ns']} ns/frame) [before the pause]; "
+                  f"inside the pause p50 {r['inside_pause_ns']['p50'] / 1000:8.1f} us", flush=True)
     heap = []
     for n in heaps:
         heap.append(suspended(n, 5 if args.quick else 10))

@@ -33,6 +33,7 @@ def test_memory_benchmark_runs():
 def test_safepoint_benchmark_runs():
     data = _run("safepoint.py", "--quick")
     assert len(data["activeness"]) == 4 and all(r["heap_scan_ns_outside_pause"]["n"] == 5 for r in data["suspended"])
+    assert all(r["inside_pause_ns"]["n"] == r["check_ns"]["n"] == 20 for r in data["activeness"])
 
 
 def test_agent_benchmark_runs():
