@@ -71,7 +71,7 @@ HANDOFF_TIMEOUT = 2.0
 # lost (a handoff and back costs more than this); shorter is the OS.
 OFF_CPU_SUSPECT_NS = 200_000
 PREEMPTED = "the committing thread was preempted before its stores (the machine is overloaded)"
-NO_HANDOFF = "the GIL could not be handed over to a helper thread (interpreter shutting down?)"
+NO_HANDOFF = "the helper thread did not get the GIL within the handoff timeout (too many threads queued for it)"
 _call = operator.call
 
 
@@ -141,6 +141,10 @@ def run(ops: list, undo: list, check) -> Outcome:
     gc.disable()
     handoff = _the_handoff()
     committed, start, end = False, 0, 0
+    # The snapshot of top frames after the stores is taken by the same
+    # C-level call, so a switch after the last store (harmless) is not
+    # mistaken for one inside the commit. Built here, outside the section.
+    ops_then_snapshot = ops + [(sys._current_frames,)]
     try:
         # Let threads that waited through the caller's preparation run first;
         # otherwise their pause would run on through the helper and the section.
@@ -157,10 +161,7 @@ def run(ops: list, undo: list, check) -> Outcome:
         if blocker is None and checked - start > interval * 5e8:
             blocker = PREEMPTED
         if blocker is None:
-            # The snapshot of top frames after the stores is taken by the
-            # same C-level call, so a switch after the last store (harmless)
-            # is not mistaken for one inside the commit.
-            pending = iter(ops + [(sys._current_frames,)])
+            pending = iter(ops_then_snapshot)
             try:
                 after = list(starmap(_call, pending))[-1]
             except BaseException as exc:
