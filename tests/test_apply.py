@@ -300,3 +300,31 @@ def test_frozen_heap_is_handled(tmp_path):
     out = subprocess.run([sys.executable, "-c", FROZEN_SCRIPT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "2", "busy", "True"]
+
+
+FORK_SCRIPT = '''
+import os, sys, tempfile, pathlib, threading
+d = tempfile.mkdtemp(); sys.path.insert(0, d)
+src = "def f():\\n    return 1\\n"
+pathlib.Path(d, "forkmod.py").write_text(src)
+import forkmod, livepatch
+from livepatch.build import patch_from_source
+livepatch.apply(patch_from_source("HP-1", "forkmod", src.replace("1", "2"), base_source=src))
+helpers = [t.name for t in threading.enumerate() if t.name == "livepatch-handoff"]
+pid = os.fork()
+if pid == 0:  # the helper thread did not survive: the child's commits must make their own
+    livepatch.rollback()
+    ok = forkmod.f() == 1
+    livepatch.apply(patch_from_source("HP-C", "forkmod", src.replace("1", "3"), base_source=src))
+    os._exit(0 if ok and forkmod.f() == 3 else 1)
+_, status = os.waitpid(pid, 0)
+print(helpers, os.waitstatus_to_exitcode(status), forkmod.f())
+'''
+
+
+def test_commits_work_in_a_forked_child():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['livepatch-handoff']", "0", "2"]
