@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 
 
 class UnsafeDirectory(Exception):
@@ -24,7 +23,7 @@ def candidates(uid: int | None = None) -> list[str]:
     if xdg and uid == os.getuid():
         out.append(os.path.join(xdg, "livepatch"))
     out.append(os.path.join(f"/run/user/{uid}", "livepatch"))
-    out.append(os.path.join(tempfile.gettempdir(), f"livepatch-{uid}"))
+    out.append(os.path.join(_temp_root(), f"livepatch-{uid}"))
     return list(dict.fromkeys(out))
 
 
@@ -59,3 +58,13 @@ def ensure(path: str | None = None) -> str:
 
 def socket_name(pid: int) -> str:
     return f"{pid}.sock"
+
+
+def _temp_root() -> str:
+    """The directory tempfile.gettempdir() would choose, without importing
+    tempfile into the service (it pulls in shutil, random, bz2 and lzma)."""
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        path = os.environ.get(var)
+        if path and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return os.path.abspath(path)
+    return "/tmp"

@@ -292,3 +292,29 @@ def test_garbage_stalled_and_vanishing_clients_do_not_hurt_the_agent(service):
     for s in stalled:
         s.close()
     assert svc.get("/health")[0] == 200
+
+
+AGENT_FOOTPRINT = """
+import sys, tempfile
+sys.modules.pop("tempfile")  # imported above only to ask where it would put files
+from livepatch.agent import runtime_dir
+import livepatch.agent as agent
+agent.start()
+print(runtime_dir._temp_root() == tempfile.gettempdir(), "tempfile" in sys.modules)
+agent.stop()
+"""
+
+
+@pytest.mark.parametrize("tmpdir_env", ["unset", "writable", "missing"])
+def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_env, tmp_path):
+    """The socket directory's fallback sits where tempfile would put it (the
+    CLI and the agent must agree), but the agent does not pull tempfile,
+    shutil, random, bz2 and lzma into the service."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    if tmpdir_env == "writable":
+        env["TMPDIR"] = str(tmp_path)
+    elif tmpdir_env == "missing":
+        env["TMPDIR"] = str(tmp_path / "nope")
+    out = subprocess.run([sys.executable, "-c", AGENT_FOOTPRINT], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
