@@ -40,10 +40,16 @@ print(n)
 """
 
 
+def _order(round_number: int) -> tuple:
+    # alternate which goes first: the second run of a pair inherits the
+    # first one's leftovers (TIME_WAIT sockets, page cache, CPU frequency)
+    return ("none", "agent") if round_number % 2 == 0 else ("agent", "none")
+
+
 def cpu_overhead(seconds: float, rounds: int) -> dict:
     runs = {"none": [], "agent": []}
-    for _ in range(rounds):
-        for mode in ("none", "agent"):
+    for r in range(rounds):
+        for mode in _order(r):
             out = subprocess.run([sys.executable, "-c", CPU_WORKLOAD, mode, str(seconds)], capture_output=True, text=True, timeout=120)
             runs[mode].append(int(out.stdout) / seconds)
     med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
@@ -81,7 +87,7 @@ def _throughput(port, threads, seconds):
 def http_overhead(seconds: float, rounds: int, work: str) -> dict:
     runs = {"none": [], "agent": []}
     for r in range(rounds):
-        for mode in ("none", "agent"):
+        for mode in _order(r):
             proc, port = _service(os.path.join(work, f"port-{mode}-{r}"), mode == "agent")
             try:
                 runs[mode].append(_throughput(port, 4, seconds))
