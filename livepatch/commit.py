@@ -17,8 +17,8 @@ Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
   earlier is void, and every later one lasts at least a switch interval.
   The interval is then raised so iterations starting later wait long. (The
   handoff costs latency while threads queue for the GIL, none inside the
-  section: the earlier approach of `sleep(0)` until another thread's frame
-  was seen to move cost ~40 us of cold reads inside it.)
+  section; confirming a switch instead by watching other threads' frames
+  move after `sleep(0)` costs ~40 us of cold reads inside it.)
 * The check (Python code) runs inside that window. If it finishes too late
   (the OS preempted this thread for half an interval), the attempt is
   abandoned before any store and retried. The stores are issued by one
