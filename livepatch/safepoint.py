@@ -36,13 +36,12 @@ def scan_stacks(frames_map: dict, code_ids) -> tuple[object, set]:
     The proven set always contains None (the end of every chain)."""
     proven = {None}
     for frame in frames_map.values():
-        chain = []
         while frame is not None:
             if id(frame.f_code) in code_ids:
-                return frame, NOTHING_PROVEN
-            chain.append(frame)
+                return frame, NOTHING_PROVEN  # nothing is committed this attempt
+            if not frame.f_code.co_flags & _RESUMABLE:
+                proven.add(frame)
             frame = frame.f_back
-        proven.update(f for f in chain if not f.f_code.co_flags & _RESUMABLE)
     return None, proven
 
 
