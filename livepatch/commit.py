@@ -1,7 +1,44 @@
 """The commit: the final activeness check and every store of a transition in
 one critical section that no other Python thread can enter, all or nothing.
 
-Why this holds under the GIL (CPython 3.11-3.13, `Python/ceval_gil.c`):
+Two ways to get there. Both leave everything as it was if a store fails.
+
+In one C-level call (`run_in_one_call`), used whenever it is safe:
+
+* Another Python thread can only run when this one drops the GIL, and it
+  drops it only at an eval-breaker check in bytecode or inside C code that
+  releases it on purpose (blocking I/O). So the check and the stores are
+  composed from C-level iterators (`chain`, `map`, `starmap`) and consumed
+  by one `list()` call: no bytecode runs between the check and the last
+  store, whatever the switch interval or the OS scheduler does, and the
+  caller's scan just before leaves the memory it touches warm.
+* Unless Python code runs inside that call. An audit hook is called by
+  every `__code__` store and by `sys._current_frames`, and one written in
+  Python runs bytecode there (profilers cannot see it: hooks run with
+  tracing off). So the call begins with `sys.audit(0)`, which raises
+  TypeError only when some audit hook is installed (with none, CPython
+  returns before looking at the event); the commit then goes the second
+  way. The caller also sends it the second way when a store would run
+  Python code (a module class with its own `__setattr__`, a metaclass) or
+  the check needs Python code (generator targets: see `young_suspended`).
+  The garbage collector is off, and every replaced value stays referenced,
+  so no finalizer runs inside.
+* The check: every thread's top frame either is a frame the caller's scan
+  proved clean, or is not a target and was called by such a frame (one
+  call since the scan: its caller is still running, so the chain below is
+  the proven one; this also covers a generator frame, never proven itself).
+  `set` operations and `attrgetter` maps, no bytecode. Otherwise the
+  attempt is STALE: the caller rescans, or walks the stacks after a handoff.
+* A store that fails is rewound by the first call in the exception handler
+  (the eval breaker is checked only after a call returns, at backward
+  jumps and at function entry, none of which lies before it), undoing
+  exactly the stores that took effect, newest first.
+* The caller sleeps briefly before its scan, so the scan and the call start
+  a GIL slice; it rarely ends before them (which would make the check fail,
+  never the commit tear).
+
+After a GIL handoff (`run`), when the first way cannot be used, the reasoning
+is this (`Python/ceval_gil.c`):
 
 * Another thread only runs when the holder drops the GIL: voluntarily (a
   blocking call) or at an eval-breaker check after a waiting thread set a
@@ -56,7 +93,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import starmap
+from functools import partial
+from itertools import chain, repeat, starmap, tee
+from operator import attrgetter
 
 from .errors import CommitFailed, Problem
 
@@ -72,6 +111,17 @@ HANDOFF_TIMEOUT = 2.0
 OFF_CPU_SUSPECT_NS = 200_000
 PREEMPTED = "the committing thread was preempted before its stores (the machine is overloaded)"
 NO_HANDOFF = "the helper thread did not get the GIL within the handoff timeout (too many threads queued for it)"
+STALE = "a thread ran more than one call deep since its stack was scanned"
+HOOKED = "an audit hook is installed: its code could run inside the stores"
+# False: always commit after a GIL handoff (`run`), never in one call.
+ONE_CALL_ENABLED = True
+ONE_CALL = "one call"
+AFTER_HANDOFF = "after handoff"
+_CLEAN = {True: None}  # _CLEAN[False] raises KeyError: a check failed
+_BOTTOM = object()  # marks the bottom of the stack of undo ops
+_codes = partial(map, attrgetter("f_code"))
+_ids = partial(map, id)
+_callers = partial(map, attrgetter("f_back"))
 _call = operator.call
 
 
@@ -84,6 +134,7 @@ class Outcome:
     interrupted_by: list = field(default_factory=list)  # threads that ran inside
     window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the GIL hold
     critical_ns: int = 0  # of which the final check plus the stores
+    method: str = AFTER_HANDOFF
 
 
 class _Handoff:
@@ -127,6 +178,77 @@ def _forget_handoff_in_child():
 
 
 os.register_at_fork(after_in_child=_forget_handoff_in_child)
+
+
+def run_in_one_call(ops: list, undo: list, proven: set, code_ids) -> Outcome:
+    """Check every thread's stack against the scan that proved `proven`
+    clean and issue every op of `ops`, all inside one C-level call (see the
+    module notes); `code_ids` are the targets that may not be running.
+
+    Not committed (blocker STALE or HOOKED): nothing changed; rescan, or go
+    through `run`. Raises CommitFailed, with everything restored, if a
+    store fails."""
+    me = threading.get_ident()
+    clock, cpu = time.perf_counter_ns, time.thread_time_ns
+    # After each store its undo op is pushed; the rewind pops exactly those.
+    done = [_BOTTOM]
+    began = []  # non-empty once the check passed and the stores began
+    steps = [(began.append, True)]
+    for op, back in zip(ops, undo):
+        steps += (op, (done.append, back))
+    rewind = starmap(_call, iter(done.pop, _BOTTOM))
+    tops, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)))
+    # top frames the scan did not prove clean: each must not be a target,
+    # and must have been called by a proven frame (one call since the scan)
+    unproven, unproven_too = tee(map(proven.__rsub__, map(frozenset, map(dict.values, tops))))
+    section = chain(
+        starmap(_call, ((sys.audit, 0), (clock,), (cpu,), (clock,))),
+        map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
+        map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))),
+        starmap(_call, steps),
+        starmap(_call, ((clock,), (sys._current_frames,), (cpu,), (clock,))),
+    )
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection could run finalizers (Python code) inside
+    failure = None
+    try:
+        try:
+            out = list(section)
+        except BaseException as exc:
+            list(rewind)  # the first call in the handler: see the module notes
+            failure = exc
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    # everything else runs after the section
+    frames = next(tops_kept, {})
+    if failure is not None:
+        problems = [Problem("commit-failed", "", f"{type(failure).__name__}: {failure}")]
+        if began:
+            raise CommitFailed("a store failed inside the commit; all earlier stores were undone",
+                               problems) from failure
+        if audit_hooks_installed():
+            return Outcome(False, blocker=HOOKED, frames=frames, method=ONE_CALL)
+        if isinstance(failure, KeyError) and failure.args == (False,):
+            return Outcome(False, blocker=STALE, frames=frames, method=ONE_CALL)
+        raise CommitFailed("the final check inside the commit failed; nothing was stored", problems) from failure
+    start, cpu_start, checking = out[1], out[2], out[3]
+    stored, after, cpu_end, end = out[-4], out[-3], out[-2], out[-1]
+    off_cpu = (end - start) - (cpu_end - cpu_start)
+    time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping
+    return Outcome(True, end - start, None, frames, _ran_inside(frames, after, {me}, off_cpu),
+                   (start, end), stored - checking, ONE_CALL)
+
+
+def audit_hooks_installed() -> bool:
+    """Whether any audit hook (Python or C) is installed. `sys.audit` returns
+    before looking at its arguments when there is none, so a non-str event
+    raises TypeError only when there is one (CPython 3.11-3.13)."""
+    try:
+        sys.audit(0)
+    except TypeError:
+        return True
+    return False
 
 
 def run(ops: list, undo: list, check) -> Outcome:

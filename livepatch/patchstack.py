@@ -88,6 +88,7 @@ class Result:
     interrupted_by: list
     window_ns: tuple = (0, 0)  # perf_counter_ns bounds of the commit's GIL hold
     critical_ns: int = 0  # of pause_ns, the final check plus the stores
+    method: str = ""  # how the critical section was made: commit.ONE_CALL or AFTER_HANDOFF
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -99,6 +100,12 @@ def _failure_kind(exc: Exception) -> str:
 
 def _now_iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _plain_owner(owner) -> bool:
+    """Storing into it runs no Python code: a module or class whose type
+    keeps the built-in attribute assignment."""
+    return type(owner).__setattr__ is types.ModuleType.__setattr__ or type(owner) is type
 
 
 def _resolve_owner(key: str):
@@ -436,16 +443,29 @@ class Engine:
                         found = young_suspended(gen_ids)
                     return found
 
+                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not _commit.audit_hooks_installed()
+                            and all(_plain_owner(g.owner) for g in stores))
+                stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
                 while not suspended:
                     attempts += 1
-                    # Walk every stack now, so the section only re-walks what
-                    # changed since; a target seen running skips the handoff.
+                    if one_call:
+                        time.sleep(_commit.RELEASE_SLEEP)  # scan and commit at the start of a GIL slice
+                    # Walk every stack now: the section then only checks (or
+                    # re-walks) what changed since. A target seen running
+                    # skips the section.
                     frames = sys._current_frames()
                     busy, proven = scan_stacks(frames, busy_ids)
                     if busy is not None:
                         outcome = _commit.Outcome(False, blocker=busy, frames=frames)
                         time.sleep(_BUSY_PAUSE)
+                    elif one_call:
+                        outcome = _commit.run_in_one_call(ops, undo, proven, busy_ids)
+                        if outcome.blocker is _commit.HOOKED:
+                            one_call = False
+                        elif outcome.blocker is _commit.STALE:
+                            stale += 1
+                            one_call = stale < 2  # then walk the changed stacks after a handoff
                     else:
                         outcome = _commit.run(ops, undo, check)
                     del frames, busy
@@ -485,7 +505,8 @@ class Engine:
         applied = AppliedPatch(patch_id, switches, stores, saved, time.time(), outcome.pause_ns,
                                attempts, force, False, (), {})
         result = Result(patch_id, action, outcome.pause_ns, attempts, force, functions,
-                        applied.targets, outcome.interrupted_by, outcome.window_ns, outcome.critical_ns)
+                        applied.targets, outcome.interrupted_by, outcome.window_ns, outcome.critical_ns,
+                        outcome.method)
         return result, applied
 
     @staticmethod
@@ -529,7 +550,7 @@ class Engine:
     def _record(self, action, patch_id, outcome, reason, result=None, exc=None):
         entry = {"time": _now_iso(time.time()), "action": action, "patch": patch_id, "outcome": outcome}
         if result is not None:
-            entry.update(pause_ns=result.pause_ns, attempts=result.attempts, forced=result.forced,
+            entry.update(pause_ns=result.pause_ns, attempts=result.attempts, forced=result.forced, commit=result.method,
                          functions=result.functions, targets=result.targets)
             if result.interrupted_by:
                 entry["interrupted_by"] = list(result.interrupted_by)

@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--readers", type=int, default=1)
     ap.add_argument("--audit-hook", action="store_true")
+    ap.add_argument("--handoff", action="store_true",
+                    help="always commit after a GIL handoff, never in one C-level call")
     ap.add_argument("--switch-interval", type=float, default=0.001)
     ap.add_argument("--naive", action="store_true",
                     help="swap with a plain Python loop instead of the engine (shows the test can fail)")
@@ -58,6 +60,8 @@ def main():
 
     import livepatch
     from livepatch.build import patch_from_source
+    if args.handoff:
+        livepatch.commit.ONE_CALL_ENABLED = False
 
     workdir = tempfile.mkdtemp()
     with open(os.path.join(workdir, "stressmod.py"), "w") as fh:
@@ -124,6 +128,7 @@ def main():
         t.start()
     swaps = 0
     pauses = []
+    methods = {}
     started = time.monotonic()
     try:
         new_codes = [next(c.new_code for c in patch.changes if c.target.endswith(":" + f.__name__)) for f in funcs]
@@ -135,8 +140,9 @@ def main():
                     time.sleep(0.0005)
                 pauses += [0, 0]
             else:
-                pauses.append(livepatch.apply(patch, timeout=30).pause_ns)
-                pauses.append(livepatch.rollback(timeout=30).pause_ns)
+                for result in (livepatch.apply(patch, timeout=30), livepatch.rollback(timeout=30)):
+                    pauses.append(result.pause_ns)
+                    methods[result.method] = methods.get(result.method, 0) + 1
             swaps += 2
             if swaps >= args.swaps:
                 # workers publish their counts only at the end: estimate from time
@@ -153,6 +159,7 @@ def main():
         "audit_hook": args.audit_hook,
         "hook_events": hook_events[0],
         "swaps": swaps,
+        "commit_methods": methods,
         **counts,
         "pause_p50_ns": pauses[len(pauses) // 2],
         "pause_max_ns": pauses[-1],

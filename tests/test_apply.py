@@ -309,6 +309,7 @@ src = "def f():\\n    return 1\\n"
 pathlib.Path(d, "forkmod.py").write_text(src)
 import forkmod, livepatch
 from livepatch.build import patch_from_source
+livepatch.commit.ONE_CALL_ENABLED = False  # the path that starts a helper thread
 livepatch.apply(patch_from_source("HP-1", "forkmod", src.replace("1", "2"), base_source=src))
 helpers = [t.name for t in threading.enumerate() if t.name == "livepatch-handoff"]
 pid = os.fork()

@@ -58,9 +58,18 @@ STEPS = {
     "global stores": lambda mp: mp.setattr(patchstack, "_resolve_owner", _fail),
     "building ops": lambda mp: mp.setattr(patchstack.Engine, "_make_ops", staticmethod(_fail)),
     "suspended generator scan": lambda mp: mp.setattr(patchstack.HeapIndex, "find_suspendables", _fail),
-    "final check in the critical section": lambda mp: mp.setattr(patchstack, "first_busy",
-                                                                 _fail_on_call(1, patchstack.first_busy)),
+    "final check in one call": lambda mp: mp.setattr(commit, "_CLEAN", _FailingLookup()),
+    "final check after a handoff": lambda mp: (mp.setattr(commit, "ONE_CALL_ENABLED", False),
+                                               mp.setattr(patchstack, "first_busy", _fail_on_call(1, patchstack.first_busy))),
 }
+# the two ways of making the critical section (see livepatch/commit.py)
+WAYS = {"one call": True, "after a handoff": False}
+
+
+class _FailingLookup(dict):
+    """Stands in for the check's verdict table inside the one-call commit."""
+    def __getitem__(self, key):
+        raise Boom("injected")
 
 
 def _store_failure_at(position):
@@ -99,20 +108,23 @@ def test_apply_fault_changes_nothing(step, make_module, engine, monkeypatch):
     assert _behaviour(m) == (51, -20, "M", 2, True, True)
 
 
+@pytest.mark.parametrize("way", sorted(WAYS))
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
-def test_store_failing_inside_the_commit_is_undone(position, make_module, engine, monkeypatch):
+def test_store_failing_inside_the_commit_is_undone(position, way, make_module, engine, monkeypatch):
     m, src = make_module(SRC)
     patch = patch_of(m, src, NEW)
     before, behaviour = snapshot(m), _behaviour(m)
+    monkeypatch.setattr(commit, "ONE_CALL_ENABLED", WAYS[way])
     monkeypatch.setattr(patchstack.Engine, "_make_ops", _store_failure_at(position))
     with pytest.raises(livepatch.CommitFailed, match="all earlier stores were undone"):
         engine.apply(patch)
+    assert engine.history()[-1]["outcome"] == "failed"
     assert_unchanged(m, before)
     assert _behaviour(m) == behaviour
     assert engine.status()["history"][-1]["outcome"] == "failed"
 
 
-@pytest.mark.parametrize("step", ["heap scan", "building ops", "final check in the critical section"])
+@pytest.mark.parametrize("step", ["heap scan", "building ops", "final check in one call", "final check after a handoff"])
 def test_rollback_fault_keeps_the_patch_applied(step, make_module, engine, monkeypatch):
     m, src = make_module(SRC)
     engine.apply(patch_of(m, src, NEW))
@@ -128,11 +140,13 @@ def test_rollback_fault_keeps_the_patch_applied(step, make_module, engine, monke
     assert _behaviour(m) == (2, 2, "m", 1, False, False)
 
 
-def test_switch_interval_and_gc_are_restored_after_a_failed_commit(make_module, engine, monkeypatch):
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_switch_interval_and_gc_are_restored_after_a_failed_commit(way, make_module, engine, monkeypatch):
     import gc
     import sys
     m, src = make_module(SRC)
     interval = sys.getswitchinterval()
+    monkeypatch.setattr(commit, "ONE_CALL_ENABLED", WAYS[way])
     monkeypatch.setattr(patchstack.Engine, "_make_ops", _store_failure_at("middle"))
     with pytest.raises(livepatch.CommitFailed):
         engine.apply(patch_of(m, src, NEW))

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from livepatch import commit
+
 PROGRAM = os.path.join(os.path.dirname(__file__), "stress_program.py")
 
 
@@ -19,9 +21,16 @@ def _run(*args):
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("audit_hook", [False, True], ids=["no-hook", "python-audit-hook"])
-def test_no_torn_observation_over_a_million_calls(audit_hook):
-    report = _run("--calls", "1000000", "--swaps", "300", *(["--audit-hook"] if audit_hook else []))
+@pytest.mark.parametrize("options", [[], ["--handoff"], ["--audit-hook"]],
+                         ids=["no-hook", "no-hook-after-handoff", "python-audit-hook"])
+def test_no_torn_observation_over_a_million_calls(options):
+    audit_hook = "--audit-hook" in options
+    report = _run("--calls", "1000000", "--swaps", "300", *options)
+    # each way of making the critical section is what was exercised: the
+    # one-call commit where it is available, else (and whenever a Python
+    # audit hook would run inside it) the commit after a GIL handoff
+    one_call = not options
+    assert report["commit_methods"] == {commit.ONE_CALL if one_call else commit.AFTER_HANDOFF: report["swaps"]}
     assert report["calls"] >= 1_000_000
     assert report["swaps"] >= 300
     assert report["snapshots"] > 10_000

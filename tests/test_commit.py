@@ -1,0 +1,209 @@
+"""The critical section itself (livepatch/commit.py): the one-call commit,
+what its check trusts, and when the commit goes after a GIL handoff instead."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import livepatch
+from livepatch import commit
+from livepatch.safepoint import scan_stacks
+from conftest import patch_of
+
+SRC = '''
+def target():
+    return "old"
+'''
+
+
+class Parked:
+    """A thread that runs `body(park)`. `park` is a C-level lock acquire, so
+    the frame that calls it is the thread's top frame while it waits;
+    `advance(code)` lets it go on to the next park() made from `code`."""
+
+    def __init__(self, body, code):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.thread = threading.Thread(target=body, args=(self._lock.acquire,), daemon=True)
+        self.thread.start()
+        self._wait_for(code)
+
+    def _wait_for(self, code):
+        for _ in range(5000):
+            top = sys._current_frames().get(self.thread.ident)
+            if top is not None and top.f_code is code:
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"the thread never parked in {code.co_name}")
+
+    def advance(self, code):
+        self._lock.release()
+        self._wait_for(code)
+
+    def finish(self):
+        self._lock.release()
+        self.thread.join(5)
+
+
+def _one_store():
+    """ops and undo ops of one real store into a scratch namespace."""
+    box = type("Box", (), {"value": "before"})
+    return box, [(setattr, box, "value", "after")], [(setattr, box, "value", "before")]
+
+
+def _commit_in_one_call(proven, code_ids, parked):
+    """A one-call commit of one store, judged on the parked thread's stack
+    against `proven`. Other threads of the test process (pytest-xdist's)
+    may run meanwhile: their stacks are rescanned on each try, as the
+    engine would, so only the parked thread can make the check fail."""
+    for _ in range(20):
+        mine = {tid: top for tid, top in sys._current_frames().items() if tid != parked.thread.ident}
+        _, also = scan_stacks(mine, code_ids)
+        box, ops, undo = _one_store()
+        outcome = commit.run_in_one_call(ops, undo, proven | also, code_ids)
+        if outcome.committed:
+            break
+    return outcome, box.value
+
+
+def test_one_call_commit_trusts_a_thread_one_plain_call_above_a_proven_frame():
+    def body(park):
+        park()       # scanned here
+        helper(park)  # then one call deeper
+
+    def helper(park):
+        park()
+
+    t = Parked(body, body.__code__)
+    _, proven = scan_stacks(sys._current_frames(), set())
+    t.advance(helper.__code__)
+    outcome, value = _commit_in_one_call(proven, set(), t)
+    t.finish()
+    assert outcome.committed and outcome.method == commit.ONE_CALL and value == "after"
+
+
+def test_one_call_check_refuses_a_target_entered_since_the_scan():
+    def body(park):
+        park()
+        target_function(park)
+
+    def target_function(park):
+        park()
+
+    t = Parked(body, body.__code__)
+    _, proven = scan_stacks(sys._current_frames(), {id(target_function.__code__)})
+    t.advance(target_function.__code__)  # now inside the target, one call above a proven frame
+    outcome, value = _commit_in_one_call(proven, {id(target_function.__code__)}, t)
+    t.finish()
+    assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
+
+
+def test_one_call_check_refuses_a_thread_two_calls_deeper():
+    def body(park):
+        park()
+        outer(park)
+
+    def outer(park):
+        inner(park)
+
+    def inner(park):
+        park()
+
+    t = Parked(body, body.__code__)
+    _, proven = scan_stacks(sys._current_frames(), set())
+    t.advance(inner.__code__)  # inner -> outer -> body: outer was never seen, so inner's caller is not proven
+    outcome, value = _commit_in_one_call(proven, set(), t)
+    t.finish()
+    assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
+
+
+def test_one_call_check_trusts_a_generator_frame_only_through_its_proven_caller():
+    """A generator frame is never proven itself (it can be resumed from
+    anywhere); on top of a stack it passes only if its caller right now is a
+    proven frame and it is not a target."""
+    def gen(park):
+        park()
+        yield
+
+    def body(park):
+        park()
+        next(gen(park))
+
+    t = Parked(body, body.__code__)
+    _, proven = scan_stacks(sys._current_frames(), set())
+    t.advance(gen.__code__)  # the generator frame is on top, body (proven) below it
+    outcome, _ = _commit_in_one_call(proven, {id(gen.__code__)}, t)
+    assert not outcome.committed and outcome.blocker is commit.STALE
+    outcome, value = _commit_in_one_call(proven, set(), t)
+    t.finish()
+    assert outcome.committed and value == "after"
+
+
+def test_apply_and_rollback_commit_in_one_call(make_module, engine):
+    m, src = make_module(SRC)
+    assert not commit.audit_hooks_installed()  # nothing in the test process installs one
+    result = engine.apply(patch_of(m, src, SRC.replace("old", "new")))
+    assert result.method == commit.ONE_CALL and m.target() == "new"
+    assert 0 < result.critical_ns <= result.pause_ns
+    assert engine.rollback().method == commit.ONE_CALL and m.target() == "old"
+    assert [e["commit"] for e in engine.history()] == [commit.ONE_CALL, commit.ONE_CALL]
+
+
+def test_a_disabled_one_call_commit_goes_after_a_handoff(make_module, engine, monkeypatch):
+    m, src = make_module(SRC)
+    monkeypatch.setattr(commit, "ONE_CALL_ENABLED", False)
+    result = engine.apply(patch_of(m, src, SRC.replace("old", "new")))
+    assert result.method == commit.AFTER_HANDOFF and m.target() == "new"
+
+
+def test_generator_targets_commit_after_a_handoff(make_module, engine):
+    """Suspended generators created since the heap scan are looked for inside
+    the section, which takes Python code: that runs only after a handoff."""
+    src = "def gen():\n    yield 'old'\n"
+    m, _ = make_module(src)
+    result = engine.apply(patch_of(m, src, src.replace("old", "new")))
+    assert result.method == commit.AFTER_HANDOFF and next(m.gen()) == "new"
+
+
+HOOK_SCRIPT = '''
+import sys, tempfile, pathlib
+d = tempfile.mkdtemp(); sys.path.insert(0, d)
+pathlib.Path(d, "hooked.py").write_text("def f():\\n    return 1\\n")
+import hooked, livepatch
+from livepatch import commit
+from livepatch.build import patch_from_source
+before = commit.audit_hooks_installed()
+sys.addaudithook(lambda event, args: None)
+print(before, commit.audit_hooks_installed())
+src = "def f():\\n    return 1\\n"
+print(livepatch.apply(patch_from_source("HP-1", "hooked", src.replace("1", "2"), base_source=src)).method, hooked.f())
+'''
+
+
+def test_an_audit_hook_is_detected_and_the_commit_goes_after_a_handoff():
+    """An audit hook runs inside every `__code__` store; written in Python it
+    could switch threads there, so only the handoff's window is safe."""
+    out = subprocess.run([sys.executable, "-c", HOOK_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False True", f"{commit.AFTER_HANDOFF} 2"]
+
+
+@pytest.mark.parametrize("owner", ["module subclass with __setattr__", "class with a metaclass"])
+def test_stores_into_owners_that_run_python_commit_after_a_handoff(owner, make_module, engine):
+    m, src = make_module(SRC)
+    if owner.startswith("module"):
+        class Noisy(type(m)):
+            def __setattr__(self, name, value):
+                super().__setattr__(name, value)
+        m.__class__ = Noisy
+        new = SRC.replace("old", "new") + "\nADDED = 1\n"
+    else:
+        src = SRC + "\nclass Meta(type):\n    pass\nclass K(metaclass=Meta):\n    def m(self):\n        return 1\n"
+        m, src = make_module(src)
+        new = src.replace('"old"', '"new"') + "    def extra(self):\n        return 3\n"  # a method added to K
+    result = engine.apply(patch_of(m, src, new))
+    assert result.method == commit.AFTER_HANDOFF and m.target() == "new"
+    if owner.startswith("class"):
+        assert m.K().extra() == 3
