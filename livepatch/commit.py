@@ -3,7 +3,7 @@ one critical section that no other Python thread can enter, all or nothing.
 
 Two ways to get there. Both leave everything as it was if a store fails.
 
-In one C-level call (`run_in_one_call`), used whenever it is safe:
+In one C-level call (`OneCall`), used whenever it is safe:
 
 * Another Python thread can only run when this one drops the GIL, and it
   drops it only at an eval-breaker check in bytecode or inside C code that
@@ -180,64 +180,74 @@ def _forget_handoff_in_child():
 os.register_at_fork(after_in_child=_forget_handoff_in_child)
 
 
-def run_in_one_call(ops: list, undo: list, proven: set, code_ids) -> Outcome:
-    """Check every thread's stack against the scan that proved `proven`
-    clean and issue every op of `ops`, all inside one C-level call (see the
-    module notes); `code_ids` are the targets that may not be running.
+class OneCall:
+    """The one-call commit of one transition's `ops` (see the module notes);
+    `undo[i]` reverses `ops[i]`. Built once, before the attempts, so an
+    attempt spends its GIL slice on the scan and the call alone."""
 
-    Not committed (blocker STALE or HOOKED): nothing changed; rescan, or go
-    through `run`. Raises CommitFailed, with everything restored, if a
-    store fails."""
-    me = threading.get_ident()
-    clock, cpu = time.perf_counter_ns, time.thread_time_ns
-    # After each store its undo op is pushed; the rewind pops exactly those.
-    done = [_BOTTOM]
-    began = []  # non-empty once the check passed and the stores began
-    steps = [(began.append, True)]
-    for op, back in zip(ops, undo):
-        steps += (op, (done.append, back))
-    rewind = starmap(_call, iter(done.pop, _BOTTOM))
-    tops, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)))
-    # top frames the scan did not prove clean: each must not be a target,
-    # and must have been called by a proven frame (one call since the scan)
-    unproven, unproven_too = tee(map(proven.__rsub__, map(frozenset, map(dict.values, tops))))
-    section = chain(
-        starmap(_call, ((sys.audit, 0), (clock,), (cpu,), (clock,))),
-        map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
-        map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))),
-        starmap(_call, steps),
-        starmap(_call, ((clock,), (sys._current_frames,), (cpu,), (clock,))),
-    )
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection could run finalizers (Python code) inside
-    failure = None
-    try:
+    def __init__(self, ops: list, undo: list):
+        self._done = [_BOTTOM]  # after each store its undo op is pushed here
+        self._began = []  # non-empty once the check passed and the stores began
+        self._steps = [(self._began.append, True)]
+        for op, back in zip(ops, undo):
+            self._steps += (op, (self._done.append, back))
+
+    def attempt(self, proven: set, code_ids) -> Outcome:
+        """Check every thread's stack against the scan that proved `proven`
+        clean and issue every op, all inside one C-level call; `code_ids`
+        are the targets that may not be running. Call it from the frame
+        that scanned: this frame is then one call above a proven one.
+
+        Not committed (blocker STALE or HOOKED): nothing changed; rescan, or
+        go through `run`. Raises CommitFailed, with everything restored, if
+        a store fails."""
+        me = threading.get_ident()
+        clock, cpu = time.perf_counter_ns, time.thread_time_ns
+        done, began = self._done, self._began
+        del done[1:], began[:]
+        rewind = starmap(_call, iter(done.pop, _BOTTOM))  # exactly the stores that took effect
+        tops, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)))
+        # top frames the scan did not prove clean: each must not be a target,
+        # and must have been called by a proven frame (one call since the scan)
+        unproven, unproven_too = tee(map(proven.__rsub__, map(frozenset, map(dict.values, tops))))
+        section = chain(
+            starmap(_call, ((sys.audit, 0), (clock,), (cpu,), (clock,))),
+            map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
+            map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))),
+            starmap(_call, self._steps),
+            starmap(_call, ((clock,), (sys._current_frames,), (cpu,), (clock,))),
+        )
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection could run finalizers (Python code) inside
+        failure = None
         try:
-            out = list(section)
-        except BaseException as exc:
-            list(rewind)  # the first call in the handler: see the module notes
-            failure = exc
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    # everything else runs after the section
-    frames = next(tops_kept, {})
-    if failure is not None:
-        problems = [Problem("commit-failed", "", f"{type(failure).__name__}: {failure}")]
-        if began:
-            raise CommitFailed("a store failed inside the commit; all earlier stores were undone",
+            try:
+                out = list(section)
+            except BaseException as exc:
+                list(rewind)  # the first call in the handler: see the module notes
+                failure = exc
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        # everything else runs after the section
+        frames = next(tops_kept, {})
+        if failure is not None:
+            problems = [Problem("commit-failed", "", f"{type(failure).__name__}: {failure}")]
+            if began:
+                raise CommitFailed("a store failed inside the commit; all earlier stores were undone",
+                                   problems) from failure
+            if audit_hooks_installed():
+                return Outcome(False, blocker=HOOKED, frames=frames, method=ONE_CALL)
+            if isinstance(failure, KeyError) and failure.args == (False,):
+                return Outcome(False, blocker=STALE, frames=frames, method=ONE_CALL)
+            raise CommitFailed("the final check inside the commit failed; nothing was stored",
                                problems) from failure
-        if audit_hooks_installed():
-            return Outcome(False, blocker=HOOKED, frames=frames, method=ONE_CALL)
-        if isinstance(failure, KeyError) and failure.args == (False,):
-            return Outcome(False, blocker=STALE, frames=frames, method=ONE_CALL)
-        raise CommitFailed("the final check inside the commit failed; nothing was stored", problems) from failure
-    start, cpu_start, checking = out[1], out[2], out[3]
-    stored, after, cpu_end, end = out[-4], out[-3], out[-2], out[-1]
-    off_cpu = (end - start) - (cpu_end - cpu_start)
-    time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping
-    return Outcome(True, end - start, None, frames, _ran_inside(frames, after, {me}, off_cpu),
-                   (start, end), stored - checking, ONE_CALL)
+        start, cpu_start, checking = out[1], out[2], out[3]
+        stored, after, cpu_end, end = out[-4], out[-3], out[-2], out[-1]
+        off_cpu = (end - start) - (cpu_end - cpu_start)
+        time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping
+        return Outcome(True, end - start, None, frames, _ran_inside(frames, after, {me}, off_cpu),
+                       (start, end), stored - checking, ONE_CALL)
 
 
 def audit_hooks_installed() -> bool:

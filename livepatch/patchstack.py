@@ -445,6 +445,7 @@ class Engine:
 
                 one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not _commit.audit_hooks_installed()
                             and all(_plain_owner(g.owner) for g in stores))
+                in_one_call = _commit.OneCall(ops, undo) if one_call else None
                 stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
                 while not suspended:
@@ -460,7 +461,7 @@ class Engine:
                         outcome = _commit.Outcome(False, blocker=busy, frames=frames)
                         time.sleep(_BUSY_PAUSE)
                     elif one_call:
-                        outcome = _commit.run_in_one_call(ops, undo, proven, busy_ids)
+                        outcome = in_one_call.attempt(proven, busy_ids)
                         if outcome.blocker is _commit.HOOKED:
                             one_call = False
                         elif outcome.blocker is _commit.STALE:
@@ -477,7 +478,7 @@ class Engine:
                 target_of = {id(s.old): s.target for s in switches}
                 last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
                 last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else _HEAP_CHANGED
-                del heap, ops, undo, suspended
+                del heap, ops, undo, suspended, in_one_call
             finally:
                 if gc_was_enabled:
                     gc.enable()

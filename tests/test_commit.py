@@ -62,7 +62,8 @@ def _commit_in_one_call(proven, code_ids, parked):
         mine = {tid: top for tid, top in sys._current_frames().items() if tid != parked.thread.ident}
         _, also = scan_stacks(mine, code_ids)
         box, ops, undo = _one_store()
-        outcome = commit.run_in_one_call(ops, undo, proven | also, code_ids)
+        attempt = commit.OneCall(ops, undo).attempt
+        outcome = attempt(proven | also, code_ids)
         if outcome.committed:
             break
     return outcome, box.value
