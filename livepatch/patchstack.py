@@ -450,24 +450,31 @@ class Engine:
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
                 while not suspended:
                     attempts += 1
-                    if one_call:
-                        time.sleep(_commit.RELEASE_SLEEP)  # scan and commit at the start of a GIL slice
-                    # Walk every stack now: the section then only checks (or
-                    # re-walks) what changed since. A target seen running
-                    # skips the section.
+                    # Walk every stack now: the section then only checks what
+                    # changed since. A target seen running skips the section.
                     frames = sys._current_frames()
                     busy, proven = scan_stacks(frames, busy_ids)
-                    if busy is not None:
-                        outcome = _commit.Outcome(False, blocker=busy, frames=frames)
-                        time.sleep(_BUSY_PAUSE)
-                    elif one_call:
+                    tried_one_call = busy is None and one_call
+                    if tried_one_call:
+                        # The call starts a GIL slice. A thread that ran while
+                        # this one waited is usually at most one call deeper;
+                        # if not (STALE), scan again in this slice and retry.
+                        time.sleep(_commit.RELEASE_SLEEP)
                         outcome = in_one_call.attempt(proven, busy_ids)
+                        if outcome.blocker is _commit.STALE:
+                            frames = sys._current_frames()
+                            busy, proven = scan_stacks(frames, busy_ids)
+                            if busy is None:
+                                outcome = in_one_call.attempt(proven, busy_ids)
                         if outcome.blocker is _commit.HOOKED:
                             one_call = False
                         elif outcome.blocker is _commit.STALE:
                             stale += 1
                             one_call = stale < 2  # then walk the changed stacks after a handoff
-                    else:
+                    if busy is not None:
+                        outcome = _commit.Outcome(False, blocker=busy, frames=frames)
+                        time.sleep(_BUSY_PAUSE)
+                    elif not tried_one_call:
                         outcome = _commit.run(ops, undo, check)
                     del frames, busy
                     proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
