@@ -120,6 +120,32 @@ def test_one_call_check_refuses_a_thread_two_calls_deeper():
     assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
 
 
+def test_one_call_commit_can_be_attempted_again_after_a_stale_check_and_a_failed_store():
+    def body(park):
+        park()
+        outer(park)
+
+    def outer(park):
+        inner(park)
+
+    def inner(park):
+        park()
+
+    t = Parked(body, body.__code__)
+    _, proven = scan_stacks(sys._current_frames(), set())
+    t.advance(inner.__code__)
+    box, ops, undo = _one_store()
+    failing = [*ops, (setattr, len, "__code__", None)]  # a builtin has no __code__
+    one_call = commit.OneCall(failing, [*undo, (setattr, box, "value", "unreachable")])
+    outcome = one_call.attempt(proven, set())
+    assert outcome.blocker is commit.STALE
+    _, proven = scan_stacks(sys._current_frames(), set())
+    with pytest.raises(livepatch.CommitFailed, match="all earlier stores were undone"):
+        one_call.attempt(proven, set())
+    t.finish()
+    assert box.value == "before"  # the first store took effect and was undone
+
+
 def test_one_call_check_trusts_a_generator_frame_only_through_its_proven_caller():
     """A generator frame is never proven itself (it can be resumed from
     anywhere); on top of a stack it passes only if its caller right now is a

@@ -26,11 +26,16 @@ def _run(*args):
 def test_no_torn_observation_over_a_million_calls(options):
     audit_hook = "--audit-hook" in options
     report = _run("--calls", "1000000", "--swaps", "300", *options)
-    # each way of making the critical section is what was exercised: the
-    # one-call commit where it is available, else (and whenever a Python
-    # audit hook would run inside it) the commit after a GIL handoff
-    one_call = not options
-    assert report["commit_methods"] == {commit.ONE_CALL if one_call else commit.AFTER_HANDOFF: report["swaps"]}
+    # each way of making the critical section was exercised: the one-call
+    # commit where it is possible (most commits; the others, whose check
+    # found threads moved on twice, went after a handoff), else, with a
+    # Python audit hook or when disabled, always the commit after a handoff
+    methods = report["commit_methods"]
+    assert sum(methods.values()) == report["swaps"]
+    if options:
+        assert methods == {commit.AFTER_HANDOFF: report["swaps"]}
+    else:
+        assert methods.get(commit.ONE_CALL, 0) >= report["swaps"] // 2, methods
     assert report["calls"] >= 1_000_000
     assert report["swaps"] >= 300
     assert report["snapshots"] > 10_000
