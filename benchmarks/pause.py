@@ -5,8 +5,10 @@ iteration and record every gap longer than 20 us. For each commit (apply or
 rollback of a patch of N functions) the gap that spans the critical section
 is the pause the application saw; the same is measured for a no-op critical
 section (the GIL handoff alone) interleaved in the same run. Reports p50/p99/
-max of both, their difference, the commit's whole GIL hold (from taking the
-GIL to handing it back) and, within it, the final check plus the stores."""
+max of both, their difference, the commit's GIL hold (the part no other
+thread can interrupt) and, within it, the final check plus the stores, and
+how each commit was made (in one C-level call, or after a GIL handoff: see
+livepatch/commit.py)."""
 
 import argparse
 import sys
@@ -54,6 +56,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
         return max(spans) if spans else 0
 
     hold, critical, seen, noop_seen = [], [], [], []
+    methods = {}
     try:
         for _ in range(reps):
             for action in ("apply", "noop", "rollback", "noop"):
@@ -64,6 +67,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
                     continue
                 result = livepatch.apply(patch) if action == "apply" else livepatch.rollback()
                 hold.append(result.pause_ns)
+                methods[result.method] = methods.get(result.method, 0) + 1
                 critical.append(result.critical_ns)
                 seen.append(gap_spanning(result.window_ns))
     finally:
@@ -81,6 +85,7 @@ def measure(threads: int, size: int, reps: int, serial: int):
         "extra_gap_p50_ns": percentile(seen, 50) - percentile(noop_seen, 50),
         "extra_gap_p99_ns": percentile(seen, 99) - percentile(noop_seen, 99),
         "extra_gap_vs_noop_median_ns": summary(extra),
+        "commit_methods": methods,
     }
 
 

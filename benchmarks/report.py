@@ -16,6 +16,12 @@ def _load(kind):
         return json.load(fh)
 
 
+def _methods(methods):
+    if not methods:
+        return ""
+    return f"; {methods.get('one call', 0)} of {sum(methods.values())} commits in one call"
+
+
 def rows():
     out = []
     pause_rows = [r for kind in ("pause", "pause-10k") for r in (_load(kind) or {"rows": []})["rows"]]
@@ -28,7 +34,8 @@ def rows():
                                f"p99 {r['check_and_stores_ns']['p99'] / 1000:.0f} µs)" if "check_and_stores_ns" in r else "")
                             + "; "
                             f"extra gap in workers p50 {r['extra_gap_p50_ns'] / 1000:.0f} µs, p99 {r['extra_gap_p99_ns'] / 1000:.0f} µs "
-                            f"(no-op handoff p50 {r['gap_noop_handoff_ns']['p50'] / 1000:.0f} µs)", "pause.py"))
+                            f"(no-op handoff p50 {r['gap_noop_handoff_ns']['p50'] / 1000:.0f} µs)"
+                            + _methods(r.get("commit_methods")), "pause.py"))
     memory = _load("memory")
     if memory:
         ret = memory["retained"]
