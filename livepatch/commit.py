@@ -101,8 +101,8 @@ from .errors import CommitFailed, Problem
 
 # Longer than any realistic commit; restored immediately afterwards.
 HOLD_INTERVAL = 0.05
-# How long to leave the GIL before the handoff and after the section: a woken
-# waiter takes it well within this, instead of this thread re-taking it.
+# How long to leave the GIL before a commit and after it: a woken waiter
+# takes it well within this, instead of this thread re-taking it.
 RELEASE_SLEEP = 1e-4
 # Give up one attempt if the helper thread cannot get the GIL for this long.
 HANDOFF_TIMEOUT = 2.0
@@ -128,11 +128,11 @@ _call = operator.call
 @dataclass
 class Outcome:
     committed: bool
-    pause_ns: int = 0  # GIL held by the committing thread: from taking it to handing it back
+    pause_ns: int = 0  # GIL held for the commit: the one call, or from taking it after the handoff to handing it back
     blocker: object = None  # what the final check found, when not committed
     frames: dict = field(default_factory=dict)  # the frames the check saw
     interrupted_by: list = field(default_factory=list)  # threads that ran inside
-    window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of the GIL hold
+    window_ns: tuple = (0, 0)  # perf_counter_ns at the start and end of pause_ns
     critical_ns: int = 0  # of which the final check plus the stores
     method: str = AFTER_HANDOFF
 
@@ -191,16 +191,16 @@ class OneCall:
         self._steps = [(self._began.append, True)]
         for op, back in zip(ops, undo):
             self._steps += (op, (self._done.append, back))
-        self._touched = ops + undo
 
-    def warm(self) -> None:
-        """Read what the call will touch (thread states, top frames, every
-        function and code object stored or replaced) just before it. The
-        cache misses are the same, but here, outside the section, this
-        thread can still be preempted; after waiting for the GIL behind busy
-        threads they cost ~0.5 us per object on a shared machine."""
+    @staticmethod
+    def warm() -> None:
+        """Read the thread states and top frames the call's check reads,
+        just before it (outside the section, where this thread can still be
+        preempted): after waiting for the GIL behind busy threads they are
+        cold, ~2 us per thread on a shared machine. Reading every function
+        and code object ahead as well was measured to cost more outside the
+        section than it saved inside."""
         sys._current_frames()
-        gc.get_referents(*self._touched)
 
     def attempt(self, proven: set, code_ids) -> Outcome:
         """Check every thread's stack against the scan that proved `proven`

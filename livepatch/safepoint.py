@@ -3,9 +3,11 @@ generator, coroutine or async generator?
 
 Three speeds. `scan_stacks` walks every thread's whole `f_back` chain before
 the critical section and returns the frames it proved clean; `first_busy`
-is the cheap yes/no inside the section, which only walks down to the first
-of those frames (usually a thread's top frame); `describe` is the slow,
-human-readable report used only when giving up.
+is the cheap yes/no inside the section after a GIL handoff, which only walks
+down to the first of those frames (usually a thread's top frame; the
+one-call commit in `commit.py` asks the same with set operations, one frame
+deep); `describe` is the slow, human-readable report used only when giving
+up.
 
 Why stopping at a proven frame is sound: while a plain function's frame is
 running, the frames below it cannot change (its callers are all waiting
