@@ -32,7 +32,8 @@ In one C-level call (`OneCall`), used whenever it is safe:
 * A store that fails is rewound by the first call in the exception handler
   (the eval breaker is checked only after a call returns, at backward
   jumps and at function entry, none of which lies before it), undoing
-  exactly the stores that took effect, newest first.
+  exactly the stores that took effect (each sets a different attribute, so
+  the order does not matter).
 * The caller sleeps briefly before its scan, so the scan and the call start
   a GIL slice; it rarely ends before them (which would make the check fail,
   never the commit tear).
@@ -95,7 +96,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, repeat, starmap, tee
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 from .errors import CommitFailed, Problem
 
@@ -118,7 +119,7 @@ ONE_CALL_ENABLED = True
 ONE_CALL = "one call"
 AFTER_HANDOFF = "after handoff"
 _CLEAN = {True: None}  # _CLEAN[False] raises KeyError: a check failed
-_BOTTOM = object()  # marks the bottom of the stack of undo ops
+_second = itemgetter(1)
 _codes = partial(map, attrgetter("f_code"))
 _ids = partial(map, id)
 _callers = partial(map, attrgetter("f_back"))
@@ -186,11 +187,19 @@ class OneCall:
     attempt spends its GIL slice on the scan and the call alone."""
 
     def __init__(self, ops: list, undo: list):
-        self._done = [_BOTTOM]  # after each store its undo op is pushed here
+        self._undo = undo
+        self._done = []  # one mark per store that took effect
         self._began = []  # non-empty once the check passed and the stores began
         self._steps = [(self._began.append, True)]
-        for op, back in zip(ops, undo):
-            self._steps += (op, (self._done.append, back))
+        mark = (self._done.append, None)  # one shared tuple: nothing cold to touch per store
+        for op in ops:
+            self._steps += (op, mark)
+
+    @staticmethod
+    def fits(ops: list) -> bool:
+        """Every op sets a different attribute: then undoing the stores that
+        took effect in any order restores the state before the commit."""
+        return len({(id(op[1]), op[2]) for op in ops}) == len(ops)
 
     @staticmethod
     def warm() -> None:
@@ -214,8 +223,9 @@ class OneCall:
         me = threading.get_ident()
         clock = time.perf_counter_ns
         done, began = self._done, self._began
-        done[:], began[:] = (_BOTTOM,), ()  # a rewind pops the bottom too
-        rewind = starmap(_call, iter(done.pop, _BOTTOM))  # exactly the stores that took effect
+        del done[:], began[:]
+        # zip stops at the shorter: exactly the undo ops of the stores that took effect
+        rewind = starmap(_call, map(_second, zip(done, self._undo)))
         tops, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)))
         # top frames the scan did not prove clean: each must not be a target,
         # and must have been called by a proven frame (one call since the scan)

@@ -4,7 +4,8 @@ previous code of every change, and records status and history.
 Every operation is a *transition*: a list of code switches (old code object
 -> new code object, matched by identity) plus global stores, prepared from a
 fresh heap scan, waited on until a safe point, then committed atomically by
-`commit.run`. Apply, rollback and cumulative replace differ only in how the
+`commit` (in one C-level call, or after a GIL handoff when that is not
+safe). Apply, rollback and cumulative replace differ only in how the
 switches are computed."""
 
 from __future__ import annotations
@@ -444,7 +445,7 @@ class Engine:
                     return found
 
                 one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not _commit.audit_hooks_installed()
-                            and all(_plain_owner(g.owner) for g in stores))
+                            and all(_plain_owner(g.owner) for g in stores) and _commit.OneCall.fits(ops))
                 in_one_call = _commit.OneCall(ops, undo) if one_call else None
                 stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)

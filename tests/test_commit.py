@@ -234,3 +234,13 @@ def test_stores_into_owners_that_run_python_commit_after_a_handoff(owner, make_m
     assert result.method == commit.AFTER_HANDOFF and m.target() == "new"
     if owner.startswith("class"):
         assert m.K().extra() == 3
+
+
+def test_one_call_commit_needs_every_store_to_set_a_different_attribute():
+    """Its rewind undoes the stores that took effect in no particular order,
+    which restores the state only if no attribute is set twice."""
+    def f():
+        pass
+    one, two = (lambda: 1).__code__, (lambda: 2).__code__
+    assert commit.OneCall.fits([(setattr, f, "__code__", one), (setattr, f, "__defaults__", (1,))])
+    assert not commit.OneCall.fits([(setattr, f, "__code__", one), (setattr, f, "__code__", two)])
