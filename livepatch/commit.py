@@ -10,8 +10,9 @@ In one C-level call (`OneCall`), used whenever it is safe:
   releases it on purpose (blocking I/O). So the check and the stores are
   composed from C-level iterators (`chain`, `map`, `starmap`) and consumed
   by one `list()` call: no bytecode runs between the check and the last
-  store, whatever the switch interval or the OS scheduler does, and the
-  caller's scan just before leaves the memory it touches warm.
+  store, whatever the switch interval or the OS scheduler does. No GIL
+  handoff is needed, so the call runs as soon as this thread holds the GIL,
+  not after queueing for it twice with its memory going cold meanwhile.
 * Unless Python code runs inside that call. An audit hook is called by
   every `__code__` store and by `sys._current_frames`, and one written in
   Python runs bytecode there (profilers cannot see it: hooks run with
@@ -34,9 +35,10 @@ In one C-level call (`OneCall`), used whenever it is safe:
   jumps and at function entry, none of which lies before it), undoing
   exactly the stores that took effect (each sets a different attribute, so
   the order does not matter).
-* The caller sleeps briefly before its scan, so the scan and the call start
-  a GIL slice; it rarely ends before them (which would make the check fail,
-  never the commit tear).
+* The caller scans every stack, sleeps briefly (so the call starts a GIL
+  slice, after the threads that were waiting), reads the thread states
+  again (`warm`) and makes the call. A thread that ran meanwhile usually
+  passes the check; if not, the caller rescans within the same slice.
 
 After a GIL handoff (`run`), when the first way cannot be used, the reasoning
 is this (`Python/ceval_gil.c`):
