@@ -24,11 +24,13 @@ def _methods(methods):
 
 def rows():
     out = []
-    pause_rows = [r for kind in ("pause", "pause-10k") for r in (_load(kind) or {"rows": []})["rows"]]
+    pause_rows = [(kind, r) for kind in ("pause", "pause-floor", "pause-10k") for r in (_load(kind) or {"rows": []})["rows"]]
     if pause_rows:
-        for r in pause_rows:
+        for kind, r in pause_rows:
             if (r["threads"], r["functions"]) in ((1, 1), (1, 100), (16, 100), (16, 1000), (64, 100), (16, 10000)):
-                out.append((f"commit pause, {r['threads']} busy threads, {r['functions']} functions",
+                commits = sum(r["commit_methods"].values()) if "commit_methods" in r else None
+                out.append((f"commit pause, {r['threads']} busy threads, {r['functions']} functions"
+                            + (f", {commits} commits" if kind == "pause-floor" and commits else ""),
                             f"GIL hold p50 {r['commit_hold_ns']['p50'] / 1000:.0f} µs, p99 {r['commit_hold_ns']['p99'] / 1000:.0f} µs"
                             + (f" (final check + stores p50 {r['check_and_stores_ns']['p50'] / 1000:.0f} µs, "
                                f"p99 {r['check_and_stores_ns']['p99'] / 1000:.0f} µs)" if "check_and_stores_ns" in r else "")
