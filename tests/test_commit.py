@@ -101,26 +101,10 @@ def test_one_call_check_refuses_a_target_entered_since_the_scan():
     assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
 
 
-def test_one_call_check_refuses_a_thread_two_calls_deeper():
-    def body(park):
-        park()
-        outer(park)
-
-    def outer(park):
-        inner(park)
-
-    def inner(park):
-        park()
-
-    t = Parked(body, body.__code__)
-    _, proven = scan_stacks(sys._current_frames(), set())
-    t.advance(inner.__code__)  # inner -> outer -> body: outer was never seen, so inner's caller is not proven
-    outcome, value = _commit_in_one_call(proven, set(), t)
-    t.finish()
-    assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
-
-
-def test_one_call_commit_can_be_attempted_again_after_a_stale_check_and_a_failed_store():
+def _two_calls_deeper():
+    """A thread parked two calls deeper than when the stacks were scanned:
+    inner -> outer -> body, and outer was never seen, so inner's caller is
+    not proven. Returns the thread and what the scan proved."""
     def body(park):
         park()
         outer(park)
@@ -134,6 +118,18 @@ def test_one_call_commit_can_be_attempted_again_after_a_stale_check_and_a_failed
     t = Parked(body, body.__code__)
     _, proven = scan_stacks(sys._current_frames(), set())
     t.advance(inner.__code__)
+    return t, proven
+
+
+def test_one_call_check_refuses_a_thread_two_calls_deeper():
+    t, proven = _two_calls_deeper()
+    outcome, value = _commit_in_one_call(proven, set(), t)
+    t.finish()
+    assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
+
+
+def test_one_call_commit_can_be_attempted_again_after_a_stale_check_and_a_failed_store():
+    t, proven = _two_calls_deeper()
     box, ops, undo = _one_store()
     failing = [*ops, (setattr, len, "__code__", None)]  # a builtin has no __code__
     one_call = commit.OneCall(failing, [*undo, (setattr, box, "value", "unreachable")])
