@@ -213,6 +213,25 @@ def test_dead_pid_and_non_python_pid(tmp_path):
         sleeper.wait()
 
 
+def test_attach_to_a_process_that_cannot_import_livepatch_says_how_to_fix_it():
+    """The interpreter this venv was made from, isolated (-I: no PYTHONPATH,
+    no user site), has no livepatch: the attach explains what to do and the
+    process goes on unharmed."""
+    base = sys._base_executable
+    if subprocess.run([base, "-I", "-c", "import livepatch"], capture_output=True).returncode == 0:
+        pytest.skip(f"livepatch is importable by {base} itself")
+    target = subprocess.Popen([base, "-I", "-c", "import time\nwhile True:\n    time.sleep(0.02)"])
+    try:
+        time.sleep(0.3)
+        r = cli("attach", str(target.pid))
+        assert r.returncode == 1, r.stderr  # an attach error, not a missing process
+        assert f"livepatch is not importable in process {target.pid}" in r.stderr and "PYTHONPATH=" in r.stderr
+        assert target.poll() is None  # still running
+    finally:
+        target.kill()
+        target.wait()
+
+
 OTHER_UID_CLIENT = r"""
 import socket, struct, json, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
