@@ -35,9 +35,9 @@ In one C-level call (`OneCall`), used whenever it is safe:
   jumps and at function entry, none of which lies before it), undoing
   exactly the stores that took effect (each sets a different attribute, so
   the order does not matter).
-* The caller scans every stack, sleeps briefly (so the call starts a GIL
-  slice, after the threads that were waiting), reads the thread states
-  again (`warm`) and makes the call. A thread that ran meanwhile usually
+* The caller scans every stack and sleeps briefly (so the call starts a GIL
+  slice, after the threads that were waiting); the attempt reads the thread
+  states again and makes the call. A thread that ran meanwhile usually
   passes the check; if not, the caller rescans within the same slice.
 
 After a GIL handoff (`run`), when the first way cannot be used, the reasoning
@@ -203,16 +203,6 @@ class OneCall:
         took effect in any order restores the state before the commit."""
         return len({(id(op[1]), op[2]) for op in ops}) == len(ops)
 
-    @staticmethod
-    def warm() -> None:
-        """Read the thread states and top frames the call's check reads,
-        just before it (outside the section, where this thread can still be
-        preempted): after waiting for the GIL behind busy threads they are
-        cold, ~2 us per thread on a shared machine. Reading every function
-        and code object ahead as well was measured to cost more outside the
-        section than it saved inside."""
-        sys._current_frames()
-
     def attempt(self, proven: set, code_ids) -> Outcome:
         """Check every thread's stack against the scan that proved `proven`
         clean and issue every op, all inside one C-level call; `code_ids`
@@ -222,6 +212,12 @@ class OneCall:
         Not committed (blocker STALE or HOOKED): nothing changed; rescan, or
         go through `run`. Raises CommitFailed, with everything restored, if
         a store fails."""
+        # Read the thread states and top frames the check reads once more
+        # first, here outside the section: after waiting for the GIL behind
+        # busy threads they are cold (~2 us per thread on a shared machine).
+        # Reading every function and code object ahead as well was measured
+        # to cost more outside the section than it saved inside.
+        sys._current_frames()
         me = threading.get_ident()
         clock = time.perf_counter_ns
         done, began = self._done, self._began

@@ -461,7 +461,6 @@ class Engine:
                         # this one waited is usually at most one call deeper;
                         # if not (STALE), scan again in this slice and retry.
                         time.sleep(_commit.RELEASE_SLEEP)
-                        in_one_call.warm()
                         outcome = in_one_call.attempt(proven, busy_ids)
                         if outcome.blocker is _commit.STALE:
                             frames = sys._current_frames()

@@ -118,7 +118,6 @@ def test_store_failing_inside_the_commit_is_undone(position, way, make_module, e
     monkeypatch.setattr(patchstack.Engine, "_make_ops", _store_failure_at(position))
     with pytest.raises(livepatch.CommitFailed, match="all earlier stores were undone"):
         engine.apply(patch)
-    assert engine.history()[-1]["outcome"] == "failed"
     assert_unchanged(m, before)
     assert _behaviour(m) == behaviour
     assert engine.status()["history"][-1]["outcome"] == "failed"
