@@ -28,17 +28,20 @@ In one C-level call (`OneCall`), used whenever it is safe:
   proved clean, or is not a target and was called by such a frame (one
   call since the scan: its caller is still running, so the chain below is
   the proven one; this also covers a generator frame, never proven itself).
-  `set` operations and `attrgetter` maps, no bytecode. Otherwise the
-  attempt is STALE: the caller rescans, or walks the stacks after a handoff.
+  `set` operations and `attrgetter` maps, no bytecode; the per-frame part
+  runs only if some top frame is not proven (the committing thread's own
+  frame is, see `attempt`). Otherwise the attempt is STALE: the caller
+  rescans, or walks the stacks after a handoff.
 * A store that fails is rewound by the first call in the exception handler
   (the eval breaker is checked only after a call returns, at backward
   jumps and at function entry, none of which lies before it), undoing
   exactly the stores that took effect (each sets a different attribute, so
   the order does not matter).
-* The caller scans every stack and sleeps briefly (so the call starts a GIL
-  slice, after the threads that were waiting); the attempt reads the thread
-  states again and makes the call. A thread that ran meanwhile usually
-  passes the check; if not, the caller rescans within the same slice.
+* The caller scans every stack; the attempt builds the call, sleeps briefly
+  (so the call starts a GIL slice, after the threads that were waiting),
+  reads ahead what the call will touch, and makes the call. A thread that
+  ran meanwhile usually passes the check; if not, the caller rescans
+  within the same slice.
 
 After a GIL handoff (`run`), when the first way cannot be used, the reasoning
 is this (`Python/ceval_gil.c`):
@@ -118,9 +121,11 @@ STALE = "a thread ran more than one call deep since its stack was scanned"
 HOOKED = "an audit hook is installed: its code could run inside the stores"
 # False: always commit after a GIL handoff (`run`), never in one call.
 ONE_CALL_ENABLED = True
+PROBE = []
 ONE_CALL = "one call"
 AFTER_HANDOFF = "after handoff"
 _CLEAN = {True: None}  # _CLEAN[False] raises KeyError: a check failed
+_ALL_PROVEN = tuple  # what is left to check when every top frame is proven: nothing
 _second = itemgetter(1)
 _codes = partial(map, attrgetter("f_code"))
 _ids = partial(map, id)
@@ -185,8 +190,7 @@ os.register_at_fork(after_in_child=_forget_handoff_in_child)
 
 class OneCall:
     """The one-call commit of one transition's `ops` (see the module notes);
-    `undo[i]` reverses `ops[i]`. Built once, before the attempts, so an
-    attempt spends its GIL slice on the scan and the call alone."""
+    `undo[i]` reverses `ops[i]`. Built once, before the attempts."""
 
     def __init__(self, ops: list, undo: list):
         self._undo = undo
@@ -196,6 +200,10 @@ class OneCall:
         mark = (self._done.append, None)  # one shared tuple: nothing cold to touch per store
         for op in ops:
             self._steps += (op, mark)
+        # Everything a store reads or writes besides shared objects: the op
+        # tuples, the owners, the values stored and the values they replace.
+        self._touched = (self._steps, [op[1] for op in ops], [op[-1] for op in ops],
+                         [op[-1] for op in undo])
 
     @staticmethod
     def fits(ops: list) -> bool:
@@ -203,38 +211,61 @@ class OneCall:
         took effect in any order restores the state before the commit."""
         return len({(id(op[1]), op[2]) for op in ops}) == len(ops)
 
-    def attempt(self, proven: set, code_ids) -> Outcome:
+    def attempt(self, proven: set, code_ids, *, new_slice: bool = True) -> Outcome:
         """Check every thread's stack against the scan that proved `proven`
         clean and issue every op, all inside one C-level call; `code_ids`
         are the targets that may not be running. Call it from the frame
         that scanned: this frame is then one call above a proven one.
+        `new_slice`: leave the GIL first, so the call starts a GIL slice.
 
         Not committed (blocker STALE or HOOKED): nothing changed; rescan, or
         go through `run`. Raises CommitFailed, with everything restored, if
         a store fails."""
-        # Read the thread states and top frames the check reads once more
-        # first, here outside the section: after waiting for the GIL behind
-        # busy threads they are cold (~2 us per thread on a shared machine).
-        # Reading every function and code object ahead as well was measured
-        # to cost more outside the section than it saved inside.
-        sys._current_frames()
         me = threading.get_ident()
         clock = time.perf_counter_ns
         done, began = self._done, self._began
         del done[:], began[:]
+        # This frame is the committing thread's top frame inside the call.
+        # Called by a proven frame and no target itself, it is proven too,
+        # so on a quiet machine the check finds nothing to look into. Taken
+        # out again below, so the caller's set holds no cycle.
+        here = sys._getframe()
+        trust_here = here.f_back in proven and id(here.f_code) not in code_ids
+        if trust_here:
+            proven.add(here)
+        # Everything is built before the GIL is left: after it is taken back,
+        # only the reads ahead and the call remain.
         # zip stops at the shorter: exactly the undo ops of the stores that took effect
         rewind = starmap(_call, map(_second, zip(done, self._undo)))
-        tops, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)))
-        # top frames the scan did not prove clean: each must not be a target,
-        # and must have been called by a proven frame (one call since the scan)
-        unproven, unproven_too = tee(map(proven.__rsub__, map(frozenset, map(dict.values, tops))))
+        tops, tops_too, tops_kept = tee(map(_call, repeat(sys._current_frames, 1)), 3)
+        # Top frames the scan did not prove clean, if there are any: each must
+        # not be a target, and must have been called by a proven frame (one
+        # call since the scan). Built lazily; only run if some top is unproven.
+        unproven, unproven_too = tee(map(proven.__rsub__, map(frozenset, map(dict.values, tops_too))))
+        look_closer = chain(
+            map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
+            map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))))
+        then = {True: _ALL_PROVEN, False: partial(iter, look_closer)}
         section = chain(
             starmap(_call, ((sys.audit, 0), (clock,))),
-            map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
-            map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))),
+            chain.from_iterable(map(_call, map(then.__getitem__, map(proven.issuperset, map(dict.values, tops))))),
             starmap(_call, self._steps),
             starmap(_call, ((clock,), (sys._current_frames,), (clock,))),
         )
+        if new_slice:
+            time.sleep(RELEASE_SLEEP)
+        # After waiting for the GIL behind busy threads, everything the call
+        # will touch is cold (a first touch costs ~0.5 us per cache line on a
+        # shared machine). Read it ahead here, outside the section, where a
+        # thread switch is harmless: the thread states, top frames and the
+        # proven set once more, and every object a store touches. tuple()
+        # increments each reference count in a tight C loop, so those misses
+        # overlap instead of queueing one store after another in the section
+        # (measured, 100 stores behind 16 busy threads: ~12 us here saves
+        # ~20 us inside; reading every field a store uses costs more than it
+        # saves).
+        proven.issuperset(sys._current_frames().values())
+        warm = tuple(map(tuple, self._touched))
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection could run finalizers (Python code) inside
         failure = None
@@ -247,7 +278,9 @@ class OneCall:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        # everything else runs after the section
+            if trust_here:
+                proven.discard(here)
+        # everything else runs after the section (`warm` is let go after the GIL)
         frames = next(tops_kept, {})
         if failure is not None:
             problems = [Problem("commit-failed", "", f"{type(failure).__name__}: {failure}")]

@@ -460,13 +460,12 @@ class Engine:
                         # The call starts a GIL slice. A thread that ran while
                         # this one waited is usually at most one call deeper;
                         # if not (STALE), scan again in this slice and retry.
-                        time.sleep(_commit.RELEASE_SLEEP)
                         outcome = in_one_call.attempt(proven, busy_ids)
                         if outcome.blocker is _commit.STALE:
                             frames = sys._current_frames()
                             busy, proven = scan_stacks(frames, busy_ids)
                             if busy is None:
-                                outcome = in_one_call.attempt(proven, busy_ids)
+                                outcome = in_one_call.attempt(proven, busy_ids, new_slice=False)
                         if outcome.blocker is _commit.HOOKED:
                             one_call = False
                         elif outcome.blocker is _commit.STALE:

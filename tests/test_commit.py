@@ -128,6 +128,22 @@ def test_one_call_check_refuses_a_thread_two_calls_deeper():
     assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
 
 
+def test_one_call_check_does_not_trust_the_committing_thread_called_from_an_unscanned_frame():
+    """The committing thread's own frame is taken as proven only when it was
+    called by the frame that scanned; through a frame the scan never saw
+    (here a target, entered after the scan) the attempt is refused."""
+    def scanned_here():
+        _, proven = scan_stacks(sys._current_frames(), {id(target_function.__code__)})
+        return target_function(proven)
+
+    def target_function(proven):
+        box, ops, undo = _one_store()
+        return commit.OneCall(ops, undo).attempt(proven, {id(target_function.__code__)}), box.value
+
+    outcome, value = scanned_here()
+    assert not outcome.committed and outcome.blocker is commit.STALE and value == "before"
+
+
 def test_one_call_commit_can_be_attempted_again_after_a_stale_check_and_a_failed_store():
     t, proven = _two_calls_deeper()
     box, ops, undo = _one_store()

@@ -58,7 +58,8 @@ STEPS = {
     "global stores": lambda mp: mp.setattr(patchstack, "_resolve_owner", _fail),
     "building ops": lambda mp: mp.setattr(patchstack.Engine, "_make_ops", staticmethod(_fail)),
     "suspended generator scan": lambda mp: mp.setattr(patchstack.HeapIndex, "find_suspendables", _fail),
-    "final check in one call": lambda mp: mp.setattr(commit, "_CLEAN", _FailingLookup()),
+    "final check in one call": lambda mp: (mp.setattr(commit, "_CLEAN", _FailingLookup()),
+                                           mp.setattr(commit, "_ALL_PROVEN", _fail)),
     "final check after a handoff": lambda mp: (mp.setattr(commit, "ONE_CALL_ENABLED", False),
                                                mp.setattr(patchstack, "first_busy", _fail_on_call(1, patchstack.first_busy))),
 }
