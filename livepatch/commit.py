@@ -121,7 +121,6 @@ STALE = "a thread ran more than one call deep since its stack was scanned"
 HOOKED = "an audit hook is installed: its code could run inside the stores"
 # False: always commit after a GIL handoff (`run`), never in one call.
 ONE_CALL_ENABLED = True
-PROBE = []
 ONE_CALL = "one call"
 AFTER_HANDOFF = "after handoff"
 _CLEAN = {True: None}  # _CLEAN[False] raises KeyError: a check failed
