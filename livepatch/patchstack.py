@@ -444,8 +444,10 @@ class Engine:
                         found = young_suspended(gen_ids)
                     return found
 
-                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not _commit.audit_hooks_installed()
-                            and all(_plain_owner(g.owner) for g in stores) and _commit.OneCall.fits(ops))
+                stores_run_python = (_commit.audit_hooks_installed()
+                                     or not all(_plain_owner(g.owner) for g in stores))
+                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not stores_run_python
+                            and _commit.OneCall.fits(ops))
                 in_one_call = _commit.OneCall(ops, undo) if one_call else None
                 stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
@@ -467,7 +469,7 @@ class Engine:
                             if busy is None:
                                 outcome = in_one_call.attempt(proven, busy_ids, new_slice=False)
                         if outcome.blocker is _commit.HOOKED:
-                            one_call = False
+                            one_call, stores_run_python = False, True
                         elif outcome.blocker is _commit.STALE:
                             stale += 1
                             one_call = stale < 2  # then walk the changed stacks after a handoff
@@ -475,7 +477,7 @@ class Engine:
                         outcome = _commit.Outcome(False, blocker=busy, frames=frames)
                         time.sleep(_BUSY_PAUSE)
                     elif not tried_one_call:
-                        outcome = _commit.run(ops, undo, check)
+                        outcome = _commit.run(ops, undo, check, stores_run_python=stores_run_python)
                     del frames, busy
                     proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
                     if outcome.committed or outcome.blocker is _HEAP_CHANGED or time.monotonic() >= burst_end:
@@ -484,7 +486,7 @@ class Engine:
                     break
                 target_of = {id(s.old): s.target for s in switches}
                 last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
-                last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else _HEAP_CHANGED
+                last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else None
                 del heap, ops, undo, suspended, in_one_call
             finally:
                 if gc_was_enabled:
@@ -496,8 +498,10 @@ class Engine:
                                     (f"thread {b['thread_name']!r} (id {b['thread_id']}) is running it: "
                                      if b["kind"] == "thread" else f"a suspended {b['kind']} holds it: ")
                                     + "; ".join(b["holding"])) for b in blockers]
-                if not problems:
-                    problems = [Problem("busy", "", last_reason)]
+                if last_reason is not None or not problems:
+                    # the last attempt's own reason comes first: threads found
+                    # in targets now may not have been there when it checked
+                    problems.insert(0, Problem("busy", "", last_reason or _HEAP_CHANGED))
                 raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts",
                                  problems, blockers)
             time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))

@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--readers", type=int, default=1)
     ap.add_argument("--audit-hook", action="store_true")
+    ap.add_argument("--slow-hook", type=float, default=0.0, metavar="SECONDS",
+                    help="the audit hook spins this long on every third __code__ store (as if the OS "
+                         "preempted the patcher there for longer than a switch interval)")
     ap.add_argument("--handoff", action="store_true",
                     help="always commit after a GIL handoff, never in one C-level call")
     ap.add_argument("--switch-interval", type=float, default=0.001)
@@ -52,9 +55,16 @@ def main():
 
     hook_events = [0]
     if args.audit_hook:
+        spin = args.slow_hook
+        clock = time.perf_counter
+
         def hook(event, hook_args):  # Python code inside every __code__ store
             if event == "object.__setattr__":
                 hook_events[0] += 1
+                if spin and hook_args[1] == "__code__" and hook_events[0] % 3 == 0:
+                    end = clock() + spin
+                    while clock() < end:
+                        pass
         sys.addaudithook(hook)
     sys.setswitchinterval(args.switch_interval)
 

@@ -248,6 +248,30 @@ def test_stores_into_owners_that_run_python_commit_after_a_handoff(owner, make_m
         assert m.K().extra() == 3
 
 
+def test_stores_that_run_python_past_the_deadline_are_undone(make_module, engine):
+    """Python code inside the stores (here a module's own __setattr__) runs
+    bytecode, where another thread could be let in once its wait is long
+    enough; stores that run past that point are undone, every one that took
+    effect (the function's code, stored first, too), and the apply is
+    refused with the reason."""
+    m, src = make_module(SRC)
+
+    class Slow(type(m)):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "ADDED":  # longer than COVER switch intervals / 4
+                end = time.perf_counter() + 4 * sys.getswitchinterval()
+                while time.perf_counter() < end:
+                    pass
+    m.__class__ = Slow
+    new = SRC.replace("old", "new") + "\nADDED = 1\n"
+    with pytest.raises(livepatch.TargetBusy) as refused:
+        engine.apply(patch_of(m, src, new), timeout=0.5)
+    assert m.target() == "old" and "ADDED" not in vars(m)
+    assert refused.value.problems[0].message == commit.LATE
+    assert engine.status()["applied"] == []
+
+
 def test_one_call_commit_needs_every_store_to_set_a_different_attribute():
     """Its rewind undoes the stores that took effect in no particular order,
     which restores the state only if no attribute is set twice."""

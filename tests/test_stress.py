@@ -48,6 +48,18 @@ def test_no_torn_observation_over_a_million_calls(options):
         assert report["hook_events"] >= report["swaps"] * 4  # the hook really ran inside the stores
 
 
+def test_no_torn_observation_with_a_slow_audit_hook():
+    """A hook that spins 0.8 ms on every third __code__ store (as if the OS
+    preempted the patcher there) makes sections about as long as the switch
+    interval (1 ms): a thread that starts waiting for the GIL while the
+    patcher takes it back could ask for it inside. Without the guards in
+    commit.py this tore hundreds of thousands of calls in 40 commits."""
+    report = _run("--calls", "1000000", "--swaps", "10", "--audit-hook", "--slow-hook", "0.0008")
+    assert report["swaps"] >= 10 and report["calls"] >= 1_000_000
+    assert report["torn_calls"] == 0, report
+    assert report["torn_snapshots"] == 0, report
+
+
 def test_the_stress_detects_a_non_atomic_patcher():
     """The same workload with a plain Python loop of stores does tear: the
     detector above is sensitive enough to fail."""
