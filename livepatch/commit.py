@@ -401,6 +401,7 @@ def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Out
             blocker = PREEMPTED
         if blocker is None:
             pending = iter(ops_then_snapshot)
+            ran = []
             stores = starmap(_call, pending)
             if careful:  # the clock is read after each store, in the same C-level loop
                 stores = chain.from_iterable(zip(stores, map(_ON_TIME.__getitem__, map(
@@ -412,14 +413,26 @@ def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Out
                 # the stores that took effect: all that were taken from `pending`,
                 # except the one that raised if a store raised
                 done = min(len(ops), len(ops_then_snapshot) - operator.length_hint(pending) - (not late))
-                _undo(undo[:done])
-                if late:
+                ran = late and _ran_inside(frames, sys._current_frames(), {me, handoff.ident},
+                                           (time.perf_counter_ns() - start) - (time.thread_time_ns() - cpu_start))
+                if ran:
+                    # Other threads already ran amid the stores (a hook that
+                    # releases the GIL): undoing would tear a second time.
+                    # Finish instead, and report it like any interrupted commit.
+                    try:
+                        out = [*repeat(None, done), *starmap(_call, pending)]
+                    except BaseException as failed:
+                        exc, late = failed, False
+                        done = len(ops_then_snapshot) - operator.length_hint(pending) - 1
+                    careful = False
+                if not ran or not late:
+                    _undo(undo[:done])
+                    if not late:
+                        raise CommitFailed(
+                            "a store failed inside the commit; all earlier stores were undone",
+                            [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
+                        ) from exc
                     blocker = LATE
-                else:
-                    raise CommitFailed(
-                        "a store failed inside the commit; all earlier stores were undone",
-                        [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
-                    ) from exc
             if blocker is None:
                 after = out[-2] if careful else out[-1]
                 stored = time.perf_counter_ns()

@@ -251,16 +251,27 @@ def test_stores_into_owners_that_run_python_commit_after_a_handoff(owner, make_m
 def test_stores_that_run_python_past_the_deadline_are_undone(make_module, engine):
     """Python code inside the stores (here a module's own __setattr__) runs
     bytecode, where another thread could be let in once its wait is long
-    enough; stores that run past that point are undone, every one that took
-    effect (the function's code, stored first, too), and the apply is
-    refused with the reason."""
+    enough; stores that run past a quarter of that are undone, every one
+    that took effect (the function's code, stored first, too), and the apply
+    is refused with the reason. (The interval is long here so that the slow
+    store never reaches the point where another thread may ask for the GIL;
+    past that point the commit is finished and reported instead.)"""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    try:
+        _apply_with_a_slow_store(make_module, engine)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _apply_with_a_slow_store(make_module, engine):
     m, src = make_module(SRC)
 
     class Slow(type(m)):
         def __setattr__(self, name, value):
             super().__setattr__(name, value)
-            if name == "ADDED":  # longer than COVER switch intervals / 4
-                end = time.perf_counter() + 4 * sys.getswitchinterval()
+            if name == "ADDED":  # past a quarter of 50 ms, well before 50 ms
+                end = time.perf_counter() + 0.02
                 while time.perf_counter() < end:
                     pass
     m.__class__ = Slow
