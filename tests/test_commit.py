@@ -276,11 +276,18 @@ def _apply_with_a_slow_store(make_module, engine):
                     pass
     m.__class__ = Slow
     new = SRC.replace("old", "new") + "\nADDED = 1\n"
-    with pytest.raises(livepatch.TargetBusy) as refused:
+    try:
         engine.apply(patch_of(m, src, new), timeout=0.5)
-    assert m.target() == "old" and "ADDED" not in vars(m)
-    assert refused.value.problems[0].message == commit.LATE
-    assert engine.status()["applied"] == []
+    except livepatch.TargetBusy as refused:
+        assert m.target() == "old" and "ADDED" not in vars(m)
+        assert refused.problems[0].message == commit.LATE
+        assert engine.status()["applied"] == []
+    else:
+        # The OS took the committing thread off the CPU inside the slow store
+        # (a loaded machine): then other threads may have run there, and the
+        # commit is finished rather than undone, and reported.
+        assert m.target() == "new" and m.ADDED == 1
+        assert "other threads ran during the commit" in engine.status()["warnings"][-1]
 
 
 def test_one_call_commit_needs_every_store_to_set_a_different_attribute():
