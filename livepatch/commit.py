@@ -404,7 +404,6 @@ def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Out
             blocker = PREEMPTED
         if blocker is None:
             pending = iter(ops_then_snapshot)
-            ran = []
             stores = starmap(_call, pending)
             if careful:  # the clock is read after each store, in the same C-level loop
                 stores = chain.from_iterable(zip(stores, map(_ON_TIME.__getitem__, map(
