@@ -214,7 +214,7 @@ class _Handoff:
         # to have waited a whole interval since the GIL last changed hands,
         # so if it came back sooner than that after the helper let go of it,
         # no thread was forced to give it up meanwhile.
-        unforced = took and bool(released_at) and taken_at - released_at[0] < interval * 5e8
+        unforced = took and taken_at - released_at[0] < interval * 5e8  # released_at is set before `done` is
         return took, unforced
 
 
@@ -362,14 +362,15 @@ def audit_hooks_installed() -> bool:
     return False
 
 
-def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Outcome:
+def run(ops: list, undo: list, check, *, python_setattr: bool = False) -> Outcome:
     """Run `check(frames_map)`; if it returns None, issue every op of `ops`
     (tuples `(callable, *args)`), all inside one critical section.
 
-    `undo[i]` reverses `ops[i]`. `stores_run_python`: an audit hook or a
-    Python `__setattr__` runs inside the stores, so the GIL could be asked
-    for there. Returns an Outcome; raises CommitFailed, with everything
-    restored, if a store fails."""
+    `undo[i]` reverses `ops[i]`. `python_setattr`: some store goes through
+    a Python `__setattr__`; with that or an audit hook (checked here), Python
+    code runs inside the stores, so the GIL could be asked for there.
+    Returns an Outcome; raises CommitFailed, with everything restored, if a
+    store fails."""
     me = threading.get_ident()
     interval = sys.getswitchinterval()
     gc_was_enabled = gc.isenabled()
@@ -393,8 +394,11 @@ def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Out
         # nobody was forced into, else before the old interval. Python code
         # inside the stores can lose it after that: when there is any, the
         # section must end within a quarter of it, its undoing included.
-        careful = stores_run_python or audit_hooks_installed()
-        deadline = start + int((cover if unforced else interval) * 0.25e9) if careful else start + int(interval * 5e8)
+        careful = python_setattr or audit_hooks_installed()
+        if careful:
+            deadline = start + int((cover if unforced else interval) * 0.25e9)
+        else:  # C stores cannot lose the GIL: only the check must end in time
+            deadline = start + int(interval * 5e8)
         cpu_start = time.thread_time_ns()
         check_start = time.perf_counter_ns()
         frames = sys._current_frames()
@@ -409,34 +413,25 @@ def run(ops: list, undo: list, check, *, stores_run_python: bool = False) -> Out
                 stores = chain.from_iterable(zip(stores, map(_ON_TIME.__getitem__, map(
                     deadline.__gt__, map(_call, repeat(time.perf_counter_ns))))))
             try:
-                out = list(stores)
+                after = list(stores)[-2 if careful else -1]  # the snapshot (a check follows it if careful)
             except BaseException as exc:
                 late = isinstance(exc, KeyError) and exc.args == (False,) and time.perf_counter_ns() > deadline
-                # the stores that took effect: all that were taken from `pending`,
-                # except the one that raised if a store raised
-                done = min(len(ops), len(ops_then_snapshot) - operator.length_hint(pending) - (not late))
-                ran = late and _ran_inside(frames, sys._current_frames(), {me, handoff.ident},
-                                           (time.perf_counter_ns() - start) - (time.thread_time_ns() - cpu_start))
-                if ran:
+                off_cpu = (time.perf_counter_ns() - start) - (time.thread_time_ns() - cpu_start)
+                if late and _ran_inside(frames, (now := sys._current_frames()), {me, handoff.ident}, off_cpu):
                     # Other threads already ran amid the stores (a hook that
                     # releases the GIL): undoing would tear a second time.
                     # Finish instead, and report it like any interrupted commit.
                     try:
-                        out = [*repeat(None, done), *starmap(_call, pending)]
+                        after = [now, *starmap(_call, pending)][-1]
                     except BaseException as failed:
-                        exc, late = failed, False
-                        done = len(ops_then_snapshot) - operator.length_hint(pending) - 1
-                    careful = False
-                if not ran or not late:
-                    _undo(undo[:done])
+                        _undo(undo[:_stores_done(pending, ops_then_snapshot, failed=True)])
+                        raise _store_failed(failed) from failed
+                else:
+                    _undo(undo[:_stores_done(pending, ops_then_snapshot, failed=not late)])
                     if not late:
-                        raise CommitFailed(
-                            "a store failed inside the commit; all earlier stores were undone",
-                            [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")],
-                        ) from exc
+                        raise _store_failed(exc) from exc
                     blocker = LATE
             if blocker is None:
-                after = out[-2] if careful else out[-1]
                 stored = time.perf_counter_ns()
                 off_cpu = (stored - start) - (time.thread_time_ns() - cpu_start)
                 committed = True
@@ -467,3 +462,15 @@ def _ran_inside(before: dict, after: dict, ours: set, off_cpu_ns: int) -> list:
 
 def _undo(undo_ops: list) -> None:
     deque(starmap(_call, reversed(undo_ops)), maxlen=0)
+
+
+def _stores_done(pending, ops_then_snapshot: list, failed: bool) -> int:
+    """How many stores took effect: all taken from `pending` (the ops, then
+    the snapshot), except the last if it `failed`; never the snapshot."""
+    taken = len(ops_then_snapshot) - operator.length_hint(pending)
+    return min(len(ops_then_snapshot) - 1, taken - failed)
+
+
+def _store_failed(exc: BaseException) -> CommitFailed:
+    return CommitFailed("a store failed inside the commit; all earlier stores were undone",
+                        [Problem("commit-failed", "", f"{type(exc).__name__}: {exc}")])

@@ -444,10 +444,9 @@ class Engine:
                         found = young_suspended(gen_ids)
                     return found
 
-                stores_run_python = (_commit.audit_hooks_installed()
-                                     or not all(_plain_owner(g.owner) for g in stores))
-                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not stores_run_python
-                            and _commit.OneCall.fits(ops))
+                python_setattr = not all(_plain_owner(g.owner) for g in stores)
+                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not python_setattr
+                            and not _commit.audit_hooks_installed() and _commit.OneCall.fits(ops))
                 in_one_call = _commit.OneCall(ops, undo) if one_call else None
                 stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
@@ -469,7 +468,7 @@ class Engine:
                             if busy is None:
                                 outcome = in_one_call.attempt(proven, busy_ids, new_slice=False)
                         if outcome.blocker is _commit.HOOKED:
-                            one_call, stores_run_python = False, True
+                            one_call = False
                         elif outcome.blocker is _commit.STALE:
                             stale += 1
                             one_call = stale < 2  # then walk the changed stacks after a handoff
@@ -477,7 +476,7 @@ class Engine:
                         outcome = _commit.Outcome(False, blocker=busy, frames=frames)
                         time.sleep(_BUSY_PAUSE)
                     elif not tried_one_call:
-                        outcome = _commit.run(ops, undo, check, stores_run_python=stores_run_python)
+                        outcome = _commit.run(ops, undo, check, python_setattr=python_setattr)
                     del frames, busy
                     proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
                     if outcome.committed or outcome.blocker is _HEAP_CHANGED or time.monotonic() >= burst_end:
