@@ -210,24 +210,6 @@ def cmd_attach(args):
           f"(via {i['method']}; target stopped {i['stop_ms']} ms; attach took {i['elapsed_ms']} ms)")
 
 
-def cmd_run(args):
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if len(command) < 2:
-        raise CliError("usage: livepatch run [--name NAME] [--trust DIR] -- PYTHON app.py ARGS | PYTHON -m module ARGS", 2)
-    env = dict(os.environ)
-    if args.name:
-        env["LIVEPATCH_NAME"] = args.name
-    if args.trust:
-        env["LIVEPATCH_TRUST"] = os.path.abspath(args.trust)
-    if args.allow_unsigned:
-        env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
-    python, rest = command[0], command[1:]
-    # exec: the service keeps this PID, its signals and its exit status
-    os.execvpe(python, [python, "-c", "from livepatch.agent.launch import main; main()", "--", *rest], env)
-
-
 def add_commands(command) -> None:
     p = command("ps", cmd_ps, "list processes on this machine with a live agent")
     p = command("status", cmd_status, "show a process's agent status and applied patches")
@@ -256,6 +238,7 @@ def add_commands(command) -> None:
     p.add_argument("--name", help="a name for the service in `livepatch ps`")
     p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
     p.add_argument("--timeout", type=float, default=15.0)
+    from .cli_run import cmd_run
     p = command("run", cmd_run, "run a Python program with the agent already listening")
     p.add_argument("--name")
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR")
