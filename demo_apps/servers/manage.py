@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Django's command line for the shop site: python manage.py runserver"""
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shopsite.settings")
+    from django.core.management import execute_from_command_line
+    execute_from_command_line(sys.argv)

@@ -1,0 +1,3 @@
+"""A small shop: login redirects, served by WSGI, ASGI, Django and a job pool."""
+
+VERSION = "1.0"
