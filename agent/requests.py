@@ -69,11 +69,15 @@ class Agent:
         }
         baselines = [p["metadata"].get("baseline") for p in status["applied"] if p["metadata"].get("baseline")]
         status["baseline"] = baselines[-1] if baselines else None
+        from .state import status_fields
+        status.update(status_fields(self))
         return status
 
     def op_history(self, request):
         import livepatch
-        return livepatch.engine.history()
+        from .state import history
+        persisted = history(self)
+        return persisted if persisted is not None else livepatch.engine.history()
 
     def op_assess(self, request):
         import livepatch
@@ -89,13 +93,15 @@ class Agent:
 
     def op_apply(self, request):
         import livepatch
-        patch = self._patch(request.get("bundle"), "bundle")
+        patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True)
         timeout, force = _timeout(request), bool(request.get("force", False))
         if request.get("dry_run"):
             return {"dry_run": True, **livepatch.engine.assess(patch)}
         with self._exclusively():
             started = time.perf_counter_ns()
             result = livepatch.engine.apply(patch, timeout=timeout, force=force)
+            from .state import on_applied
+            on_applied(self, data, bundle)
         return {"patch_id": result.patch_id, "pause_ns": result.pause_ns, "attempts": result.attempts,
                 "functions": result.functions, "targets": result.targets, "forced": result.forced,
                 "interrupted_by": result.interrupted_by, "engine_ns": time.perf_counter_ns() - started,
@@ -112,11 +118,14 @@ class Agent:
                 if patch_id is not None and not isinstance(patch_id, str):
                     raise _RequestError("BadRequest", "patch_id must be a string")
                 results = [livepatch.engine.rollback(patch_id, timeout=timeout, force=force)]
+            from .state import on_rolled_back
+            on_rolled_back(self, [r.patch_id for r in results])
         return [{"patch_id": r.patch_id, "pause_ns": r.pause_ns, "attempts": r.attempts,
                  "functions": r.functions, "targets": r.targets} for r in results]
 
     # ------------------------------------------------------------ helpers
-    def _patch(self, blob, field):
+    def _patch(self, blob, field, raw=False):
+        """The verified Patch; with `raw`, (patch, bundle bytes, verified Bundle)."""
         from livepatch.bundle import read, to_patch
         if not isinstance(blob, str):
             raise _RequestError("BadRequest", f"{field} must be a base64 string")
@@ -124,7 +133,9 @@ class Agent:
             data = base64.b64decode(blob, validate=True)
         except (binascii.Error, ValueError):
             raise _RequestError("BadRequest", f"{field} is not valid base64") from None
-        return to_patch(read(data, self.trusted, allow_unsigned=self.allow_unsigned))
+        bundle = read(data, self.trusted, allow_unsigned=self.allow_unsigned)
+        patch = to_patch(bundle)
+        return (patch, data, bundle) if raw else patch
 
     @contextlib.contextmanager
     def _exclusively(self):

@@ -1,0 +1,624 @@
+"""Per-service state on disk: the bundles applied to a service, their
+ordered record, and the service's history, so that a fix survives a
+restart and every process of the service (master and workers share one
+directory) can answer `history` for what happened before it started.
+
+Location: `$LIVEPATCH_STATE_DIR/<name>` (or `start(state_dir=...)`), else
+`/var/lib/livepatch/<name>` for root, else `$XDG_STATE_HOME/livepatch/<name>`
+(default `~/.local/state/livepatch/<name>`). The directory is created 0700
+and refused, like the socket directory, when it is a symlink, has another
+owner or any group/other bits, or when a directory above it lets others
+replace it (group/world writable without the sticky bit, or owned by
+another user). Contents:
+
+    bundles/<id>-<sha256 prefix>.lpb   the applied bundles, byte for byte
+    applied.json                       ordered list of applied records
+    history.jsonl                      one JSON object per event, kept
+                                       LIVEPATCH_HISTORY_DAYS (default 30)
+    retired/                           bundles that no longer apply here
+    .lock                              flock(2) serialising every update
+
+At agent start (`on_agent_start`) every record is verified again against
+the agent's trusted keys and applied in order; targets whose modules are
+not imported yet are committed by the engine as they are imported. A
+record that fails verification or whose baseline does not match the
+running code is *retired*: moved out of the record with a history entry,
+never applied to the wrong code.
+
+A forked child inherits its parent's patch stack in memory; its agent
+applies only the records its stack does not already hold (checked with
+`engine.applied_ids()`), so nothing is applied twice.
+
+Only services with a name of their own, an explicit state directory, or
+started under `livepatch run` keep state: an agent attached to an arbitrary
+process defaults to its program's file name, and unrelated programs must
+not share records."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import threading
+import time
+
+from . import log as _log
+from . import runtime_dir
+
+HISTORY_DAYS = 30.0
+REAPPLY_TIMEOUT = 5.0
+MAX_RECORDS = 256
+MAX_STATE_FILE = 64 << 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Refusals that mean "this bundle is not for the code that runs here".
+_WRONG_CODE = ("BaselineMismatch", "TargetNotFound", "IncompatibleChange")
+
+
+class UnsafeState(Exception):
+    """The state directory cannot be used safely; the agent runs without it."""
+
+
+def validate_name(name) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise UnsafeState(f"service name {str(name)[:80]!r} cannot name a state directory "
+                          "(letters, digits, '.', '_', '-'; at most 64; no '..' or '/')")
+    return name
+
+
+def default_root() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/livepatch"
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "livepatch")
+
+
+def location(name: str, root: str | None = None) -> str:
+    root = root or os.environ.get("LIVEPATCH_STATE_DIR") or default_root()
+    return os.path.join(os.path.abspath(root), validate_name(name))
+
+
+def _now_iso(ts: float | None = None) -> str:
+    ts = time.time() if ts is None else ts
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _parse_time(text) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(str(text)).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def history_days() -> float:
+    raw = os.environ.get("LIVEPATCH_HISTORY_DAYS")
+    if raw is None:
+        return HISTORY_DAYS
+    try:
+        days = float(raw)
+        if days > 0 and days == days:
+            return days
+    except ValueError:
+        pass
+    _log.logger.warning("livepatch: LIVEPATCH_HISTORY_DAYS=%r is not a positive number of days; keeping %g",
+                        raw[:40], HISTORY_DAYS)
+    return HISTORY_DAYS
+
+
+# ------------------------------------------------------------------ safety
+
+def _check_ancestors(path: str) -> None:
+    """Nobody but us or root may replace `path` or a directory above it."""
+    uid = os.getuid()
+    here = os.path.realpath(os.path.dirname(path))
+    while True:
+        st = os.stat(here)
+        if st.st_uid not in (0, uid):
+            raise UnsafeState(f"{here} (above {path}) is owned by uid {st.st_uid}; others could replace the state directory")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeState(f"{here} (above {path}) has mode {stat.S_IMODE(st.st_mode):o}: "
+                              "writable by others without the sticky bit")
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here = parent
+
+
+def _ensure_dir(path: str) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        runtime_dir.check(path)
+    except runtime_dir.UnsafeDirectory as exc:
+        raise UnsafeState(str(exc)) from None
+
+
+def _makedirs_private(path: str) -> None:
+    """Create the missing directories of `path`, each 0700."""
+    missing = []
+    here = path
+    while not os.path.lexists(here):
+        missing.append(here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+
+
+# Lock descriptors open in this process. A forked child inherits them (and
+# with them the flock of a thread that no longer exists there): the child
+# closes its copies, which never releases the parent's lock.
+_held_fds: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class State:
+    """One service's state directory. Every update runs under an exclusive
+    flock on `.lock` (a new descriptor each time, so threads of one process
+    serialise too) and replaces files by atomic rename."""
+
+    def __init__(self, path: str):
+        self.path = path
+        _makedirs_private(os.path.dirname(path))
+        _check_ancestors(path)
+        _ensure_dir(path)
+        for sub in ("bundles", "retired"):
+            _ensure_dir(os.path.join(path, sub))
+        self._lock_path = os.path.join(path, ".lock")
+        self._warned: set = set()
+
+    # -------------------------------------------------------------- files
+    @contextlib.contextmanager
+    def locked(self):
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        _held_fds.add(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            _held_fds.discard(fd)
+            os.close(fd)  # releases the lock
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise UnsafeState(f"{os.path.join(self.path, name)} is not a regular file of ours")
+            return fh.read(MAX_STATE_FILE + 1)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write to a fresh temporary name, then rename over `name`."""
+        final = os.path.join(self.path, name)
+        tmp = os.path.join(os.path.dirname(final),
+                           f".{os.path.basename(name)}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.logger.warning("livepatch: %s", message)
+
+    # ------------------------------------------------------------ records
+    def records(self) -> list[dict]:
+        try:
+            raw = self._read("applied.json")
+        except (OSError, UnsafeState) as exc:
+            self._warn_once("applied", f"cannot read {self.path}/applied.json ({exc}); treating it as empty")
+            return []
+        if raw is None:
+            return []
+        try:
+            value = json.loads(raw)
+            if not isinstance(value, list):
+                raise ValueError("not a list")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._warn_once("applied", f"{self.path}/applied.json is corrupt ({str(exc)[:80]}); treating it as empty")
+            return []
+        out = []
+        for rec in value[:MAX_RECORDS]:
+            if (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("file"), str)
+                    and _FILE.match(rec["file"]) and isinstance(rec.get("sha256"), str) and _HEX64.match(rec["sha256"])):
+                out.append(rec)
+            else:
+                self._warn_once("applied-entry", f"{self.path}/applied.json has an invalid record; ignoring it")
+        return out
+
+    def _store_records(self, records: list[dict]) -> None:
+        self._write("applied.json", json.dumps(records, indent=1).encode() + b"\n")
+
+    def record(self, data: bytes, manifest: dict, signed_by=None) -> dict:
+        """Keep the bundle bytes and append its record (idempotent: the same
+        bytes are recorded once; a new build of the same id replaces the
+        older one in place)."""
+        digest = hashlib.sha256(data).hexdigest()
+        patch_id = manifest["id"]
+        rec = {"id": patch_id, "file": f"{patch_id}-{digest[:16]}.lpb", "sha256": digest,
+               "classification": manifest.get("classification"), "title": manifest.get("title"),
+               "baseline": dict(manifest.get("baseline") or {}), "cumulative": bool(manifest.get("cumulative")),
+               "signed_by": signed_by, "applied_at": _now_iso(), "pid": os.getpid()}
+        with self.locked():
+            records = self.records()
+            for old in records:
+                if old["sha256"] == digest and old["id"] == patch_id:
+                    return old
+            path = os.path.join("bundles", rec["file"])
+            existing = self._read(path)
+            if existing is None or hashlib.sha256(existing).hexdigest() != digest:
+                self._write(path, data)
+            replaced = [r for r in records if r["id"] == patch_id]
+            if replaced:
+                records = [rec if r["id"] == patch_id else r for r in records]
+                for r in replaced:
+                    if r["file"] != rec["file"]:
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(self.path, "bundles", r["file"]))
+            else:
+                records.append(rec)
+            self._store_records(records)
+        return rec
+
+    def remove(self, ids) -> list[str]:
+        """Forget the records of rolled-back patches (idempotent)."""
+        ids = set(ids)
+        with self.locked():
+            records = self.records()
+            gone = [r for r in records if r["id"] in ids]
+            if not gone:
+                return []
+            self._store_records([r for r in records if r["id"] not in ids])
+            for r in gone:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, "bundles", r["file"]))
+        return [r["id"] for r in gone]
+
+    def retire(self, patch_id: str, reason: str, sha256: str | None = None) -> dict | None:
+        """Move a record out of the applied list (its bundle to retired/)
+        and write the history entry; None when it was not recorded (another
+        process retired it first)."""
+        with self.locked():
+            records = self.records()
+            gone = [r for r in records if r["id"] == patch_id and (sha256 is None or r["sha256"] == sha256)]
+            if not gone:
+                return None
+            self._store_records([r for r in records if r not in gone])
+            for r in gone:
+                with contextlib.suppress(OSError):
+                    dest = os.path.join(self.path, "retired", r["file"])
+                    os.replace(os.path.join(self.path, "bundles", r["file"]), dest)
+                    os.utime(dest)  # kept as long as the history that names it
+            entry = {"time": _now_iso(), "pid": os.getpid(), "action": "retire", "patch": patch_id,
+                     "classification": gone[0].get("classification"), "outcome": "ok", "reason": reason,
+                     "file": os.path.join("retired", gone[0]["file"])}
+            self._append_locked(entry)
+        return entry
+
+    def read_bundle(self, rec: dict) -> bytes:
+        """The recorded bytes, checked against the recorded digest."""
+        from livepatch.bundle import MAX_BUNDLE_BYTES
+        name = os.path.join("bundles", rec["file"])
+        try:
+            data = self._read(name)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeState(f"{name} is a symlink") from None
+            raise UnsafeState(f"cannot read {name}: {exc.strerror}") from None
+        if data is None:
+            raise UnsafeState(f"{name} is missing")
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise UnsafeState(f"{name} is over the bundle size limit")
+        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise UnsafeState(f"{name} does not match its recorded SHA-256 (tampered or corrupted)")
+        return data
+
+    # ------------------------------------------------------------ history
+    def append(self, entry: dict) -> None:
+        with self.locked():
+            self._append_locked(entry)
+
+    def _append_locked(self, entry: dict) -> None:
+        line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
+        fd = os.open(os.path.join(self.path, "history.jsonl"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def history(self) -> list[dict]:
+        try:
+            raw = self._read("history.jsonl")
+        except (OSError, UnsafeState) as exc:
+            self._warn_once("history", f"cannot read {self.path}/history.jsonl ({exc}); treating it as empty")
+            return []
+        out, bad = [], 0
+        for line in (raw or b"").splitlines():
+            try:
+                entry = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                entry = None
+            if isinstance(entry, dict):
+                out.append(entry)
+            elif line.strip():
+                bad += 1
+        if bad:
+            self._warn_once("history-lines", f"{self.path}/history.jsonl has {bad} unreadable line(s); skipping them")
+        return out
+
+    def prune(self, days: float | None = None) -> int:
+        """Drop history entries (and retired bundles) older than `days`;
+        returns how many entries went. Cheap when nothing is old: only the
+        first line is read."""
+        cutoff = time.time() - 86400 * (history_days() if days is None else days)
+        try:
+            raw = self._read("history.jsonl")
+        except (OSError, UnsafeState):
+            return 0
+        first = (raw or b"").split(b"\n", 1)[0]
+        try:
+            oldest = _parse_time(json.loads(first).get("time")) if first else None
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            oldest = 0.0  # unreadable first line: rewrite without it
+        self._prune_retired(cutoff)
+        if oldest is None or oldest >= cutoff:
+            return 0
+        with self.locked():
+            entries = self.history()
+            keep = [e for e in entries if (_parse_time(e.get("time")) or 0.0) >= cutoff]
+            self._write("history.jsonl", b"".join(json.dumps(e, separators=(",", ":"), default=str).encode() + b"\n"
+                                                  for e in keep))
+        return len(entries) - len(keep)
+
+    def _prune_retired(self, cutoff: float) -> None:
+        folder = os.path.join(self.path, "retired")
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                p = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    st = os.lstat(p)
+                    if st.st_mtime < cutoff:
+                        os.unlink(p)
+
+
+# ------------------------------------------------------------ agent hooks
+
+_current = {"state": None, "agent": None}
+_classes: dict = {}  # patch id -> classification, for history entries and log lines
+_local = threading.local()  # .reapplying: the record being re-applied on this thread
+
+
+def _wants_state(agent, root) -> bool:
+    env = os.environ
+    if root or env.get("LIVEPATCH_STATE_DIR") or env.get("LIVEPATCH_NAME") or env.get("LIVEPATCH_AUTOSTART") == "1":
+        return True
+    try:
+        from . import _default_name
+        default = _default_name()
+    except ImportError:
+        default = os.path.basename(sys.argv[0] or "python")
+    return agent.name != default
+
+
+def open_for(agent, root: str | None = None) -> State | None:
+    """The agent's state, or None (logged once) when it cannot be used."""
+    root = root or getattr(agent, "state_dir", None)
+    if not _wants_state(agent, root):
+        return None
+    try:
+        return State(location(agent.name, root))
+    except UnsafeState as exc:
+        _log.logger.warning("livepatch: not keeping patches across restarts: %s", exc)
+    except OSError as exc:
+        _log.logger.warning("livepatch: not keeping patches across restarts: state directory for %r: %s",
+                            agent.name, exc.strerror or exc)
+    return None
+
+
+def on_agent_start(agent, state_dir: str | None = None) -> None:
+    """Open the service's state, persist and log every engine event from now
+    on, and re-apply what is recorded. Never raises into the service."""
+    import livepatch
+    try:
+        state = open_for(agent, state_dir)
+        agent.state = state
+        _current.update(state=state, agent=agent)
+        _listen(livepatch.engine)
+        if state is not None:
+            state.prune()
+            for rec in state.records():
+                if rec.get("classification"):
+                    _classes[rec["id"]] = rec["classification"]
+            _reapply(agent, state)
+    except Exception as exc:  # a bug here must not take the service down
+        _log.logger.exception("livepatch: state handling at agent start failed: %s", exc)
+
+
+def _listen(engine) -> None:
+    add = getattr(engine, "add_listener", None)
+    if add is None:
+        return
+    # A forked child inherits the parent's registration: never twice.
+    with contextlib.suppress(Exception):
+        engine.remove_listener(_on_entry)
+    add(_on_entry)
+
+
+def _classification(patch_id):
+    if patch_id in _classes:
+        return _classes[patch_id]
+    import livepatch
+    with contextlib.suppress(Exception):
+        for p in livepatch.engine.status()["applied"]:
+            if p["id"] == patch_id and p["metadata"].get("classification"):
+                _classes[patch_id] = p["metadata"]["classification"]
+                return _classes[patch_id]
+    return None
+
+
+_KEEP = ("reason", "error", "module", "targets", "pending", "pause_ns", "attempts", "functions", "forced", "commit")
+
+
+def _on_entry(entry: dict) -> None:
+    """Engine listener: one history line on disk and one log line."""
+    rec = getattr(_local, "reapplying", None)
+    action = entry.get("action")
+    if rec is not None and action == "apply" and entry.get("patch") == rec["id"]:
+        action = "reapply"
+    patch_id = entry.get("patch")
+    out = {"time": entry.get("time") or _now_iso(), "pid": os.getpid(), "action": action, "patch": patch_id,
+           "classification": _classification(patch_id), "outcome": entry.get("outcome")}
+    for key in _KEEP:
+        if entry.get(key) not in (None, "", [], {}):
+            out[key] = entry[key]
+    if entry.get("problems"):
+        out["problems"] = list(entry["problems"])[:20]
+    _log.log_entry(out, out["classification"])
+    state = _current["state"]
+    if state is None:
+        return
+    try:
+        state.append(out)
+    except OSError as exc:
+        state._warn_once("append", f"cannot write {state.path}/history.jsonl: {exc.strerror or exc}")
+    if action == "import" and out["outcome"] == "refused" and out.get("error") in _WRONG_CODE:
+        _retire(state, patch_id, f"{out.get('module') or 'a module'} as imported here does not match the bundle's "
+                                 f"baseline ({out.get('error')}): {_log._first_line(out.get('reason'))}")
+
+
+def _retire(state: State, patch_id: str, reason: str, sha256: str | None = None) -> None:
+    try:
+        entry = state.retire(patch_id, reason, sha256)
+    except OSError as exc:
+        _log.logger.error("livepatch: could not retire %s in %s: %s", patch_id, state.path, exc.strerror or exc)
+        return
+    if entry is not None:
+        _log.log_entry(entry, entry.get("classification"))
+
+
+def _missing_modules(manifest: dict) -> list[str]:
+    from livepatch.locate import loaded_module
+    names = {t["target"].partition(":")[0] for t in manifest.get("targets", ())}
+    names |= {g["name"].partition(":")[0] for g in manifest.get("globals", ())}
+    return sorted(n for n in names if loaded_module(n) is None)
+
+
+def _reapply(agent, state: State) -> None:
+    import livepatch
+    from livepatch.bundle import read, to_patch
+    from livepatch.errors import PatchError
+    have = set(livepatch.engine.applied_ids())
+    for rec in state.records():
+        if rec["id"] in have:
+            continue  # inherited through fork, or applied already
+        try:
+            data = state.read_bundle(rec)
+        except UnsafeState as exc:
+            _retire(state, rec["id"], f"recorded bundle unusable: {exc}", rec["sha256"])
+            continue
+        manifest = None
+        try:
+            bundle = read(data, agent.trusted, allow_unsigned=agent.allow_unsigned)
+            manifest = bundle.manifest
+            if bundle.id != rec["id"]:
+                raise PatchError(f"bundle carries id {bundle.id!r}, recorded as {rec['id']!r}")
+            _classes[bundle.id] = manifest.get("classification")
+            patch = to_patch(bundle)
+        except PatchError as exc:
+            if manifest is not None and type(exc).__name__ == "TargetNotFound" and _missing_modules(manifest):
+                _log.logger.warning("livepatch: not re-applying %s yet: %s", rec["id"], _log._first_line(exc))
+                continue
+            _retire(state, rec["id"], f"recorded bundle failed verification: {type(exc).__name__}: "
+                                      f"{_log._first_line(exc)}", rec["sha256"])
+            continue
+        _local.reapplying = rec
+        try:
+            livepatch.engine.apply(patch, timeout=REAPPLY_TIMEOUT)
+        except PatchError as exc:
+            kind = type(exc).__name__
+            if kind == "TargetNotFound" and _missing_modules(manifest):
+                continue  # the engine cannot hold pending targets: kept for a later start
+            if kind in _WRONG_CODE or "requires" in {p.category for p in exc.problems}:
+                _retire(state, rec["id"], f"does not apply to the code running here ({kind}): "
+                                          f"{_log._first_line(exc)}", rec["sha256"])
+            # busy or a failed commit: kept, the next start tries again
+        finally:
+            _local.reapplying = None
+
+
+def on_applied(agent, data: bytes, bundle) -> bool:
+    """After a successful apply: keep the bundle and its record."""
+    state = getattr(agent, "state", None)
+    _classes[bundle.id] = bundle.manifest.get("classification")
+    if state is None:
+        return False
+    try:
+        state.record(data, bundle.manifest, bundle.signed_by)
+        return True
+    except (OSError, UnsafeState) as exc:
+        _log.logger.error("livepatch: applied %s but could not record it in %s: %s; it will not be re-applied "
+                          "after a restart", bundle.id, state.path, getattr(exc, "strerror", None) or exc)
+        return False
+
+
+def on_rolled_back(agent, patch_ids) -> None:
+    state = getattr(agent, "state", None)
+    if state is None:
+        return
+    try:
+        state.remove(patch_ids)
+    except (OSError, UnsafeState) as exc:
+        _log.logger.error("livepatch: rolled back %s but could not update %s: %s", ", ".join(patch_ids),
+                          state.path, getattr(exc, "strerror", None) or exc)
+
+
+def history(agent) -> list[dict] | None:
+    """The persisted history, or None when the agent keeps no state."""
+    state = getattr(agent, "state", None)
+    return state.history() if state is not None else None
+
+
+def status_fields(agent) -> dict:
+    state = getattr(agent, "state", None)
+    return {"state_dir": state.path if state is not None else None,
+            "recorded": state.records() if state is not None else []}
