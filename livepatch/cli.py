@@ -8,6 +8,8 @@ Exit codes (also in README.md):
      target, incompatible change, refused source change)
   4  verification failed (signature, tampered or invalid bundle)
   5  no such process, or no agent reachable in it
+  6  partial: a service was left with some processes patched and others
+     not (`--continue`, or a rollback after a refusal that failed)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import sys
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_VERIFY, EXIT_NO_AGENT = 0, 1, 2, 3, 4, 5
+EXIT_PARTIAL = 6
 
 
 class CliError(Exception):
@@ -170,7 +173,7 @@ def cmd_inspect(args):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="livepatch", description="Hotpatch running Python processes.",
-                                 epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process")
+                                 epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def command(name, func, help):

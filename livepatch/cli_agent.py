@@ -78,36 +78,24 @@ def _ns(ns) -> str:
 # ---------------------------------------------------------------- commands
 
 def cmd_ps(args):
-    import psutil
-    from .client import AgentUnavailable, live_agents, request
-    rows = []
-    for pid in live_agents():
-        try:
-            proc = psutil.Process(pid)
-            command = " ".join(proc.cmdline())[:60]
-        except psutil.Error:
-            continue
-        row = {"pid": pid, "name": proc.name(), "command": command}
-        try:
-            response = request(pid, "status", wait=5)
-            status = response["result"] if response.get("ok") else None
-        except (AgentUnavailable, OSError):
-            status = None
-        if status is None:
-            row.update(python="?", baseline="-", patches="-", state="not answering")
-        else:
-            base = status.get("baseline") or {}
-            row.update(name=status["agent"]["name"], python=status["python"]["version"],
-                       command=" ".join(status["agent"]["argv"])[:60],
-                       baseline=f"{base.get('name', '-')} {base.get('version', '')}".strip(),
-                       patches=",".join(p["id"] for p in status["applied"]) or "-",
-                       state=("forced" if status["forced"] else "patched" if status["applied"] else "baseline")
-                       + (" (dev: unsigned allowed)" if status["agent"]["development_mode_unsigned_bundles"] else ""))
-        rows.append(row)
-    _emit(args, rows, lambda r: table(r, ["pid", "name", "python", "baseline", "patches", "state", "command"]))
+    from . import cli_tree
+    cli_tree.ps(args)
+
+
+def _one_process(args) -> bool:
+    """A bare PID is one process (as it always was); a name, or a PID with
+    --tree, is a service (livepatch/cli_tree.py)."""
+    from .tree import is_pid
+    if is_pid(args.target) and not args.tree:
+        args.pid = int(args.target)
+        return True
+    return False
 
 
 def cmd_status(args):
+    if not _one_process(args):
+        from . import cli_tree
+        return cli_tree.status(args)
     status = _call(args.pid, "status")
 
     def human(s):
@@ -127,6 +115,9 @@ def cmd_status(args):
 
 
 def cmd_history(args):
+    if not _one_process(args):
+        from . import cli_tree
+        return cli_tree.history(args)
     history = _call(args.pid, "history")
 
     def human(h):
@@ -158,6 +149,9 @@ def cmd_assess(args):
 
 
 def cmd_apply(args):
+    if not _one_process(args):
+        from . import cli_tree
+        return cli_tree.apply(args)
     from .client import encode_bundle
     blob = encode_bundle(read_bundle_bytes(args.bundle))
     started = time.perf_counter()
@@ -184,6 +178,9 @@ def cmd_apply(args):
 
 
 def cmd_rollback(args):
+    if not _one_process(args):
+        from . import cli_tree
+        return cli_tree.rollback(args)
     fields = {"timeout": args.timeout, "force": args.force}
     if args.all:
         fields["all"] = True
@@ -211,22 +208,28 @@ def cmd_attach(args):
 
 
 def add_commands(command) -> None:
-    p = command("ps", cmd_ps, "list processes on this machine with a live agent")
-    p = command("status", cmd_status, "show a process's agent status and applied patches")
-    p.add_argument("pid", type=int)
-    p = command("history", cmd_history, "show every apply, rollback, refusal and failure in a process")
-    p.add_argument("pid", type=int)
+    def target(p):
+        p.add_argument("target", metavar="SERVICE|PID", help="a PID (one process), or a service: its name, or a PID with --tree")
+        p.add_argument("--tree", action="store_true", help="the PID and all its descendants that have an agent")
+
+    p = command("ps", cmd_ps, "list processes with a live agent, grouped by service (masters, and the workers under them)")
+    p = command("status", cmd_status, "show the agent status and applied patches of a process or of every process of a service")
+    target(p)
+    p = command("history", cmd_history, "show every apply, rollback, refusal and failure in a process or a service")
+    target(p)
     p = command("assess", cmd_assess, "check which bundles would apply to a process now, changing nothing")
     p.add_argument("pid", type=int)
     p.add_argument("bundles", nargs="+", metavar="BUNDLE")
-    p = command("apply", cmd_apply, "apply a bundle to a live process")
-    p.add_argument("pid", type=int)
+    p = command("apply", cmd_apply, "apply a bundle to a live process, or to every process of a service (all or nothing)")
+    target(p)
     p.add_argument("bundle")
+    p.add_argument("--continue", dest="keep_going", action="store_true",
+                   help="service: patch the processes that can be, even if others refuse (exit 6 if some are left)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a safe point (default 5)")
     p.add_argument("--force", action="store_true", help="patch even targets that are running (they finish on old code)")
     p.add_argument("--dry-run", action="store_true", help="verify and check only; change nothing")
-    p = command("rollback", cmd_rollback, "roll back the latest patch, a named one, or all")
-    p.add_argument("pid", type=int)
+    p = command("rollback", cmd_rollback, "roll back the latest patch, a named one, or all, in a process or a service")
+    target(p)
     p.add_argument("patch_id", nargs="?")
     p.add_argument("--all", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -238,9 +241,5 @@ def add_commands(command) -> None:
     p.add_argument("--name", help="a name for the service in `livepatch ps`")
     p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
     p.add_argument("--timeout", type=float, default=15.0)
-    from .cli_run import cmd_run
-    p = command("run", cmd_run, "run a Python program with the agent already listening")
-    p.add_argument("--name")
-    p.add_argument("--trust", metavar="KEYFILE_OR_DIR")
-    p.add_argument("--allow-unsigned", action="store_true")
-    p.add_argument("command", nargs="+", metavar="-- PYTHON app.py ARGS")
+    from .cli_run import add_arguments, cmd_run
+    add_arguments(command("run", cmd_run, "run a Python program (any command line) with the agent in it"))

@@ -1,0 +1,398 @@
+"""The service forms of `livepatch ps`, `status`, `history`, `apply` and
+`rollback`: acting on every process of a service (livepatch/tree.py finds
+them) from this one process, with concurrent requests (livepatch/fanout.py).
+
+Apply is all or nothing across the service unless the operator asks to
+continue: every process verifies and checks the bundle first (`assess`);
+only if all would apply does any commit; if one then refuses or fails, the
+processes that had already committed roll back. Afterwards the service is
+looked at once more, so workers forked or spawned meanwhile get the patch
+too (a forked one usually inherited it)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import fanout, tree
+from .cli import EXIT_NO_AGENT, EXIT_PARTIAL, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, read_bundle_bytes, table
+
+ASSESS_WAIT = 60.0
+VERIFY_ERRORS = ("BundleError", "SignatureError")
+# outcomes that leave the patch in effect in a process (or waiting for an import)
+IN_EFFECT = ("patched", "pending", "already applied", "inherited")
+
+
+def find(args) -> tree.Service:
+    try:
+        return tree.find(args.target, args.tree)
+    except tree.NoSuchService as exc:
+        raise CliError(str(exc), EXIT_NO_AGENT) from None
+
+
+def _ns(ns) -> str:
+    return f"{ns / 1000:.1f} µs" if ns < 10_000_000 else f"{ns / 1e6:.1f} ms"
+
+
+def _pid_cell(member_depth: int, pid: int) -> str:
+    return "  " * member_depth + str(pid)
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+# ---------------------------------------------------------------- ps / status / history
+
+def ps(args):
+    services = tree.everything()
+    rows = [{"service": s.label, **m.row()} for s in services for m in s.members]
+
+    def human(_):
+        lines = []
+        for s in services:
+            workers = len(s.workers)
+            lines.append(f"{s.label}: {len(s.members)} process{'es' if len(s.members) != 1 else ''}, "
+                         f"{workers} serving")
+            cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role, "python": m.row()["python"] or "?",
+                      "patches": ",".join(m.applied) or "-",
+                      "state": m.state + (f" ({', '.join(m.pending)})" if m.pending else "")
+                      + (" (dev: unsigned allowed)" if m.row()["development_mode_unsigned_bundles"] else ""),
+                      "command": m.command[:60]} for m in s.members]
+            lines += ["  " + line for line in table(cells, ["pid", "role", "python", "patches", "state", "command"]).splitlines()]
+        lines.append("workers serve requests; a master only starts and watches its workers" if services
+                     else "no process on this machine has a livepatch agent")
+        return "\n".join(lines)
+    _emit(args, rows, human)
+
+
+def status(args):
+    svc = find(args)
+    data = {"service": svc.label, "processes": [{**m.row(), "status": m.status} for m in svc.members]}
+
+    def human(d):
+        lines = [f"service {svc.label}: {len(svc.members)} processes, {len(svc.workers)} serving"]
+        cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role + (" (serves)" if m.serves else ""),
+                  "state": m.state, "patches": ",".join(m.applied) or "-",
+                  "pending": ",".join(m.pending) or "-", "python": m.row()["python"] or "?",
+                  "baseline": " ".join(str(v) for v in (m.row()["baseline"] or {}).values()) or "-"} for m in svc.members]
+        lines.append(table(cells, ["pid", "role", "state", "patches", "pending", "python", "baseline"]))
+        for m in svc.members:
+            if m.error:
+                lines.append(f"process {m.pid}: {m.error}")
+            for w in (m.status or {}).get("warnings", []):
+                lines.append(f"WARNING in process {m.pid}: {w}")
+        return "\n".join(lines)
+    _emit(args, data, human)
+
+
+def history(args):
+    svc = find(args)
+    outcomes = fanout.request_all(svc.pids, "history", wait=tree.STATUS_WAIT)
+    # processes of a service may share one persisted history (each entry names
+    # its pid): merge, keep each event once, oldest first
+    events, seen = [], set()
+    for m in svc.members:
+        o = outcomes[m.pid]
+        for e in (o.result or []) if o.ok else []:
+            e = {**e, "pid": e.get("pid", m.pid)}
+            key = json.dumps(e, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                events.append(e)
+    events.sort(key=lambda e: (str(e.get("time", "")), e["pid"]))
+    data = {"service": svc.label,
+            "processes": [{"pid": m.pid, "role": m.role, "serves": m.serves,
+                           **({} if outcomes[m.pid].ok else {"error": outcomes[m.pid].describe()})} for m in svc.members],
+            "history": events}
+
+    def human(d):
+        rows = [{"time": e.get("time", ""), "pid": e["pid"], "action": e.get("action", ""),
+                 "patch": e.get("patch", ""), "outcome": e.get("outcome", ""),
+                 "reason": (e.get("reason") or "").splitlines()[0][:60] if e.get("reason") else ""} for e in d["history"]]
+        lines = [table(rows, ["time", "pid", "action", "patch", "outcome", "reason"])]
+        lines += [f"process {p['pid']}: {p['error']}" for p in d["processes"] if p.get("error")]
+        return "\n".join(lines)
+    _emit(args, data, human)
+
+
+# ---------------------------------------------------------------- apply
+
+class _Report:
+    """One line per process, and the counts the summary is made of."""
+
+    def __init__(self, svc: tree.Service):
+        self.svc = svc
+        self.procs: dict[int, dict] = {}
+        for m in svc.members:
+            self.add(m)
+        self.notes: list[str] = []
+
+    def add(self, m: tree.Member, newcomer: bool = False) -> dict:
+        rec = self.procs[m.pid] = {"pid": m.pid, "parent": m.parent, "role": m.role, "serves": m.serves,
+                                   "depth": m.depth, "newcomer": newcomer, "outcome": "", "detail": ""}
+        if not m.answering:
+            self.fail(m.pid, "not answering", m.error)
+        return rec
+
+    def fail(self, pid, outcome, message, error="", problems=()):
+        rec = self.procs[pid]
+        rec.update(outcome=outcome, error=error, detail=message.splitlines()[0] if message else "")
+        if problems:
+            rec["problems"] = list(problems)
+
+    def from_outcome(self, o: fanout.Outcome, refused="refused"):
+        from .cli_agent import _REFUSALS
+        if o.unavailable and _gone(o.pid):
+            self.procs[o.pid].update(outcome="gone", detail="the process exited meanwhile")
+            return
+        kind = refused if o.error in _REFUSALS or o.error in VERIFY_ERRORS else "failed"
+        self.fail(o.pid, kind, f"{o.error}: {o.message}", o.error, o.details.get("problems", ()))
+
+    def relayout(self, now: tree.Service):
+        for m in now.members:
+            if m.pid in self.procs:
+                self.procs[m.pid].update(parent=m.parent, role=m.role, serves=m.serves, depth=m.depth)
+
+    def with_outcome(self, *outcomes) -> list[int]:
+        return [pid for pid, r in self.procs.items() if r["outcome"] in outcomes]
+
+    def counts(self) -> dict:
+        live = [r for r in self.procs.values() if r["outcome"] != "gone"]
+        serving = [r for r in live if r["serves"]]
+        masters = [r for r in live if not r["serves"]]
+        return {"serving": len(serving),
+                "serving_patched": sum(r["outcome"] in ("patched", "already applied", "inherited") for r in serving),
+                "serving_pending": sum(r["outcome"] == "pending" for r in serving),
+                "masters": len(masters),
+                "masters_patched": sum(r["outcome"] in IN_EFFECT for r in masters),
+                "gone": sum(r["outcome"] == "gone" for r in self.procs.values())}
+
+    def ordered(self) -> list[dict]:
+        # processes in tree order, newcomers where the last look placed them
+        order = {m.pid: i for i, m in enumerate(self.svc.members)}
+        return sorted(self.procs.values(), key=lambda r: (order.get(r["pid"], len(order)), r["pid"]))
+
+
+def _summary(c: dict) -> str:
+    text = f"{c['serving_patched']} of {c['serving']} serving processes patched"
+    if c["serving_pending"]:
+        text += f", {c['serving_pending']} pending (target modules not imported yet; patched on import)"
+    if c["masters"]:
+        text += f"; {c['masters_patched']} of {c['masters']} master{'s' if c['masters'] != 1 else ''} patched"
+    if c["gone"]:
+        text += f"; {c['gone']} exited during the operation"
+    return text
+
+
+def _render(rep: _Report, headline: str, summary: str) -> str:
+    cells = [{"pid": _pid_cell(r["depth"], r["pid"]), "role": r["role"] + (" (serves)" if r["serves"] else ""),
+              "outcome": r["outcome"] + (" (new)" if r["newcomer"] else ""), "detail": r["detail"][:90]}
+             for r in rep.ordered()]
+    lines = [headline, table(cells, ["pid", "role", "outcome", "detail"])]
+    for r in rep.ordered():
+        if r.get("problems"):
+            lines.append(f"process {r['pid']}:\n{_problems_text(r['problems'])}")
+    lines += rep.notes
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def _commit(rep: _Report, pids, blob, args) -> list[int]:
+    """Apply in every PID at once; returns the ones that committed."""
+    done = []
+    outcomes = fanout.request_all(pids, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
+                                  force=args.force)
+    for pid, o in outcomes.items():
+        if o.ok:
+            r = o.result
+            rep.procs[pid].update(outcome="patched", pause_ns=r.get("pause_ns"), functions=r.get("functions"),
+                                  detail=f"{r.get('functions')} functions, pause {_ns(r.get('pause_ns') or 0)}"
+                                  + (" (FORCED)" if r.get("forced") else ""))
+            done.append(pid)
+        else:
+            rep.from_outcome(o)
+    return done
+
+
+def _undo(rep: _Report, pids, patch_id, args, why: str) -> bool:
+    """Roll `patch_id` back in `pids`; True if every one of them did."""
+    outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, patch_id=patch_id,
+                                  timeout=args.timeout, force=args.force)
+    ok = True
+    for pid, o in outcomes.items():
+        if o.ok:
+            rep.procs[pid].update(outcome="rolled back", detail=f"committed, then rolled back: {why}")
+        elif o.unavailable and _gone(pid):
+            rep.procs[pid].update(outcome="gone", detail="the process exited meanwhile")
+        else:
+            ok = False
+            rep.procs[pid].update(outcome="rollback failed", detail=f"STILL PATCHED: {o.describe()}"[:200])
+    return ok
+
+
+def apply(args):
+    svc = find(args)
+    data = read_bundle_bytes(args.bundle)
+    from .client import encode_bundle
+    blob = encode_bundle(data)  # read and encoded once for every process
+    started = time.perf_counter()
+    rep = _Report(svc)
+    answering = [m.pid for m in svc.members if m.answering]
+
+    # phase 1: verify and check everywhere, changing nothing
+    patch_id, ready = None, []
+    for pid, o in fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob]).items():
+        if not o.ok:
+            rep.from_outcome(o)
+            continue
+        v = o.result[0]
+        patch_id = patch_id or v.get("patch_id")
+        if v["verdict"] == "refused":
+            rep.fail(pid, "refused", f"{v.get('error')}: {v.get('message', '')}", v.get("error", ""), v.get("problems", ()))
+        elif v["verdict"] == "already-applied":
+            rep.procs[pid].update(outcome="already applied", detail="")
+        else:
+            rep.procs[pid].update(outcome="ready", detail=", ".join(v.get("targets", []))[:90])
+            ready.append(pid)
+    blockers = rep.with_outcome("refused", "failed", "not answering")
+    name = patch_id or args.bundle
+
+    def finish(code, headline, summary):
+        c = rep.counts()
+        out = {"service": svc.label, "patch_id": patch_id, "bundle": args.bundle, "exit_code": code,
+               "wall_ms": round((time.perf_counter() - started) * 1000, 1), **c,
+               "processes": [{k: v for k, v in r.items() if k != "depth"} for r in rep.ordered()],
+               "summary": summary}
+        _emit(args, out, lambda o: _render(rep, headline, f"{summary} ({o['wall_ms']} ms)"))
+        if code:
+            raise SystemExit(code)
+
+    verify_failed = any(rep.procs[p].get("error") in VERIFY_ERRORS for p in blockers)
+    if args.dry_run:
+        for pid in ready:
+            rep.procs[pid]["outcome"] = "would apply"
+        finish(EXIT_VERIFY if verify_failed else EXIT_REFUSED if blockers else 0,
+               f"dry run of {name} on service {svc.label}: nothing was changed",
+               f"{len(ready)} of {len(svc.members)} processes would apply it now" + (
+                   f", {len(rep.with_outcome('already applied'))} already have it" if rep.with_outcome("already applied") else ""))
+        return
+    if blockers and not args.keep_going:
+        for pid in ready:
+            rep.procs[pid].update(outcome="unchanged", detail="would apply; not committed because another process refused")
+        finish(EXIT_VERIFY if verify_failed else EXIT_REFUSED, f"{name} on service {svc.label}: refused",
+               f"refused by {len(blockers)} of {len(svc.members)} processes; nothing was changed. " + _summary(rep.counts()))
+        return
+
+    # phase 2: commit everywhere at once
+    committed = _commit(rep, ready, blob, args)
+    failed = rep.with_outcome("refused", "failed")
+    failed_now = [p for p in failed if p not in blockers]
+    if failed_now and not args.keep_going:
+        undone = _undo(rep, committed, patch_id, args, f"process {', '.join(map(str, failed_now))} refused")
+        c = rep.counts()
+        if undone:
+            finish(EXIT_REFUSED, f"{name} on service {svc.label}: refused at commit",
+                   f"refused by {len(failed_now)} of {len(svc.members)} processes at commit; "
+                   f"the {len(committed)} that had committed were rolled back, nothing is left changed. " + _summary(c))
+        else:
+            finish(EXIT_PARTIAL, f"{name} on service {svc.label}: refused at commit, and NOT fully rolled back",
+                   f"rollback failed in {len(rep.with_outcome('rollback failed'))} processes, which still run the patch. "
+                   + _summary(c))
+        return
+
+    # processes that appeared meanwhile, and where the patch waits for an import
+    now, newcomers = tree.rediscover(svc)
+    rep.svc = now if now.members else svc
+    rep.relayout(now)
+    fresh = []
+    for m in newcomers:
+        rec = rep.add(m, newcomer=True)
+        if not m.answering:
+            continue
+        if patch_id in m.applied:
+            rec.update(outcome="inherited", detail="started during the apply, already running the patch")
+        else:
+            fresh.append(m.pid)
+    if fresh:
+        more = _commit(rep, fresh, blob, args)
+        committed += more
+        failed_new = [p for p in fresh if p not in more and rep.procs[p]["outcome"] in ("refused", "failed")]
+        if failed_new and not args.keep_going:
+            undone = _undo(rep, committed, patch_id, args,
+                           f"process {', '.join(map(str, failed_new))}, started during the apply, refused")
+            finish(EXIT_REFUSED if undone else EXIT_PARTIAL, f"{name} on service {svc.label}: refused by a new process",
+                   ("the processes that had committed were rolled back, nothing is left changed. " if undone else
+                    "rollback failed in some processes, which still run the patch. ") + _summary(rep.counts()))
+            return
+    for m in now.members:
+        rec = rep.procs.get(m.pid)
+        if rec and rec["outcome"] in ("patched", "inherited", "already applied") and m.pending_of(patch_id):
+            waiting = m.pending_of(patch_id)
+            rec.update(outcome="pending", pending=waiting,
+                       detail=f"waits for the import of {', '.join(sorted(waiting))}; " + rec["detail"])
+    c = rep.counts()
+    left = rep.with_outcome("refused", "failed", "not answering")
+    if left:
+        finish(EXIT_PARTIAL, f"{name} on service {svc.label}: PARTIAL (--continue)",
+               f"{len(left)} processes are not patched. " + _summary(c))
+        return
+    finish(0, f"{name} on service {svc.label}", _summary(c))
+
+
+# ---------------------------------------------------------------- rollback
+
+def rollback(args):
+    svc = find(args)
+    started = time.perf_counter()
+    rep = _Report(svc)
+
+    def has_work(m):
+        return bool(m.applied) if args.all or not args.patch_id else args.patch_id in m.applied
+
+    def targets(members):
+        todo = []
+        for m in members:
+            if not m.answering:
+                continue
+            if has_work(m):
+                todo.append(m.pid)
+            else:
+                rep.procs[m.pid].update(outcome="nothing to roll back",
+                                        detail=f"{args.patch_id} is not applied" if args.patch_id and not args.all else "")
+        return todo
+
+    fields = {"all": True} if args.all else {"patch_id": args.patch_id} if args.patch_id else {}
+
+    def run(pids):
+        outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, timeout=args.timeout, force=args.force, **fields)
+        for pid, o in outcomes.items():
+            if o.ok:
+                rep.procs[pid].update(outcome="rolled back", rolled_back=[r["patch_id"] for r in o.result],
+                                      detail=", ".join(f"{r['patch_id']} (pause {_ns(r['pause_ns'])})" for r in o.result))
+            else:
+                rep.from_outcome(o)
+
+    run(targets(svc.members))
+    now, newcomers = tree.rediscover(svc)
+    rep.relayout(now)
+    for m in newcomers:
+        rep.add(m, newcomer=True)
+    run(targets(newcomers))
+    done = rep.with_outcome("rolled back")
+    failed = rep.with_outcome("refused", "failed", "not answering")
+    what = "every patch" if args.all else args.patch_id or "the latest patch"
+    serving = [r for r in rep.procs.values() if r["serves"] and r["outcome"] != "gone"]
+    serving_clean = sum(r["outcome"] in ("rolled back", "nothing to roll back") for r in serving)
+    summary = (f"rolled back {what} in {len(done)} processes; {serving_clean} of {len(serving)} serving processes "
+               f"no longer run it" + (f"; failed in {len(failed)}" if failed else ""))
+    code = 0 if not failed else EXIT_PARTIAL if done else EXIT_REFUSED
+    out = {"service": svc.label, "exit_code": code, "wall_ms": round((time.perf_counter() - started) * 1000, 1),
+           "processes": [{k: v for k, v in r.items() if k != "depth"} for r in rep.ordered()], "summary": summary}
+    _emit(args, out, lambda o: _render(rep, f"rollback of {what} on service {svc.label}", f"{summary} ({o['wall_ms']} ms)"))
+    if code:
+        raise SystemExit(code)

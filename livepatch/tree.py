@@ -1,0 +1,263 @@
+"""Which processes make up a service, and what each of them is.
+
+A service is found either by name (every live agent whose status gives that
+`agent.name`) or as a process tree (a PID and all its descendants that have
+an agent). Within a service a process with descendants in it is a *master*
+(a pre-fork master, a reloader: it starts the others and serves nothing);
+the others are *workers*, the processes that serve. The statuses come from
+one concurrent round of `status` requests (livepatch/fanout.py); the
+parent/child relations from psutil."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import fanout
+
+STATUS_WAIT = 5.0
+# A process forked or spawned moments ago may not be listening yet: wait
+# this long for its agent before counting it as a process without one.
+NEWCOMER_WAIT = 1.5
+
+
+@dataclass
+class Member:
+    pid: int
+    status: dict | None            # None: the agent did not answer
+    error: str = ""                # why it did not answer
+    command: str = ""
+    created: float = 0.0
+    parent: int | None = None      # nearest ancestor that is in the same service
+    depth: int = 0
+    role: str = "worker"
+    children: list = field(default_factory=list)
+
+    @property
+    def answering(self) -> bool:
+        return self.status is not None
+
+    @property
+    def name(self) -> str | None:
+        return self.status["agent"]["name"] if self.status else None
+
+    @property
+    def serves(self) -> bool:
+        return self.role == "worker"
+
+    @property
+    def applied(self) -> list[str]:
+        return [p["id"] for p in self.status["applied"]] if self.status else []
+
+    @property
+    def pending(self) -> list[str]:
+        """Modules with patch work waiting for their import."""
+        return list(self.status.get("pending") or []) if self.status else []
+
+    def pending_of(self, patch_id: str) -> dict:
+        for p in (self.status or {}).get("applied", []):
+            if p["id"] == patch_id:
+                return dict(p.get("pending") or {})
+        return {}
+
+    @property
+    def state(self) -> str:
+        if self.status is None:
+            return "not answering"
+        if self.status.get("forced"):
+            return "forced"
+        if self.pending:
+            return "pending"
+        return "patched" if self.status["applied"] else "baseline"
+
+    def row(self) -> dict:
+        """The structured form used by `ps --json` and the service commands."""
+        s = self.status or {}
+        base = s.get("baseline") or {}
+        return {"pid": self.pid, "parent": self.parent, "name": self.name, "role": self.role, "serves": self.serves,
+                "python": s.get("python", {}).get("version"), "patches": self.applied, "pending": self.pending,
+                "state": self.state, "baseline": base or None, "command": self.command,
+                "development_mode_unsigned_bundles": bool(s.get("agent", {}).get("development_mode_unsigned_bundles")),
+                **({"error": self.error} if self.error else {})}
+
+
+@dataclass
+class Service:
+    label: str                     # the name, or "tree of PID"
+    name: str | None               # set when found by name
+    root: int | None               # set when found as a tree
+    members: list[Member]          # masters before their workers, depth first
+    since: float = field(default_factory=time.time)
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.pid for m in self.members]
+
+    def get(self, pid: int) -> Member | None:
+        return next((m for m in self.members if m.pid == pid), None)
+
+    @property
+    def workers(self) -> list[Member]:
+        return [m for m in self.members if m.serves]
+
+    @property
+    def masters(self) -> list[Member]:
+        return [m for m in self.members if not m.serves]
+
+
+class NoSuchService(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- discovery
+
+def _statuses(pids) -> dict[int, fanout.Outcome]:
+    return fanout.request_all(pids, "status", wait=STATUS_WAIT)
+
+
+def _member(pid: int, outcome: fanout.Outcome) -> Member | None:
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            created = proc.create_time()
+            command = " ".join(proc.cmdline())
+    except psutil.Error:
+        return None  # gone meanwhile
+    if outcome.ok:
+        status = outcome.result
+        command = " ".join(status["agent"].get("argv") or []) or command
+        return Member(pid, status, command=command, created=created)
+    return Member(pid, None, error=outcome.describe(), command=command, created=created)
+
+
+def _arrange(members: list[Member]) -> list[Member]:
+    """Set parent, role and depth among `members`; return them depth first
+    (each master followed by its workers), roots and siblings by PID."""
+    import psutil
+    by_pid = {m.pid: m for m in members}
+    for m in members:
+        m.parent, m.children, m.role = None, [], "worker"
+    for m in members:
+        try:
+            ancestors = [p.pid for p in psutil.Process(m.pid).parents()]
+        except psutil.Error:
+            ancestors = []
+        m.parent = next((a for a in ancestors if a in by_pid), None)
+    for m in members:
+        if m.parent is not None:
+            by_pid[m.parent].children.append(m)
+            by_pid[m.parent].role = "master"
+    ordered = []
+
+    def walk(m, depth):
+        m.depth = depth
+        ordered.append(m)
+        for c in sorted(m.children, key=lambda c: c.pid):
+            walk(c, depth + 1)
+    for m in sorted((m for m in members if m.parent is None), key=lambda m: m.pid):
+        walk(m, 0)
+    return ordered
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _with_agents(pids) -> list[int]:
+    from .client import live_agents
+    live = set(live_agents())
+    return [p for p in pids if p in live]
+
+
+def by_name(name: str) -> Service:
+    from .client import live_agents
+    members = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o)) and m.name == name]
+    if not members:
+        raise NoSuchService(f"no live agent belongs to a service named {name!r} (see `livepatch ps`)")
+    return Service(name, name, None, _arrange(members))
+
+
+def by_tree(pid: int) -> Service:
+    import psutil
+    if not psutil.pid_exists(pid):
+        raise NoSuchService(f"no process with PID {pid}")
+    pids = _with_agents([pid, *_descendants(pid)])
+    members = [m for p, o in _statuses(pids).items() if (m := _member(p, o))]
+    if not members:
+        raise NoSuchService(f"neither process {pid} nor any of its descendants has a livepatch agent")
+    return Service(f"tree of {pid}", None, pid, _arrange(members))
+
+
+def find(target: str, tree: bool) -> Service:
+    """A service as the CLI names it: a PID with --tree, else a name."""
+    if target.isdigit():
+        return by_tree(int(target))
+    if tree:
+        raise NoSuchService(f"--tree needs a PID, not {target!r}")
+    return by_name(target)
+
+
+def rediscover(service: Service) -> tuple[Service, list[Member]]:
+    """The service as it is now, and the members that were not in it
+    before. Processes forked or spawned since the service was found (under
+    one of its members) get a moment to start listening first."""
+    import psutil
+    known = set(service.pids)
+    roots = [service.root] if service.root is not None else service.pids
+    fresh = set()
+    for r in roots:
+        for d in _descendants(r):
+            if d in known:
+                continue
+            try:
+                if psutil.Process(d).create_time() >= service.since - 0.05:
+                    fresh.add(d)
+            except psutil.Error:
+                pass
+    deadline = time.monotonic() + NEWCOMER_WAIT
+    from .client import AgentUnavailable, socket_for
+    waiting = set(fresh)
+    while waiting and time.monotonic() < deadline:
+        for d in list(waiting):
+            try:
+                if socket_for(d) is not None:
+                    waiting.discard(d)
+            except AgentUnavailable:  # exited
+                waiting.discard(d)
+        if waiting:
+            time.sleep(0.02)
+    try:
+        now = by_tree(service.root) if service.root is not None else by_name(service.name)
+    except NoSuchService:
+        now = Service(service.label, service.name, service.root, [])
+    now.since = service.since
+    return now, [m for m in now.members if m.pid not in known]
+
+
+def everything() -> list[Service]:
+    """Every process with an agent socket, grouped into services by name;
+    a process that does not answer joins its nearest ancestor's service."""
+    import psutil
+    from .client import live_agents
+    members = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o))]
+    names = {m.pid: m.name for m in members if m.name is not None}
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        name = m.name
+        if name is None:
+            try:
+                name = next((names[p.pid] for p in psutil.Process(m.pid).parents() if p.pid in names), None)
+            except psutil.Error:
+                name = None
+        groups.setdefault(name or "(not answering)", []).append(m)
+    return [Service(name, name, None, _arrange(ms)) for name, ms in sorted(groups.items())]
+
+
+def is_pid(target: str) -> bool:
+    return target.isdigit() and int(target) > 0 and int(target) <= 2**31
+
