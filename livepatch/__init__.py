@@ -13,14 +13,18 @@ from .errors import (
     TargetNotFound,
     UnsupportedRuntime,
 )
+from . import forksafe
 from .fingerprint import fingerprint
 from .patch import UNCHANGED, Change, Patch
 from .patchstack import Engine, Result
+from .pending import AtImport
 
 __version__ = "0.1.0"
 
 #: The process-wide engine: one patch stack per process.
 engine = Engine()
+# a forked child gets a clean, usable engine (locks, GC, no half-done transition)
+forksafe.install()
 
 
 def apply(patch: Patch, *, timeout: float = 5.0, force: bool = False) -> Result:
@@ -54,7 +58,7 @@ def status() -> dict:
 
 __all__ = [
     "apply", "rollback", "rollback_all", "status", "load_bundle", "engine", "fingerprint",
-    "Change", "Patch", "UNCHANGED", "Engine", "Result",
+    "Change", "Patch", "UNCHANGED", "AtImport", "Engine", "Result",
     "PatchError", "BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound",
     "RollbackRefused", "UnsupportedRuntime", "CommitFailed", "Problem",
 ]

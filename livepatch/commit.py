@@ -220,6 +220,10 @@ class _Handoff:
 
 _handoff = None
 _handoff_lock = threading.Lock()
+# (switch interval, GC was enabled) while run() has changed them: a child
+# forked meanwhile (possible while this thread waits for the handoff)
+# restores them, since the thread that would have is not in it.
+_changed = None
 
 
 def _the_handoff() -> _Handoff:
@@ -231,8 +235,14 @@ def _the_handoff() -> _Handoff:
 
 
 def _forget_handoff_in_child():
-    global _handoff, _handoff_lock
+    global _handoff, _handoff_lock, _changed
     _handoff, _handoff_lock = None, threading.Lock()  # the helper thread did not survive fork
+    if _changed is not None:
+        interval, gc_was_enabled = _changed
+        _changed = None
+        sys.setswitchinterval(interval)
+        if gc_was_enabled:
+            gc.enable()
 
 
 os.register_at_fork(after_in_child=_forget_handoff_in_child)
@@ -371,9 +381,11 @@ def run(ops: list, undo: list, check, *, python_setattr: bool = False) -> Outcom
     code runs inside the stores, so the GIL could be asked for there.
     Returns an Outcome; raises CommitFailed, with everything restored, if a
     store fails."""
+    global _changed
     me = threading.get_ident()
     interval = sys.getswitchinterval()
     gc_was_enabled = gc.isenabled()
+    _changed = (interval, gc_was_enabled)
     gc.disable()
     handoff = _the_handoff()
     committed, start, end = False, 0, 0
@@ -439,6 +451,7 @@ def run(ops: list, undo: list, check, *, python_setattr: bool = False) -> Outcom
         sys.setswitchinterval(interval)
         if gc_was_enabled:
             gc.enable()
+        _changed = None
         if start:
             end = time.perf_counter_ns()
         time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping

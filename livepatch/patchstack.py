@@ -6,11 +6,18 @@ Every operation is a *transition*: a list of code switches (old code object
 fresh heap scan, waited on until a safe point, then committed atomically by
 `commit` (in one C-level call, or after a GIL handoff when that is not
 safe). Apply, rollback and cumulative replace differ only in how the
-switches are computed."""
+switches are computed.
+
+A patch's part for a module that is not imported yet stays *pending* on the
+applied patch; `imports` calls back when that module's code has run, and
+the part is committed then, in its own transition, before the import
+returns (all of that module's part or none of it). A module executed again
+(`importlib.reload`, or imported anew after being dropped from
+`sys.modules`) gets every applied part for it committed again."""
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import gc
 import linecache
 import platform
@@ -22,11 +29,14 @@ import weakref
 from dataclasses import dataclass, field
 
 from . import commit as _commit
+from . import forksafe, imports
 from .checks import check_change, code_kind, require_supported_runtime
 from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
 from .fingerprint import fingerprint
+from .history import History, now_iso as _now_iso
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
+from .pending import AtImport, imported, materialise, part_patch, split, targets_by_module
 from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
@@ -71,6 +81,9 @@ class AppliedPatch:
     requires: tuple
     metadata: dict
     replaced: list = field(default_factory=list)  # patches a cumulative one replaced
+    parts: dict = field(default_factory=dict)  # module -> ModulePart, kept for imports and reloads
+    pending: frozenset = frozenset()  # modules whose part waits for their import
+    refused: dict = field(default_factory=dict)  # module -> why its part was refused at import
 
     @property
     def targets(self) -> list[str]:
@@ -90,6 +103,7 @@ class Result:
     window_ns: tuple = (0, 0)  # perf_counter_ns bounds of the commit's GIL hold
     critical_ns: int = 0  # of pause_ns, the final check plus the stores
     method: str = ""  # how the critical section was made: commit.ONE_CALL or AFTER_HANDOFF
+    pending: dict = field(default_factory=dict)  # module -> targets committed when it is imported
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -97,10 +111,6 @@ class Result:
 
 def _failure_kind(exc: Exception) -> str:
     return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
-
-
-def _now_iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _plain_owner(owner) -> bool:
@@ -145,50 +155,136 @@ def _rewrite_nested(code, mapping: dict, out: list):
 
 
 class Engine:
+    #: how long an import waits for a safe point to commit its module's part
+    import_timeout = 2.0
+
     def __init__(self):
         self._lock = threading.Lock()
+        self._owner = None  # ident of the thread holding _lock
         self._stack: list[AppliedPatch] = []
-        self._history: list[dict] = []
+        self._log = History()
         self._forced = False
-        self._warnings: list[str] = []
+        self._gc_owed = False  # a transition disabled the GC and will enable it again
+        self._in_flight = None  # (ops, undo) of a transition whose bookkeeping is not done
+        self._deferred: list = []  # modules executed while this thread held the lock
+        self._settle: list = []  # modules that became pending: an import may already be under way
+        forksafe.track(self)
+
+    @property
+    def _history(self) -> list:
+        return self._log.entries
+
+    @property
+    def _warnings(self) -> list:
+        return self._log.warnings
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """The engine lock, then what must happen outside it: listeners,
+        imports that finished while it was held, imports under way."""
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            deferred, settle = self._deferred, self._settle
+            self._deferred, self._settle = [], []
+            self._owner = None
+            self._in_flight = None
+            self._lock.release()
+            self._log.flush()
+            for name in deferred:
+                self._commit_parts(name, only_pending=False)
+            for name in settle:
+                imports.when_settled(name, self._catch_up)
+
+    def add_listener(self, fn) -> None:
+        """`fn(entry)` after every history entry, outside the engine lock."""
+        self._log.add_listener(fn)
+
+    def remove_listener(self, fn) -> None:
+        self._log.remove_listener(fn)
+
+    def _record(self, action, patch_id, outcome, reason, result=None, exc=None, **extra):
+        self._log.record(action, patch_id, outcome, reason, result=result, exc=exc, **extra)
 
     # ---------------------------------------------------------------- apply
     def apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False) -> Result:
         require_supported_runtime()
         self._check_shape(patch)
-        with self._lock:
+        try:
+            # before the lock: building new globals may import (and so wait
+            # for another thread's import, which may be waiting for the lock)
+            split_out, split_failed = self._split(patch), None
+        except Exception as exc:
+            split_out, split_failed = None, exc
+        with self._exclusive():
             try:
                 if any(p.id == patch.id for p in self._stack):
                     raise PatchError(f"patch {patch.id!r} is already applied")
-                build, modules = self._plan_for(patch)
-                result, applied = self._transition("apply", patch.id, build, modules, timeout, force)
+                if split_failed is not None:
+                    raise split_failed
+                parts, pending, now = split_out
+                build, modules = self._plan_for(patch, now, pending, parts)
+                if now.changes or now.new_globals or patch.cumulative:
+                    result, applied = self._transition("apply", patch.id, build, modules, timeout, force)
+                else:
+                    result, applied = self._nothing_committed("apply", patch.id, force)
             except Exception as exc:
                 self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
                 raise
             applied.cumulative = patch.cumulative
             applied.requires = tuple(patch.requires)
             applied.metadata = dict(patch.metadata or {})
+            applied.parts, applied.pending = parts, frozenset(pending)
+            result.pending = targets_by_module(parts, pending)
             if patch.cumulative:
                 applied.replaced = self._stack
-                self._stack = []
-            self._stack.append(applied)
+                stack = [applied]
+            else:
+                stack = self._stack + [applied]
+            # one statement: a fork sees the commit either finished or undone (forksafe)
+            self._stack, self._in_flight = stack, None
             self._register_sources(patch)
-            self._record("apply", patch.id, "ok", "", result=result)
+            self._watch()
+            self._settle += sorted(pending)
+            self._record("apply", patch.id, "ok", "", result=result, pending=result.pending or None)
             return result
 
-    def _plan_for(self, patch: Patch):
+    @staticmethod
+    def _split(patch: Patch):
+        """(parts by module, modules not imported yet, the Patch of the
+        imported ones with their new globals built)."""
+        parts = split(patch)
+        pending = {name for name in parts if imported(name) is None}
+        now = part_patch(patch.id, [(n, p) for n, p in parts.items() if n not in pending], loaded_module)
+        return parts, pending, now
+
+    def _plan_for(self, patch: Patch, now: Patch = None, pending=(), parts=None):
+        """How to compute the transition for `now` (the part of `patch`
+        whose modules are imported), and the modules it scans."""
+        now = patch if now is None else now
         missing = [r for r in patch.requires if not any(p.id == r for p in self._stack)]
         if missing:
             raise PatchError(f"patch {patch.id!r} requires patches that are not applied: {', '.join(missing)}",
                              [Problem("requires", "", f"{r} is not applied") for r in missing])
+        # listed with any refusal of the rest: what would have waited for an import
+        notes = [Problem("pending", t, f"module {m!r} is not loaded in this process; it would be patched when imported")
+                 for m in sorted(pending) for t in parts[m].targets]
         if patch.cumulative:
-            build = lambda heap: self._cumulative_plan(patch, heap)  # noqa: E731
+            build = lambda heap: self._cumulative_plan(now, heap, notes)  # noqa: E731
         else:
-            build = lambda heap: self._apply_plan(patch, heap)  # noqa: E731
-        modules = {split_target(c.target)[0] for c in patch.changes}
-        modules |= {split_target(k)[0] for k in (patch.new_globals or {})}
+            build = lambda heap: self._apply_plan(now, heap, notes=notes)  # noqa: E731
+        modules = {split_target(c.target)[0] for c in now.changes}
+        modules |= {split_target(k)[0] for k in (now.new_globals or {})}
         modules |= {split_target(s.target)[0] for p in self._stack for s in p.switches} if patch.cumulative else set()
         return build, modules
+
+    @staticmethod
+    def _nothing_committed(action, patch_id, force):
+        """A transition with nothing to store (every part is pending)."""
+        applied = AppliedPatch(patch_id, [], [], [], time.time(), 0, 0, force, False, (), {})
+        return Result(patch_id, action, 0, 0, force, 0, [], []), applied
 
     def assess(self, patch: Patch) -> dict:
         """Every check of apply() except the safe point and the commit:
@@ -199,7 +295,8 @@ class Engine:
                 return {"patch_id": patch.id, "verdict": "already-applied", "problems": []}
             try:
                 self._check_shape(patch)
-                build, modules = self._plan_for(patch)
+                parts, pending, now = self._split(patch)
+                build, modules = self._plan_for(patch, now, pending, parts)
                 switches, stores = build(HeapIndex.scan(modules))
             except PatchError as exc:
                 return {"patch_id": patch.id, "verdict": "refused", "error": type(exc).__name__,
@@ -209,7 +306,7 @@ class Engine:
             return {"patch_id": patch.id, "verdict": "applies", "problems": [],
                     "targets": sorted({s.target for s in switches if not s.implied}),
                     "functions": len(switches), "globals": len(stores),
-                    "running_now": sorted(busy)}
+                    "running_now": sorted(busy), "pending": targets_by_module(parts, pending)}
 
     @staticmethod
     def _check_shape(patch: Patch) -> None:
@@ -267,7 +364,7 @@ class Engine:
                 return p.id
         return None
 
-    def _apply_plan(self, patch: Patch, heap: HeapIndex, baseline_of=None):
+    def _apply_plan(self, patch: Patch, heap: HeapIndex, baseline_of=None, notes=()):
         fps: dict = {}
         switches, problems = [], []
         for change in patch.changes:
@@ -276,7 +373,7 @@ class Engine:
             for code in matches or ():
                 switches.append(Switch(change.target, code, change.new_code, change.allow_active,
                                        False, change.defaults, change.kwdefaults))
-        raise_for(problems)
+        raise_for(problems + list(notes) if problems else problems)
         switches += self._implied_switches(switches, heap)
         return switches, self._global_stores(patch.new_globals or {})
 
@@ -312,13 +409,15 @@ class Engine:
     def _global_stores(new_globals: dict) -> list:
         stores = []
         for key, value in new_globals.items():
+            if isinstance(value, AtImport):
+                raise PatchError("bad global", [Problem("invalid", key, "value was not built for its module")])
             owner, name = _resolve_owner(key)
             before = vars(owner).get(name, MISSING)
             stores.append(GlobalStore(key, owner, name, before, value))
         return stores
 
     # ------------------------------------------------------------- cumulative
-    def _cumulative_plan(self, patch: Patch, heap: HeapIndex):
+    def _cumulative_plan(self, patch: Patch, heap: HeapIndex, notes=()):
         """Replace every applied patch with `patch` in one commit: each live
         code maps back through the stack to its original, then forward to the
         cumulative patch's code (or stays original)."""
@@ -327,7 +426,7 @@ class Engine:
             for s in applied.switches:
                 back[id(s.new)] = back.get(id(s.old), s.old)
         original = lambda code: back.get(id(code), code)  # noqa: E731
-        switches, stores = self._apply_plan(patch, heap, baseline_of=original)
+        switches, stores = self._apply_plan(patch, heap, baseline_of=original, notes=notes)
         covered = {id(s.old) for s in switches}
         for applied in self._stack:
             for s in applied.switches:
@@ -347,7 +446,7 @@ class Engine:
     # --------------------------------------------------------------- rollback
     def rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False) -> Result:
         require_supported_runtime()
-        with self._lock:
+        with self._exclusive():
             try:
                 if not self._stack:
                     raise RollbackRefused("no patch is applied")
@@ -365,15 +464,23 @@ class Engine:
                                           [Problem("rollback-refused", t, f"also changed by {p}") for p, t in dependents])
                 build = lambda heap: self._rollback_plan(target, heap)  # noqa: E731
                 modules = {split_target(s.target)[0] for s in target.switches}
-                result, _ = self._transition("rollback", target.id, build, modules, timeout, force,
-                                             restore_defaults=target.saved_defaults)
+                if target.switches or target.globals or target.cumulative:
+                    result, _ = self._transition("rollback", target.id, build, modules, timeout, force,
+                                                 restore_defaults=target.saved_defaults)
+                else:
+                    result, _ = self._nothing_committed("rollback", target.id, force)
             except Exception as exc:
                 self._record("rollback", patch_id or "", _failure_kind(exc), str(exc), exc=exc)
                 raise
-            del self._stack[index]
-            if target.cumulative and target.replaced:
-                self._stack[index:index] = target.replaced
-            self._record("rollback", target.id, "ok", "", result=result)
+            restored = target.replaced if target.cumulative else []
+            stack = self._stack[:index] + restored + self._stack[index + 1:]
+            # one statement: a fork sees the commit either finished or undone (forksafe)
+            self._stack, self._in_flight = stack, None
+            self._watch()
+            # parts of the patches a cumulative one replaced whose module was imported meanwhile
+            self._settle += sorted({m for p in restored for m in p.pending})
+            result.pending = targets_by_module(target.parts, target.pending)
+            self._record("rollback", target.id, "ok", "", result=result, pending=result.pending or None)
             return result
 
     def rollback_all(self, *, timeout: float = 5.0, force: bool = False) -> list[Result]:
@@ -387,9 +494,12 @@ class Engine:
         mine = {id(s.new) for s in target.switches}
         keys = {g.key for g in target.globals}
         out = []
+        waiting = {t for m in target.pending for t in target.parts[m].targets}
         for later in self._stack[index + 1:]:
             if target.id in later.requires:
                 out.append((later.id, f"requires {target.id}"))
+            for m in later.pending:
+                out += [(later.id, t) for t in later.parts[m].targets if t in waiting]
             for s in later.switches:
                 if id(s.old) in mine:
                     out.append((later.id, s.target))
@@ -422,11 +532,13 @@ class Engine:
         outcome = None
         while True:
             gc_was_enabled = gc.isenabled()
+            self._gc_owed = gc_was_enabled  # first: a child forked from here on enables it again
             gc.disable()  # keeps new objects in generation 0 until the commit (see safepoint)
             try:
                 heap = HeapIndex.scan(modules)
                 switches, stores = build(heap)
                 ops, undo, saved, functions = self._make_ops(switches, stores, heap, restore_defaults)
+                self._in_flight = (ops, undo)
                 busy_ids = {id(s.old) for s in switches if not (force or s.allow_active or s.implied)}
                 gen_codes = [s.old for s in switches if id(s.old) in busy_ids and code_kind(s.old) != "function"]
                 gen_ids = {id(c) for c in gen_codes}
@@ -486,10 +598,12 @@ class Engine:
                 target_of = {id(s.old): s.target for s in switches}
                 last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
                 last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else None
+                self._in_flight = None
                 del heap, ops, undo, suspended, in_one_call
             finally:
                 if gc_was_enabled:
                     gc.enable()
+                self._gc_owed = False
             if time.monotonic() >= deadline:
                 frames, suspended, busy_ids, target_of = last
                 blockers = describe(frames, suspended, busy_ids, target_of)
@@ -550,6 +664,94 @@ class Engine:
             undo.append((setattr, g.owner, g.name, g.before) if g.before is not MISSING else (delattr, g.owner, g.name))
         return ops, undo, saved, functions
 
+    # ---------------------------------------------------------- import time
+    def _watch(self) -> None:
+        """Watch every module an applied patch has a part for: pending ones
+        to commit them, the others to commit them again if re-executed."""
+        imports.watch(id(self), {m for p in self._stack for m in p.parts}, self._module_executed)
+
+    def _module_executed(self, name: str, module) -> None:
+        """Called by the import hook once `name`'s code has run (first
+        import, reload or re-import): commit every applied patch's part for
+        it, patch by patch in stack order."""
+        if self._owner == threading.get_ident():
+            # an import made by this engine's own work (a new global's
+            # import): committed as soon as that work lets go of the lock
+            self._deferred.append(name)
+            return
+        self._commit_parts(name, only_pending=False)
+
+    def _catch_up(self, name: str) -> None:
+        """Commit pending parts for `name` if it got imported without the
+        hook seeing it (its import was under way when the part became
+        pending, or a cumulative patch was rolled back meanwhile)."""
+        if imported(name) is not None:
+            self._commit_parts(name, only_pending=True)
+
+    def _commit_parts(self, name: str, only_pending: bool) -> None:
+        module = loaded_module(name)
+        if module is None:
+            return
+        # built before the lock (may import): see apply
+        wanted = [p for p in list(self._stack) if name in p.parts and (name in p.pending or not only_pending)]
+        values = {}
+        for p in wanted:
+            try:
+                values[p.id] = materialise(p.parts[name].globals, module)
+            except Exception as exc:
+                values[p.id] = exc
+        if not wanted:
+            return
+        with self._exclusive():
+            refused = set()
+            for applied in self._stack:
+                if applied.id not in values or name not in applied.parts:
+                    continue
+                if only_pending and name not in applied.pending:
+                    continue
+                part = applied.parts[name]
+                try:
+                    if isinstance(values[applied.id], Exception):
+                        raise values[applied.id]
+                    blocked = [r for r in applied.requires if r in refused]
+                    if blocked:
+                        raise PatchError(f"{applied.id} requires {', '.join(blocked)}, refused for {name}",
+                                         [Problem("requires", "", f"{r} was refused for {name}") for r in blocked])
+                    now = Patch(applied.id, part.changes, new_globals=values[applied.id])
+                    build = lambda heap: self._apply_plan(now, heap)  # noqa: E731
+                    result, done = self._transition("import", applied.id, build, {name}, self.import_timeout,
+                                                    applied.forced)
+                except Exception as exc:
+                    refused.add(applied.id)
+                    applied.pending = applied.pending - {name}
+                    applied.refused = {**applied.refused, name: str(exc).splitlines()[0]}
+                    self._record("import", applied.id, _failure_kind(exc), str(exc), exc=exc, module=name,
+                                 targets=part.targets)
+                    continue
+                # one statement: a fork sees the commit either finished or undone (forksafe)
+                (applied.switches, applied.globals, applied.saved_defaults, applied.pending,
+                 self._in_flight) = (applied.switches + done.switches, applied.globals + done.globals,
+                                     applied.saved_defaults + done.saved_defaults, applied.pending - {name}, None)
+                applied.refused.pop(name, None)
+                self._record("import", applied.id, "ok", "", result=result, module=name)
+
+    # ------------------------------------------------------------ fork
+    def _reinit_in_child(self) -> None:
+        """After fork, in the child (one thread): whatever a thread that did
+        not come along was doing in the engine is gone; finish nothing of it."""
+        if self._owner == threading.get_ident():
+            return  # the forking thread itself holds the engine: it goes on
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            forksafe.undo_effective(*flight)
+        if self._gc_owed:
+            gc.enable()
+            self._gc_owed = False
+        self._lock = threading.Lock()
+        self._owner = None
+        self._deferred, self._settle = [], []
+        self._log.forget_unsent()
+
     # --------------------------------------------------------------- reports
     @staticmethod
     def _register_sources(patch: Patch) -> None:
@@ -557,18 +759,6 @@ class Engine:
             lines = text.splitlines(keepends=True)
             # mtime None: linecache.checkcache never evicts it
             linecache.cache[filename] = (len(text), None, lines, filename)
-
-    def _record(self, action, patch_id, outcome, reason, result=None, exc=None):
-        entry = {"time": _now_iso(time.time()), "action": action, "patch": patch_id, "outcome": outcome}
-        if result is not None:
-            entry.update(pause_ns=result.pause_ns, attempts=result.attempts, forced=result.forced, commit=result.method,
-                         functions=result.functions, targets=result.targets)
-            if result.interrupted_by:
-                entry["interrupted_by"] = list(result.interrupted_by)
-        if exc is not None:
-            entry.update(reason=reason, error=type(exc).__name__,
-                         problems=[p.to_dict() for p in getattr(exc, "problems", ())])
-        self._history.append(entry)
 
     def status(self) -> dict:
         with self._lock:
@@ -580,6 +770,8 @@ class Engine:
                     "state": "applied",
                     "applied_at": _now_iso(p.applied_at),
                     "targets": p.targets,
+                    "pending": targets_by_module(p.parts, p.pending),
+                    "refused_at_import": dict(p.refused),
                     "pause_ns": p.pause_ns,
                     "attempts": p.attempts,
                     "forced": p.forced,
@@ -597,6 +789,7 @@ class Engine:
                 },
                 "forced": self._forced,
                 "applied": stack,
+                "pending": sorted({m for p in self._stack for m in p.pending}),
                 "history": list(self._history),
                 "warnings": list(self._warnings),
             }

@@ -1,0 +1,66 @@
+"""An engine's history and warnings, and the listeners told of every entry.
+
+Entries are recorded while the engine lock is held and handed to listeners
+after it is released (`flush`), so a listener that writes files or logs
+never holds up a commit or an import, and may call back into the engine."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import deque
+
+
+def now_iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class History:
+    def __init__(self):
+        self.entries: list[dict] = []
+        self.warnings: list[str] = []
+        self._listeners: tuple = ()
+        # entries not yet handed to listeners; deque append/popleft are atomic
+        self._outbox: deque = deque()
+
+    def record(self, action, patch_id, outcome, reason="", result=None, exc=None, **extra) -> dict:
+        entry = {"time": now_iso(time.time()), "action": action, "patch": patch_id, "outcome": outcome}
+        if result is not None:
+            entry.update(pause_ns=result.pause_ns, attempts=result.attempts, forced=result.forced, commit=result.method,
+                         functions=result.functions, targets=result.targets)
+            if result.interrupted_by:
+                entry["interrupted_by"] = list(result.interrupted_by)
+        if exc is not None:
+            entry.update(reason=reason, error=type(exc).__name__,
+                         problems=[p.to_dict() for p in getattr(exc, "problems", ())])
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        self.entries.append(entry)
+        if self._listeners:
+            self._outbox.append(entry)
+        return entry
+
+    def add_listener(self, fn) -> None:
+        if fn not in self._listeners:
+            self._listeners = self._listeners + (fn,)
+
+    def remove_listener(self, fn) -> None:
+        self._listeners = tuple(f for f in self._listeners if f != fn)
+
+    def flush(self) -> None:
+        """Hand the entries recorded so far to every listener. Call it
+        without holding the engine lock."""
+        while True:
+            try:
+                entry = self._outbox.popleft()
+            except IndexError:
+                return
+            for fn in self._listeners:
+                try:
+                    fn(dict(entry))
+                except Exception as exc:  # a listener never breaks an apply or an import
+                    self.warnings.append(f"history listener {getattr(fn, '__qualname__', fn)!r} failed on "
+                                         f"{entry['action']} {entry['patch']}: {type(exc).__name__}: {exc}")
+
+    def forget_unsent(self) -> None:
+        """After a fork: the parent hands its own entries to its listeners."""
+        self._outbox = deque()
