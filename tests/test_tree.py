@@ -439,3 +439,16 @@ def test_dry_run_and_bad_input(service, bundle, tmp_path):
     r = cli("apply", svc.name, str(tampered))
     assert r.returncode == 4, r.stdout + r.stderr
     assert set(svc.answers().values()) == {"old"} and _applied(svc.pid) == []
+
+
+def test_tree_benchmark_runs():
+    # the figures come from `make bench`; this only keeps the script from rotting
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "tree.py"), "--quick", "--workers", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(out.stdout.strip().splitlines()[-1].split("results: ", 1)[1]) as fh:
+        data = json.load(fh)
+    row, = data["rows"]
+    assert row["workers"] == 2 and row["serving_patched"] == [[2, 2]] and row["failed"] == 0
+    assert row["apply_wall_ms"]["tree"]["n"] == row["longest_request_ms"]["control"]["n"] == 1
