@@ -1,9 +1,16 @@
 """The in-process agent, installed as `livepatch.agent`.
 
 `start()` opens the control channel (agent/server.py) in this process and
-returns its socket path; `livepatch attach`, `livepatch run` and services
-that call it themselves all end up here. It imports only the standard
-library and livepatch; cryptography is loaded when a bundle is verified."""
+returns its socket path; `livepatch attach`, `livepatch run` (through
+agent/autostart.py) and services that call it themselves all end up here.
+It imports only the standard library and livepatch; cryptography is loaded
+when a bundle is verified.
+
+The agent follows the process: after `os.fork` the child starts its own
+agent (a socket named by its own PID, the same options), and the options
+are kept in `os.environ` (LIVEPATCH_AUTOSTART and friends) so that spawned
+interpreters of this environment start one too through
+livepatch-autostart.pth. `follow=False` (LIVEPATCH_FOLLOW=0) turns both off."""
 
 from __future__ import annotations
 
@@ -15,41 +22,109 @@ import threading
 _lock = threading.Lock()
 _server = None
 _pid = None
+_agent = None
+_options = None  # what the running agent was started with: a forked child starts with the same
 
 
 def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = None,
-          socket_dir: str | None = None) -> str:
-    """Start the agent (idempotent); returns the socket path.
+          socket_dir: str | None = None, state_dir: str | None = None, follow: bool | None = None) -> str | None:
+    """Start the agent (idempotent); returns the socket path, or None when
+    no safe socket directory could be had (the agent then runs without a
+    control channel: recorded patches still re-apply).
 
     `trust`: a .pub file or directory of trusted keys (default: the
     LIVEPATCH_TRUST environment variable). `allow_unsigned`: development
     switch accepting unsigned bundles (default: LIVEPATCH_ALLOW_UNSIGNED=1);
-    the status reports it."""
-    global _server, _pid
+    the status reports it. `state_dir`: where the service's state lives
+    (default: LIVEPATCH_STATE_DIR). `follow`: start agents in forked and
+    spawned children too (default: on unless LIVEPATCH_FOLLOW=0)."""
+    global _server, _pid, _agent, _options
     with _lock:
-        if _server is not None and _pid == os.getpid():
-            return _server.path
+        if _agent is not None and _pid == os.getpid():
+            return _server.path if _server is not None else None
         from .requests import Agent
+        from .runtime_dir import UnsafeDirectory
         from .server import Server
+        env = os.environ
         if trust is None:
-            trust = os.environ.get("LIVEPATCH_TRUST") or None
+            trust = env.get("LIVEPATCH_TRUST") or None
         if allow_unsigned is None:
-            allow_unsigned = os.environ.get("LIVEPATCH_ALLOW_UNSIGNED") == "1"
-        name = name or os.environ.get("LIVEPATCH_NAME") or os.path.basename(sys.argv[0] or "python")
+            allow_unsigned = env.get("LIVEPATCH_ALLOW_UNSIGNED") == "1"
+        if state_dir is None:
+            state_dir = env.get("LIVEPATCH_STATE_DIR") or None
+        if follow is None:
+            follow = env.get("LIVEPATCH_FOLLOW", "1") != "0"
+        name = name or env.get("LIVEPATCH_NAME") or _default_name()
+        # absolute, so that a child forked after a chdir() still finds them
+        trust = os.path.abspath(trust) if isinstance(trust, (str, os.PathLike)) else trust
+        state_dir = os.path.abspath(state_dir) if state_dir is not None else None
         holder = {}
-        server = Server(lambda request, peer: holder["agent"].handle(request, peer), socket_dir)
-        holder["agent"] = Agent(name=name, trust=trust, allow_unsigned=allow_unsigned, socket_path=server.path)
-        server.start()
-        _server, _pid = server, os.getpid()
-        return server.path
+        try:
+            server = Server(lambda request, peer: holder["agent"].handle(request, peer), socket_dir)
+        except UnsafeDirectory as exc:
+            import logging
+            logging.getLogger("livepatch").warning(
+                "livepatch: agent in process %d runs without a control socket: %s", os.getpid(), exc)
+            server = None
+        try:
+            agent = Agent(name=name, trust=trust, allow_unsigned=allow_unsigned,
+                          socket_path=server.path if server is not None else None)
+            agent.state_dir = state_dir
+            from .state import on_agent_start; on_agent_start(agent)  # noqa: E702
+        except BaseException:
+            if server is not None:
+                server.close()  # no socket file left behind by an agent that never ran
+            raise
+        holder["agent"] = agent
+        if server is not None:
+            server.start()
+        _server, _pid, _agent = server, os.getpid(), agent
+        _options = {"name": name, "trust": trust, "allow_unsigned": allow_unsigned, "socket_dir": socket_dir,
+                    "state_dir": state_dir, "follow": follow}
+        _export(_options)
+        return server.path if server is not None else None
+
+
+def _export(options: dict) -> None:
+    """Children spawned from here (a new interpreter, not a fork) learn the
+    options from the environment; with following off they get no agent."""
+    env = os.environ
+    if not options["follow"]:
+        env.pop("LIVEPATCH_AUTOSTART", None)
+        return
+    env["LIVEPATCH_AUTOSTART"] = "1"
+    env["LIVEPATCH_NAME"] = options["name"]
+    for var, value in (("LIVEPATCH_TRUST", options["trust"]), ("LIVEPATCH_STATE_DIR", options["state_dir"])):
+        if isinstance(value, str):
+            env[var] = value
+        elif value is None:
+            env.pop(var, None)
+    if options["allow_unsigned"]:
+        env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
+    else:
+        env.pop("LIVEPATCH_ALLOW_UNSIGNED", None)
+    env.pop("LIVEPATCH_FOLLOW", None)
+
+
+def _default_name() -> str:
+    """The program's name. Started from livepatch-autostart.pth, sys.argv[0]
+    is still "-m" or "-c" (the interpreter replaces it later)."""
+    argv0 = sys.argv[0] if getattr(sys, "argv", None) else ""
+    if argv0 == "-m":
+        orig = getattr(sys, "orig_argv", [])
+        if "-m" in orig[1:-1]:
+            return orig[orig.index("-m", 1) + 1]
+    if argv0 in ("", "-c", "-"):
+        return "python"
+    return os.path.basename(argv0)
 
 
 def stop() -> None:
-    global _server
+    global _server, _agent
     with _lock:
         if _server is not None and _pid == os.getpid():
             _server.close()
-        _server = None
+        _server = _agent = None
 
 
 def socket_path() -> str | None:
@@ -57,14 +132,25 @@ def socket_path() -> str | None:
 
 
 def _after_fork_in_child() -> None:
-    # The child has no agent thread, and the socket is named by the parent's PID.
-    global _server
-    if _server is not None:
+    # The child has no agent thread, the parent's socket is named by the
+    # parent's PID, and a lock some parent thread held at the fork would stay
+    # held here forever: start from scratch.
+    global _server, _agent, _lock
+    _lock = threading.Lock()
+    inherited, options = _server, _options
+    _server = _agent = None
+    if inherited is not None:
         try:
-            _server._sock.close()
+            inherited._sock.close()  # only our copy of the descriptor: the parent keeps listening
         except OSError:
             pass
-    _server = None
+    if options is not None and options["follow"]:
+        try:
+            start(**options)
+        except Exception as exc:  # the child goes on without an agent, never dies of it
+            import logging
+            logging.getLogger("livepatch").warning(
+                "livepatch: no agent in forked process %d: %s: %s", os.getpid(), type(exc).__name__, exc)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
