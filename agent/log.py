@@ -8,7 +8,10 @@ last resort."""
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import threading
 
 logger = logging.getLogger("livepatch")
 
@@ -50,9 +53,10 @@ def describe(entry: dict, classification: str | None = None) -> str:
         if action == "import":
             n = len(entry.get("targets") or ())
             return f"livepatch: applied {label} to {module} on import ({_plural(n, 'target')})"
-        verb = _VERB.get(action, action)
-        line = f"livepatch: {verb} {label} {'from' if action == 'rollback' else 'to'} " \
-               f"{_plural(len(entry.get('targets') or ()), 'target')}"
+        line = f"livepatch: {_VERB.get(action, action)} {label}"
+        targets = len(entry.get("targets") or ())
+        if targets or not entry.get("pending"):
+            line += f" {'from' if action == 'rollback' else 'to'} {_plural(targets, 'target')}"
         if entry.get("pause_ns"):
             line += f", pause {_ns(entry['pause_ns'])}"
         if entry.get("forced"):
@@ -79,5 +83,47 @@ def level_of(entry: dict) -> int:
     return logging.INFO
 
 
+# The agent usually starts before the service configures logging, so the
+# lines of re-applies at start would find no handler and INFO would be lost:
+# they are held (with their original time) and handed over with the next
+# line once a handler exists. WARNING and above go out at once (logging's
+# last resort prints them to stderr).
+_early: collections.deque = collections.deque(maxlen=200)
+_early_lock = threading.Lock()
+
+
 def log_entry(entry: dict, classification: str | None = None) -> None:
-    logger.log(level_of(entry), "%s", describe(entry, classification))
+    level = level_of(entry)
+    if not logger.isEnabledFor(level) and logger.hasHandlers():
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, "%s", (describe(entry, classification),), None)
+    with _early_lock:
+        if not logger.hasHandlers():
+            if level < logging.WARNING:
+                _early.append(record)
+                return
+        else:
+            _flush_locked()
+    logger.handle(record)
+
+
+def flush_early() -> None:
+    """Hand held lines to the handlers the service has set up by now."""
+    with _early_lock:
+        _flush_locked()
+
+
+def _flush_locked() -> None:
+    while _early and logger.hasHandlers():
+        record = _early.popleft()
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def _after_fork_in_child() -> None:
+    global _early_lock
+    _early_lock = threading.Lock()  # a thread of the parent may have held it
+    _early.clear()  # the parent reports its own lines
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -619,6 +619,7 @@ def history(agent) -> list[dict] | None:
 
 
 def status_fields(agent) -> dict:
+    _log.flush_early()
     state = getattr(agent, "state", None)
     return {"state_dir": state.path if state is not None else None,
             "recorded": state.records() if state is not None else []}

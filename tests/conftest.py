@@ -12,6 +12,13 @@ from livepatch.build import patch_from_source
 _counter = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    """Agents started by a test (and the services it starts) keep their
+    state in a directory of that test only, never in the real home."""
+    monkeypatch.setenv("LIVEPATCH_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def engine():
     """A fresh patch stack per test (the process-wide one is livepatch.engine)."""
