@@ -1,0 +1,218 @@
+"""Fork safety with real forks: whatever a thread of the parent was doing in
+the engine, the child's engine answers, has the garbage collector enabled,
+runs no half-done transition and can apply and roll back by itself."""
+import gc
+import json
+import os
+import select
+import threading
+import time
+import warnings
+
+import pytest
+
+import livepatch
+from livepatch import commit, patchstack
+from conftest import patch_of
+
+SRC = '''
+def spin(stop, running):
+    running.set()
+    while not stop.is_set():
+        pass
+    return "old"
+
+def f():
+    return 1
+'''
+NEW = '''
+def spin(stop, running):
+    running.set()
+    while not stop.is_set():
+        pass
+    return "new"
+
+def f():
+    return 2
+'''
+
+
+def in_child(work, timeout=10.0):
+    """Fork; run `work()` in the child and return what it returned (JSON),
+    or fail if the child does not answer within `timeout`."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what is tested here
+        pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_end)
+            try:
+                out = {"ok": True, "value": work()}
+            except BaseException as exc:
+                out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            os.write(write_end, json.dumps(out).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if not ready:
+            os.kill(pid, 9)
+            pytest.fail(f"the forked child did not answer within {timeout}s (deadlocked?)")
+        data = b""
+        while chunk := os.read(read_end, 65536):
+            data += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    out = json.loads(data)
+    assert out["ok"], out.get("error")
+    return out["value"]
+
+
+def child_checks(module, patch):
+    """What every child must be able to do with the process-wide engine."""
+    started = time.monotonic()
+    holder = []
+    t = threading.Thread(target=lambda: holder.append(livepatch.status()), daemon=True)
+    t.start()
+    t.join(5.0)
+    answered = time.monotonic() - started
+    if not holder:
+        return {"status_answered": False}
+    status = holder[0]
+    before = module.f()
+    result = livepatch.apply(patch, timeout=2.0)
+    applied = module.f()
+    livepatch.rollback(patch.id)
+    return {"status_answered": True, "seconds": answered, "gc": gc.isenabled(),
+            "applied_in_child": [p["id"] for p in status["applied"]],
+            "f": [before, applied, module.f()], "commit": result.method,
+            "switch_interval": livepatch.commit.sys.getswitchinterval()}
+
+
+@pytest.fixture
+def spinner(make_module):
+    """A module and a thread running its `spin` (a target that never leaves
+    the stack until stopped)."""
+    m, src = make_module(SRC)
+    stop, running = threading.Event(), threading.Event()
+    t = threading.Thread(target=m.spin, args=(stop, running), daemon=True)
+    t.start()
+    running.wait(5)
+    yield m, src, stop
+    stop.set()
+    t.join(5)
+    while livepatch.engine.applied_ids():
+        livepatch.rollback()
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "after a handoff"])
+def test_fork_while_another_thread_waits_in_apply(spinner, monkeypatch, one_call):
+    m, src, stop = spinner
+    patch = patch_of(m, src, NEW, "HP-fork")
+    monkeypatch.setattr(commit, "ONE_CALL_ENABLED", one_call)
+    # one long burst: the GC stays disabled while the apply waits for a safe point
+    monkeypatch.setattr(patchstack, "_BURST_SECONDS", 30.0)
+    outcome = []
+
+    def apply_in_thread():
+        try:
+            outcome.append(livepatch.apply(patch, timeout=4.0))
+        except Exception as exc:
+            outcome.append(exc)
+
+    interval = commit.sys.getswitchinterval()
+    applier = threading.Thread(target=apply_in_thread)
+    applier.start()
+    deadline = time.monotonic() + 3
+    while gc.isenabled() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not gc.isenabled() and livepatch.engine._lock.locked()  # the fork happens mid-apply
+    child = in_child(lambda: child_checks(m, patch))
+    assert child["status_answered"], "status() hung in the child"
+    assert child["gc"] is True
+    assert child["applied_in_child"] == []
+    assert child["f"] == [1, 2, 1]
+    assert child["switch_interval"] == interval
+    # the parent's apply goes on: it commits once the target leaves the stack
+    stop.set()
+    applier.join(10)
+    assert isinstance(outcome[0], livepatch.Result), outcome
+    assert m.f() == 2 and gc.isenabled()
+    assert livepatch.engine.applied_ids() == ["HP-fork"]
+
+
+def test_fork_while_apply_times_out_in_the_parent(spinner, monkeypatch):
+    m, src, stop = spinner
+    patch = patch_of(m, src, NEW, "HP-fork-busy")
+    monkeypatch.setattr(patchstack, "_BURST_SECONDS", 30.0)
+    outcome = []
+    applier = threading.Thread(target=lambda: outcome.append(_catch(lambda: livepatch.apply(patch, timeout=1.0))))
+    applier.start()
+    while gc.isenabled() and applier.is_alive():
+        time.sleep(0.001)
+    child = in_child(lambda: child_checks(m, patch))
+    assert child["status_answered"] and child["gc"] is True and child["f"] == [1, 2, 1]
+    applier.join(10)
+    assert isinstance(outcome[0], livepatch.TargetBusy)
+    assert m.f() == 1 and gc.isenabled() and livepatch.engine.applied_ids() == []
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
+def test_fork_after_the_stores_but_before_the_bookkeeping_undoes_them_in_the_child(make_module, monkeypatch):
+    m, src = make_module(SRC)
+    patch = patch_of(m, src, NEW, "HP-window")
+    in_window, go_on = threading.Event(), threading.Event()
+    real = patchstack.targets_by_module
+
+    def held_in_the_window(*args):
+        # apply() calls this right after the commit, before the patch is on the stack
+        in_window.set()
+        go_on.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(patchstack, "targets_by_module", held_in_the_window)
+    outcome = []
+    applier = threading.Thread(target=lambda: outcome.append(_catch(lambda: livepatch.apply(patch))))
+    applier.start()
+    try:
+        assert in_window.wait(10)
+        assert m.f() == 2  # committed in the parent, not yet recorded
+
+        def in_the_child():
+            monkeypatch.undo()
+            return {"f": m.f(), "applied": livepatch.engine.applied_ids(), "gc": gc.isenabled(),
+                    "again": child_checks(m, patch)["f"]}
+
+        child = in_child(in_the_child)
+        assert child == {"f": 1, "applied": [], "gc": True, "again": [1, 2, 1]}
+    finally:
+        go_on.set()
+        applier.join(10)
+    assert isinstance(outcome[0], livepatch.Result)
+    assert livepatch.engine.applied_ids() == ["HP-window"] and m.f() == 2
+    livepatch.rollback()
+    assert m.f() == 1
+
+
+def test_fork_of_an_idle_process_with_a_patch_keeps_it_in_the_child(make_module):
+    m, src = make_module(SRC)
+    livepatch.apply(patch_of(m, src, NEW, "HP-kept"))
+    try:
+        child = in_child(lambda: {"f": m.f(), "applied": livepatch.engine.applied_ids(),
+                                  "rolled_back": livepatch.rollback().patch_id, "after": m.f()})
+        assert child == {"f": 2, "applied": ["HP-kept"], "rolled_back": "HP-kept", "after": 1}
+        assert m.f() == 2  # the child's rollback is its own
+    finally:
+        livepatch.rollback()
