@@ -1,10 +1,22 @@
-"""Where control sockets live: one directory per user, mode 0700.
+"""Where control sockets live, and the checks both ends apply to them.
 
-`$XDG_RUNTIME_DIR/livepatch` when that is set and safe, else
-`<system temp dir>/livepatch-<uid>`. The directory is created with mode
-0700 and refused if it already exists as a symlink, with another owner, or
-with any group/other permission bits, so nobody else can plant, replace or
-reach a socket in it."""
+The candidate directories for uid U, in order:
+
+1. `$XDG_RUNTIME_DIR/livepatch`, when that directory is U's;
+2. `/run/user/U/livepatch`, when `/run/user/U` exists and is U's;
+3. `<temp dir>/livepatch-U` (`$TMPDIR`, else `/tmp`);
+4. `/run/livepatch`, for root;
+5. `~/.cache/livepatch/run` (`$HOME`, else U's passwd entry).
+
+The agent uses the first one it can create or find safe; the client looks
+through the same list, computed from the target's environment, with the
+same checks. A directory is safe when it is a real directory (not a
+symlink), owned by U, with no group or other permission bits, and every
+directory above it is owned by root or U and writable by nobody else
+(unless sticky, like /tmp): then nobody else can plant, replace or reach a
+socket in it. A directory in /tmp that someone else created first (or left
+open) is refused, and the next candidate is used, so such a plant can
+neither impersonate an agent nor stop a service from starting."""
 
 from __future__ import annotations
 
@@ -16,15 +28,27 @@ class UnsafeDirectory(Exception):
     pass
 
 
-def candidates(uid: int | None = None) -> list[str]:
+def candidates(uid: int | None = None, env=None, every_temp: bool = False) -> list[str]:
+    """Socket directories for `uid` in the order the agent tries them.
+    `env` is the environment of the process concerned (default: ours when
+    `uid` is ours, else none: only the fixed locations). `every_temp`
+    (for clients) includes every temporary directory the agent might have
+    chosen, since only it could tell which of them it may write."""
     uid = os.getuid() if uid is None else uid
+    env = _env_of(uid, env)
     out = []
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and uid == os.getuid():
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
         out.append(os.path.join(xdg, "livepatch"))
-    out.append(os.path.join(f"/run/user/{uid}", "livepatch"))
-    out.append(os.path.join(_temp_root(), f"livepatch-{uid}"))
-    return list(dict.fromkeys(out))
+    out.append(f"/run/user/{uid}/livepatch")
+    for root in (_temp_roots(env) if every_temp else [_temp_root(env)]):
+        out.append(os.path.join(root, f"livepatch-{uid}"))
+    if uid == 0:
+        out.append("/run/livepatch")
+    home = _home_fallback(uid, env)
+    if home:
+        out.append(home)
+    return list(dict.fromkeys(os.path.normpath(p) for p in out))
 
 
 def check(path: str, uid: int | None = None) -> None:
@@ -33,38 +57,172 @@ def check(path: str, uid: int | None = None) -> None:
     uid = os.getuid() if uid is None else uid
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeDirectory(f"{path} is a symlink; refusing to use it")
+        raise UnsafeDirectory(f"{path} is a symlink")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"{path} is not a directory")
     if st.st_uid != uid:
-        raise UnsafeDirectory(f"{path} is owned by uid {st.st_uid}, not {uid}; refusing to use it")
+        raise UnsafeDirectory(f"{path} is owned by uid {st.st_uid}, not {uid}")
     if st.st_mode & 0o077:
-        raise UnsafeDirectory(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 0700")
+        raise UnsafeDirectory(f"{path} has mode {stat.S_IMODE(st.st_mode):o}, not 700")
 
 
-def ensure(path: str | None = None) -> str:
-    """The directory for this process's socket, created safely."""
-    if path is None:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        parent_ok = bool(xdg) and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.getuid()
-        path = os.path.join(xdg, "livepatch") if parent_ok else candidates()[-1]
-    try:
-        os.mkdir(path, 0o700)  # atomic: either we create it (0700, ours) or it existed
-    except FileExistsError:
-        pass
-    check(path)
-    return path
+def check_path(path: str, uid: int | None = None) -> None:
+    """check(), and every directory above `path` (as written and as
+    resolved) owned by root or `uid` and not writable by anyone else unless
+    sticky: otherwise its owner could move ours away and put another in."""
+    uid = os.getuid() if uid is None else uid
+    path = os.path.abspath(path)
+    check(path, uid)
+    parent = os.path.dirname(path)
+    for above in dict.fromkeys(_prefixes(parent) + _prefixes(os.path.realpath(parent))):
+        st = os.stat(above)
+        if st.st_uid not in (0, uid):
+            raise UnsafeDirectory(f"{above} (above {path}) is owned by uid {st.st_uid}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(f"{above} (above {path}) is writable by others")
+
+
+def check_socket(path: str, uid: int) -> None:
+    """The socket file itself: a socket (not a symlink to one), owned by `uid`."""
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UnsafeDirectory(f"{path} is not a socket")
+    if st.st_uid != uid:
+        raise UnsafeDirectory(f"{path} is owned by uid {st.st_uid}, not {uid}")
+
+
+def usable(reasons: list, uid: int | None = None, env=None):
+    """Yield, in order, each candidate directory that is safe, creating it
+    (0700; as root for another uid, handed over to that uid) where its
+    parent allows. Why each existing candidate was refused is appended to
+    `reasons`; candidates that cannot be created are skipped quietly."""
+    uid = os.getuid() if uid is None else uid
+    home = _home_fallback(uid, _env_of(uid, env))
+    for path in candidates(uid, env):
+        try:
+            _create(path, uid, path == home)
+        except OSError:
+            continue  # no such parent, read-only, not ours to create: not a place to use
+        except UnsafeDirectory as exc:
+            reasons.append(str(exc))
+            continue
+        try:
+            check_path(path, uid)
+        except UnsafeDirectory as exc:
+            reasons.append(str(exc))
+            continue
+        except OSError as exc:
+            reasons.append(f"{path}: {exc.strerror or exc}")
+            continue
+        yield path
+
+
+def ensure(path: str | None = None, uid: int | None = None, env=None) -> str:
+    """The directory for a socket of `uid` (default ours): `path` if given,
+    else the first safe candidate, created safely. Raises UnsafeDirectory."""
+    uid = os.getuid() if uid is None else uid
+    if path is not None:
+        try:
+            os.mkdir(path, 0o700)  # atomic: either we create it (0700, ours) or it existed
+            _hand_over(path, uid)
+        except FileExistsError:
+            pass
+        check_path(path, uid)
+        return path
+    reasons: list = []
+    for found in usable(reasons, uid, env):
+        return found
+    raise UnsafeDirectory(nowhere(reasons))
+
+
+def nowhere(reasons) -> str:
+    return "no safe directory for the control socket" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
 def socket_name(pid: int) -> str:
     return f"{pid}.sock"
 
 
-def _temp_root() -> str:
+def _create(path: str, uid: int, in_home: bool) -> None:
+    """mkdir the candidate `path` unless it exists. The parents of
+    /run/user/U and $XDG_RUNTIME_DIR are the login manager's to make; the
+    home fallback gets its .cache levels created (0700) as needed."""
+    if os.path.lexists(path):
+        return
+    parent = os.path.dirname(path)
+    if in_home:
+        home = os.path.dirname(os.path.dirname(parent))
+        if not os.path.isdir(home):
+            raise FileNotFoundError(home)
+        for level in (os.path.dirname(parent), parent):
+            if not os.path.lexists(level):
+                try:
+                    os.mkdir(level, 0o700)
+                    _hand_over(level, uid)
+                except FileExistsError:
+                    pass
+    elif parent.startswith("/run/user/"):
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            raise FileNotFoundError(parent)  # not a login session directory of this user
+    elif not os.path.isdir(parent):
+        raise FileNotFoundError(parent)
+    try:
+        os.mkdir(path, 0o700)
+        _hand_over(path, uid)
+    except FileExistsError:
+        pass
+
+
+def _hand_over(path: str, uid: int) -> None:
+    """Root making a directory for another user (attach) gives it to them;
+    until then it is root's and 0700, so nobody else can use it meanwhile."""
+    if uid != os.getuid():
+        os.chown(path, uid, -1, follow_symlinks=False)
+
+
+def _env_of(uid: int, env):
+    """Our environment says where our own agent would go, not another user's."""
+    if env is None:
+        return os.environ if uid == os.getuid() else {}
+    return env
+
+
+def _prefixes(path: str) -> list[str]:
+    out = []
+    while True:
+        out.append(path)
+        up = os.path.dirname(path)
+        if up == path:
+            return out
+        path = up
+
+
+def _home_fallback(uid: int, env) -> str | None:
+    home = env.get("HOME")
+    if not (home and os.path.isabs(home)):
+        try:
+            import pwd  # a builtin module: cheap, and only when HOME is unset
+            home = pwd.getpwuid(uid).pw_dir
+        except (KeyError, ImportError):
+            return None
+    return os.path.normpath(os.path.join(home, ".cache", "livepatch", "run")) if home and os.path.isabs(home) else None
+
+
+def _temp_root(env=None) -> str:
     """The directory tempfile.gettempdir() would choose, without importing
     tempfile into the service (it pulls in shutil, random, bz2 and lzma)."""
+    env = os.environ if env is None else env
     for var in ("TMPDIR", "TEMP", "TMP"):
-        path = os.environ.get(var)
+        path = env.get(var)
         if path and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
             return os.path.abspath(path)
     return "/tmp"
+
+
+def _temp_roots(env) -> list[str]:
+    """Every directory _temp_root() could have chosen in a process with
+    `env` (whether it may write there depends on that process's uid)."""
+    out = [os.path.abspath(env[var]) for var in ("TMPDIR", "TEMP", "TMP")
+           if env.get(var) and os.path.isabs(env[var]) and os.path.isdir(env[var])]
+    return list(dict.fromkeys(out + ["/tmp"]))

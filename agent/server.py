@@ -1,5 +1,12 @@
 """The agent's control channel: a Unix socket per process, named by PID in
-the user's 0700 runtime directory, admitting only the same uid or root.
+a directory only the process owner can enter (agent/runtime_dir.py),
+admitting only the same uid or root.
+
+The directory is the first safe candidate: one that someone else created
+or left open is passed over (the service log says so), and when none is
+safe the server is not created (UnsafeDirectory). Sockets left in the
+directory by processes that died without cleaning up (SIGTERM skips
+atexit) are removed when the socket is made.
 
 One daemon thread blocks in accept() (nothing runs while idle: no polling,
 no hooks). Each connection is served on its own short-lived thread with a
@@ -12,6 +19,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from . import protocol, runtime_dir
 
@@ -27,33 +35,32 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 class Server:
     def __init__(self, handle, directory: str | None = None):
         self.handle = handle  # (request dict, peer (pid, uid, gid)) -> response dict
-        self.directory = runtime_dir.ensure(directory)
-        self.path = os.path.join(self.directory, runtime_dir.socket_name(os.getpid()))
+        name = runtime_dir.socket_name(os.getpid())
+        reasons: list = []
+        places = [runtime_dir.ensure(directory)] if directory is not None else runtime_dir.usable(reasons)
+        for place in places:
+            path = os.path.join(place, name)
+            if _answers(path):  # another live process with our PID number (another PID namespace)
+                reasons.append(f"{path} is in use by another process")
+                continue
+            break
+        else:
+            raise runtime_dir.UnsafeDirectory(runtime_dir.nowhere(reasons))
+        self.directory, self.path = place, path
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._remove_stale()
+        remove_stale(self.directory, own=self.path)
         self._sock.bind(self.path)
         os.chmod(self.path, 0o600)  # the 0700 directory already keeps others out
         self._inode = os.lstat(self.path).st_ino
         self._sock.listen(16)
         self._thread = threading.Thread(target=self._serve, name="livepatch-agent", daemon=True)
         self._closed = False
-
-    def _remove_stale(self) -> None:
-        """A socket left by a dead process whose PID we now have."""
-        try:
-            os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except OSError:
-            os.unlink(self.path)
-            return
-        finally:
-            probe.close()
-        raise RuntimeError(f"another agent already listens on {self.path}")
+        if reasons:
+            import logging
+            logging.getLogger("livepatch").warning(
+                "livepatch: the control socket of process %d is %s (passed over: %s)",
+                os.getpid(), self.path, "; ".join(reasons))
 
     def start(self) -> None:
         self._thread.start()
@@ -126,3 +133,70 @@ class Server:
         finally:
             conn.close()
             self._slots.release()
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except socket.timeout:
+        return True  # a listener with a full backlog is still a listener
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def stale_inode(path: str, pid: int) -> int | None:
+    """The inode of `path` if it is a stale socket of process `pid`: one
+    nothing listens on any more, left by a process `pid` that is gone, or
+    by an earlier process whose PID number was recycled (the file is older
+    than the process). A socket being set up between bind() and listen() by
+    a live process is newer than that process, so it is never taken for
+    stale."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    started = process_start_time(pid)
+    if started is not None and st.st_mtime >= started - 0.5:
+        return None
+    return None if _answers(path) else st.st_ino
+
+
+def remove_stale(directory: str, own: str | None = None) -> list[str]:
+    """Remove the stale sockets in `directory` (the caller owns it); `own`
+    is our own socket's path, which nothing else answers on by now."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in names:
+        stem = entry[:-5] if entry.endswith(".sock") else ""
+        if not stem.isdigit():
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            inode = os.lstat(path).st_ino if path == own else stale_inode(path, int(stem))
+            # only the file judged stale: not one a new process has bound since
+            if inode is not None and os.lstat(path).st_ino == inode:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = int(fields[19])  # field 22, starttime, in clock ticks since boot
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age

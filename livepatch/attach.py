@@ -8,9 +8,11 @@ hijacks one thread for the dlopen: a few milliseconds) and falls back to
 gdb (stops every thread for a few hundred milliseconds) when pyinjector is
 unavailable or fails. Both report the measured stop time.
 
-The bootstrap and library are written to the user's 0700 runtime directory
-(created safely, see agent/runtime_dir.py), with O_EXCL|O_NOFOLLOW, and
-removed once the agent answers."""
+The bootstrap and library are written to a 0700 runtime directory of the
+target's uid (created safely, see agent/runtime_dir.py; root attaching to
+another user's process makes it that user's), with O_EXCL|O_NOFOLLOW, and
+removed once the agent answers. The agent chooses its own socket
+directory, and the client verifies it like any other."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -79,13 +82,19 @@ def _shim_library(directory: str) -> str:
     return path
 
 
-def _write_private(path: str, data: bytes) -> None:
+def _write_private(path: str, data: bytes, uid: int | None = None) -> None:
+    """A new file (never through a link or over an existing one), readable
+    by `uid` alone: root writing for another user's process hands it over."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    if uid is not None and uid != os.getuid():
+        os.fchown(fd, uid, -1)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
 
-def _bootstrap_text(result_path: str, socket_dir: str, options: dict, needed: str) -> str:
+def _bootstrap_text(result_path: str, options: dict, needed: str) -> str:
+    # The agent picks its socket directory itself, from its own uid and
+    # environment: the one the client then looks in.
     return f'''\
 def _livepatch_bootstrap():
     import json, os, sys
@@ -96,7 +105,7 @@ def _livepatch_bootstrap():
                     "(for example start it with PYTHONPATH=%s)" % (os.getpid(), exc, {needed!r}, {needed!r})}}
     else:
         try:
-            path = agent.start(socket_dir={socket_dir!r}, **{options!r})
+            path = agent.start(**{options!r})
             message = {{"ok": True, "socket": path, "python": sys.version.split()[0]}}
         except BaseException as exc:
             message = {{"ok": False, "error": "the agent did not start: %s: %s" % (type(exc).__name__, exc)}}
@@ -111,33 +120,43 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
            method: str = "auto", timeout: float = 10.0, progress=None) -> dict:
     """Start an agent inside process `pid`. Returns {"socket", "method",
     "stop_ms", "elapsed_ms", "python"}; raises AttachError with the reason."""
-    from livepatch.client import AgentUnavailable, request, socket_for
+    from livepatch.client import AgentUnavailable, _environ, agent_socket, owner
     if not os.path.exists(f"/proc/{pid}"):
         raise AttachError(f"no process with PID {pid}")
-    if socket_for(pid):
-        try:
-            if request(pid, "ping", wait=5)["ok"]:
-                return {"socket": socket_for(pid), "method": "already attached", "stop_ms": 0.0, "elapsed_ms": 0.0}
-        except AgentUnavailable:
-            pass
+    try:
+        return {"socket": agent_socket(pid), "method": "already attached", "stop_ms": 0.0, "elapsed_ms": 0.0}
+    except AgentUnavailable:
+        pass  # none, a stale socket, or one that is not this process's: attach a real agent
     impl, version = target_python(pid)
     if version not in SUPPORTED and version < (3, 14):
         raise AttachError(f"process {pid} runs Python {version[0]}.{version[1]}; livepatch supports 3.11 to 3.13 (3.14+ via sys.remote_exec)")
-    if os.stat(f"/proc/{pid}").st_uid != os.getuid() and os.getuid() != 0:
+    try:
+        uid = owner(pid)
+    except AgentUnavailable:
+        raise AttachError(f"no process with PID {pid}") from None
+    if uid != os.getuid() and os.getuid() != 0:
         raise AttachError(f"process {pid} belongs to another user; attach as its owner or root")
-    directory = runtime_dir.ensure()
+    # The target reads the bootstrap and the library and writes its answer:
+    # they go in a private directory of the target's uid (root attaching to
+    # another user's process makes it that user's), never in ours.
+    try:
+        directory = runtime_dir.ensure(uid=uid, env=_environ(pid))
+        shim = _shim_library(runtime_dir.ensure())
+    except runtime_dir.UnsafeDirectory as exc:
+        raise AttachError(f"cannot attach to process {pid}: {exc}") from None
     token = f"attach-{pid}-{secrets.token_hex(6)}"
     lib = os.path.join(directory, token + ".so")
     script, result = lib + ".py", lib + ".result"
     needed = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     options = {"trust": os.path.abspath(trust) if trust else None, "allow_unsigned": allow_unsigned, "name": name}
-    _write_private(script, _bootstrap_text(result, directory, options, needed).encode())
     started = time.perf_counter()
     try:
+        _write_private(script, _bootstrap_text(result, options, needed).encode(), uid)
         if version >= (3, 14):
             stop_ms, used = _remote_exec(pid, script), "sys.remote_exec"
         else:
-            shutil.copyfile(_shim_library(directory), lib)  # a new inode per attach: dlopen runs its constructor
+            with open(shim, "rb") as fh:  # a new inode per attach: dlopen runs its constructor
+                _write_private(lib, fh.read(), uid)
             stop_ms, used = _load_library(pid, lib, method, progress)
         deadline = time.monotonic() + timeout
         while not os.path.exists(result):
@@ -148,8 +167,7 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
                 raise AttachError(f"process {pid} exited during the attach")
             time.sleep(0.005)
         time.sleep(0.01)
-        with open(result) as fh:
-            outcome = json.load(fh)
+        outcome = _read_result(result)
     finally:
         for path in (lib, script, result):
             try:
@@ -158,8 +176,29 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
                 pass
     if not outcome.get("ok"):
         raise AttachError(outcome.get("error", "the bootstrap failed"))
+    if outcome.get("socket") is None:
+        raise AttachError(f"the agent started in process {pid} without a control socket: no safe socket "
+                          "directory (the service's log says why)")
     return {"socket": outcome["socket"], "method": used, "stop_ms": round(stop_ms, 3),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1), "python": outcome.get("python")}
+
+
+def _read_result(path: str) -> dict:
+    """The bootstrap's answer, written by the target: a small regular file
+    (the target's user owns the directory, so nothing here is followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise AttachError(f"cannot read the bootstrap's answer {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise AttachError(f"the bootstrap's answer {path} is not a regular file")
+        data = fh.read(1 << 16)
+    try:
+        outcome = json.loads(data)
+    except ValueError:
+        raise AttachError(f"the bootstrap's answer {path} is not JSON") from None
+    return outcome if isinstance(outcome, dict) else {}
 
 
 def _load_library(pid: int, lib: str, method: str, progress) -> tuple[float, str]:
