@@ -3,7 +3,7 @@ PYTHONS ?= 3.11 3.12 3.13
 PY ?= 3.11
 
 .PHONY: demo test bench bench-quick clean
-.venv-%/.ready: pyproject.toml
+.venv-%/.ready: pyproject.toml setup.py livepatch-autostart.pth
 	@py=$$(sh scripts/find-python $*) && rm -rf .venv-$* && $$py -m venv .venv-$* \
 	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' \
 	  && touch $@
