@@ -209,7 +209,8 @@ class State:
 
     def _read(self, name: str) -> bytes | None:
         try:
-            fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted here cannot hang the service
+            fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as fh:
@@ -392,10 +393,11 @@ class State:
         first line is read."""
         cutoff = time.time() - 86400 * (history_days() if days is None else days)
         try:
-            raw = self._read("history.jsonl")
-        except (OSError, UnsafeState):
+            fd = os.open(os.path.join(self.path, "history.jsonl"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
             return 0
-        first = (raw or b"").split(b"\n", 1)[0]
+        with os.fdopen(fd, "rb") as fh:
+            first = fh.readline(1 << 20).strip()
         try:
             oldest = _parse_time(json.loads(first).get("time")) if first else None
         except (ValueError, AttributeError, UnicodeDecodeError):

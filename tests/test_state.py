@@ -264,6 +264,17 @@ def test_names_cannot_leave_the_root(tmp_path):
     assert state.location("inventory.api_2", str(tmp_path)) == str(tmp_path / "inventory.api_2")
 
 
+def test_an_agent_whose_name_cannot_name_a_directory_keeps_no_state(tmp_path, caplog):
+    import types
+    from livepatch.agent import state
+    root = tmp_path / "root"
+    with caplog.at_level("WARNING", logger="livepatch"):
+        assert state.open_for(types.SimpleNamespace(name="../evil", state_dir=str(root))) is None
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "not keeping patches across restarts" in line and "'../evil' cannot name a state directory" in line
+    assert not (tmp_path / "evil").exists()
+
+
 def test_history_is_pruned_to_the_configured_age(tmp_path, monkeypatch):
     from livepatch.agent import state
     s = _state(tmp_path)
