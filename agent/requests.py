@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from . import protocol
+from . import ordering, protocol
 
 # An apply or rollback waits this long for another one to finish, then the
 # client gets a clear "busy" answer.
@@ -39,7 +39,8 @@ class Agent:
         if op not in protocol.OPS:
             return self._error("ProtocolError", f"unknown request {str(op)[:40]!r}; known: {', '.join(protocol.OPS)}")
         try:
-            return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op)(request)}
+            with ordering.request_context(peer):
+                return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op)(request)}
         except _RequestError as exc:
             return self._error(exc.kind, str(exc), exc.details)
         except Exception as exc:  # a PatchError, or a bug: reported, never fatal to the agent
@@ -88,7 +89,7 @@ class Agent:
             except Exception as exc:
                 out.append(_refusal(exc))
                 continue
-            out.append(livepatch.engine.assess(patch))
+            out.append(ordering.assess(patch, request, livepatch.engine.assess(patch)))
         return out
 
     def op_apply(self, request):
@@ -96,8 +97,9 @@ class Agent:
         patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True)
         timeout, force = _timeout(request), bool(request.get("force", False))
         if request.get("dry_run"):
-            return {"dry_run": True, **livepatch.engine.assess(patch)}
-        with self._exclusively():
+            return {"dry_run": True, **ordering.assess(patch, request, livepatch.engine.assess(patch))}
+        with self._exclusively(), ordering.recorded(livepatch.engine, "apply"):
+            ordering.check_apply(self, patch, request)
             started = time.perf_counter_ns()
             result = livepatch.engine.apply(patch, timeout=timeout, force=force)
             from .state import on_applied
@@ -110,7 +112,8 @@ class Agent:
     def op_rollback(self, request):
         import livepatch
         timeout, force = _timeout(request), bool(request.get("force", False))
-        with self._exclusively():
+        with self._exclusively(), ordering.recorded(livepatch.engine, "rollback"):
+            ordering.check_rollback(self, request)
             if request.get("all"):
                 results = livepatch.engine.rollback_all(timeout=timeout, force=force)
             else:

@@ -147,10 +147,15 @@ def _located(problem: dict, files: dict) -> Problem:
 def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str = "", description: str = "",
           references=(), classification: str = "bugfix", requires=(), cumulative: bool = False,
           name: str | None = None, version: str | None = None, allow=(), allow_active=(),
-          private_key=None) -> tuple[bytes, dict]:
+          private_key=None, sequence: int = 1, lineage: str | None = None) -> tuple[bytes, dict]:
     """Build a bundle; returns (bundle bytes, summary). Raises BuildRefused
-    listing every refused change (nothing is written then)."""
+    listing every refused change (nothing is written then). `sequence`
+    orders the bundles of one baseline (a later bundle needs a higher one),
+    `lineage` names the family of successive versions of one fix."""
     from . import bundle as fmt
+    check_sequence(sequence)
+    if lineage is not None:
+        check_lineage(lineage)
     bad = [a for a in allow if a not in OVERRIDABLE]
     if bad:
         raise BuildRefused(f"--allow {bad[0]}: only {', '.join(OVERRIDABLE)} can be overridden")
@@ -238,10 +243,28 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
         "baseline": {"name": name, "version": version}, "requires": list(requires), "cumulative": cumulative,
         "pythons": tags, "targets": list(targets.values()), "globals": list(globals_.values()),
         "modules": module_entries, "overrides": overrides, "builder": {"livepatch": __version__},
+        "sequence": sequence,
     }
+    if lineage is not None:
+        manifest["lineage"] = lineage
     data = fmt.write(manifest, payloads, private_key)
     fmt.validate(fmt.read(data, allow_unsigned=True).manifest)  # the builder never emits what the loader refuses
     return data, summary(manifest)
+
+
+def check_sequence(value) -> int:
+    from .bundle import MAX_SEQUENCE
+    if type(value) is not int or not 1 <= value <= MAX_SEQUENCE:
+        raise BuildRefused(f"sequence must be a whole number from 1 to {MAX_SEQUENCE}, got {str(value)[:40]!r}")
+    return value
+
+
+def check_lineage(value) -> str:
+    from .bundle import _ID
+    if not isinstance(value, str) or not _ID.match(value):
+        raise BuildRefused(f"lineage must be like a patch id (letters, digits, '.', '_', '-'; at most 128), "
+                           f"got {str(value)[:40]!r}")
+    return value
 
 
 def summary(manifest: dict) -> dict:
@@ -250,6 +273,7 @@ def summary(manifest: dict) -> dict:
         by_module.setdefault(t["target"].partition(":")[0], []).append(t["target"].partition(":")[2])
     return {
         "id": manifest["id"], "baseline": manifest["baseline"], "pythons": manifest["pythons"],
+        "sequence": manifest.get("sequence", 0), "lineage": manifest.get("lineage"),
         "targets": by_module,
         "data changes": [g["name"] for g in manifest["globals"] if g["kind"] == "constant"],
         "new globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],

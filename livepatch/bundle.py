@@ -40,6 +40,7 @@ MAX_TARGETS = 10_000
 MAX_TEXT = 8192
 MAX_LITERAL = 65536
 CLASSIFICATIONS = ("security", "critical", "bugfix", "other")
+MAX_SEQUENCE = 2**31 - 1
 KINDS = ("function", "generator", "coroutine", "async generator")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -351,7 +352,11 @@ _SCHEMA = _object({
                                                         "size": _int(0, MAX_PAYLOAD_BYTES)}), MAX_PAYLOADS),
     "overrides": _list(_object({"category": _text(64), "target": _text(600), "message": _text()}), MAX_TARGETS),
     "builder": _object({"livepatch": _text(40)}),
-})
+    # Ordering (see docs/bundle-format.md#ordering): absent in bundles made
+    # before it existed, which then order below every sequenced bundle.
+    "sequence": _int(1, MAX_SEQUENCE),
+    "lineage": _text(128, _ID),
+}, optional=("sequence", "lineage"))
 
 
 def validate(manifest: dict) -> None:
@@ -421,6 +426,18 @@ def _module_codes(bundle: Bundle, tag: str, module: str, cache: dict) -> dict:
     return cache[name]
 
 
+def ordering(manifest: dict) -> dict:
+    """{"sequence", "lineage"} of a validated manifest; 0 and None for a
+    bundle made before bundles were ordered."""
+    return {"sequence": manifest.get("sequence", 0), "lineage": manifest.get("lineage")}
+
+
+def digest(bundle: Bundle) -> str:
+    """The bundle's identity: SHA-256 of the manifest bytes, which pin every
+    payload. Rollback authorisations are bound to it."""
+    return hashlib.sha256(bundle.manifest_bytes).hexdigest()
+
+
 def supported_python(bundle: Bundle, tag: str = PYTHON_TAG) -> None:
     carried = bundle.manifest["pythons"]
     if tag not in carried:
@@ -478,7 +495,7 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
             fn.__qualname__ = name
             new_globals[g["name"]] = fn
     metadata = {k: m[k] for k in ("title", "classification", "references", "baseline", "created")}
-    metadata["signed_by"] = bundle.signed_by
+    metadata.update(signed_by=bundle.signed_by, **ordering(m), bundle_sha256=digest(bundle))
     return Patch(m["id"], changes, cumulative=m["cumulative"], new_globals=new_globals,
                  requires=tuple(m["requires"]), sources=sources, metadata=metadata)
 

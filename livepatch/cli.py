@@ -78,7 +78,8 @@ def cmd_build(args):
                               title=args.title or "", description=args.description or "", references=args.ref or (),
                               classification=args.classification, requires=args.requires or (),
                               cumulative=args.cumulative, name=args.name, version=args.version,
-                              allow=args.allow or (), allow_active=args.allow_active or (), private_key=key)
+                              allow=args.allow or (), allow_active=args.allow_active or (), private_key=key,
+                              sequence=args.sequence or 1, lineage=args.lineage)
     except PatchError as exc:
         raise _patch_error(exc) from None
     # write via a temp file in the same directory: never a half-written bundle
@@ -91,7 +92,9 @@ def cmd_build(args):
 
     def human(s):
         lines = [f"built {s['output']} ({s['size']} bytes, {'signed' if s['signed'] else 'UNSIGNED'})",
-                 f"patch {s['id']} against {s['baseline']['name']} {s['baseline']['version']} for {', '.join(s['pythons'])}"]
+                 f"patch {s['id']} against {s['baseline']['name']} {s['baseline']['version']} for {', '.join(s['pythons'])}",
+                 f"sequence {s['sequence']}" + (f" in lineage {s['lineage']}" if s["lineage"] else "")
+                 + ("" if args.sequence else " (the default: a later bundle for this baseline needs --sequence 2 or higher)")]
         for module, names in s["targets"].items():
             lines.append(f"  {module}: {', '.join(names)}")
         if s["data changes"]:
@@ -102,6 +105,59 @@ def cmd_build(args):
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
         return "\n".join(lines)
     _emit(args, summary, human)
+
+
+def cmd_authorize_rollback(args):
+    from .authorization import make
+    from .errors import PatchError
+    from .signing import load_private
+    bundle = _read_bundle(args.bundle, None, allow_unsigned=True)
+    if bundle.signature is None:
+        raise CliError(f"{args.bundle} is not signed: a patch applied unsigned needs no rollback authorisation")
+    try:
+        data = make(bundle, load_private(args.key), args.valid_hours * 3600)
+    except PatchError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {args.key}: {exc.strerror}") from None
+    try:  # never overwrite, never follow a planted link
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data + b"\n")
+    body = json.loads(data)["authorization"]
+    import time
+    out = {"output": args.output, "patch": body["patch"], "bundle_sha256": body["bundle_sha256"],
+           "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(body["expires"]))}
+    _emit(args, out, lambda d: f"wrote {d['output']}: authorises rolling back {d['patch']} "
+          f"(bundle {d['bundle_sha256'][:12]}) until {d['expires']}")
+
+
+def _sequence(text: str) -> int:
+    from .builder import BuildRefused, check_sequence
+    try:
+        return check_sequence(int(text) if text.strip().isdigit() else text)
+    except BuildRefused as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lineage(text: str) -> str:
+    from .builder import BuildRefused, check_lineage
+    try:
+        return check_lineage(text)
+    except BuildRefused as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 720:
+        raise argparse.ArgumentTypeError(f"must be a number of hours above 0 and at most 720, got {text[:40]!r}")
+    return value
 
 
 def read_bundle_bytes(path: str) -> bytes:
@@ -204,6 +260,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", metavar="CATEGORY", help="override a refusal category (decorator, statement)")
     p.add_argument("--allow-active", action="append", metavar="QUALNAME",
                    help="a function that never leaves the stack (a serve loop); repeatable")
+    p.add_argument("--sequence", type=_sequence, metavar="N",
+                   help="orders the bundles of one baseline: a later bundle needs a higher N (default 1)")
+    p.add_argument("--lineage", type=_lineage, metavar="NAME",
+                   help="the family of successive versions of one fix (e.g. HP-DOCS for HP-DOCS-1, HP-DOCS-2)")
+
+    p = command("authorize-rollback", cmd_authorize_rollback,
+                "sign a document that lets agents roll back one security or critical patch")
+    p.add_argument("bundle", help="the bundle of the patch to authorise rolling back")
+    p.add_argument("--key", required=True, help="private key whose public key the agents trust")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--valid-hours", type=_hours, default=24.0, metavar="H", help="how long it is valid (default 24)")
 
     p = command("verify", cmd_verify, "check a bundle's integrity and signature")
     p.add_argument("bundle")

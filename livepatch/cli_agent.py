@@ -68,7 +68,26 @@ def _call(pid: int, op: str, wait: float = 60.0, **fields):
 
 
 _REFUSALS = {"BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound", "RollbackRefused",
-             "PatchError", "UnsupportedRuntime", "CommitFailed", "Busy"}
+             "PatchError", "UnsupportedRuntime", "CommitFailed", "Busy", "Downgrade", "RollbackUnauthorized"}
+
+
+def order_fields(args) -> dict:
+    """The request fields of --allow-downgrade and --authorization FILE
+    (each file read here: the agent gets the documents, never a path)."""
+    fields = {"allow_downgrade": True} if getattr(args, "allow_downgrade", False) else {}
+    docs = []
+    for path in getattr(args, "authorization", None) or ():
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(4097)
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from None
+        if len(data) > 4096:
+            raise CliError(f"{path} is not a rollback authorisation (larger than 4096 bytes)", EXIT_VERIFY)
+        docs.append(data.decode("utf-8", "replace"))
+    if docs:
+        fields["authorizations"] = docs
+    return fields
 
 
 def _ns(ns) -> str:
@@ -157,7 +176,7 @@ def cmd_apply(args):
     started = time.perf_counter()
     with Progress(f"waiting for a safe point in process {args.pid} (up to {args.timeout:g}s)...", not args.json):
         result = _call(args.pid, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
-                       force=args.force, dry_run=args.dry_run)
+                       force=args.force, dry_run=args.dry_run, **order_fields(args))
     result["wall_ms"] = round((time.perf_counter() - started) * 1000, 1)
 
     def human(r):
@@ -186,6 +205,7 @@ def cmd_rollback(args):
         fields["all"] = True
     elif args.patch_id:
         fields["patch_id"] = args.patch_id
+    fields.update(order_fields(args))
     with Progress(f"waiting for a safe point in process {args.pid}...", not args.json):
         results = _call(args.pid, "rollback", wait=args.timeout + 60, **fields)
     _emit(args, results, lambda rs: "\n".join(
@@ -228,12 +248,19 @@ def add_commands(command) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a safe point (default 5)")
     p.add_argument("--force", action="store_true", help="patch even targets that are running (they finish on old code)")
     p.add_argument("--dry-run", action="store_true", help="verify and check only; change nothing")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="apply a bundle older than what is applied (recorded with your uid and pid)")
+    p.add_argument("--authorization", action="append", metavar="FILE",
+                   help="a rollback authorisation (livepatch authorize-rollback) for a security or critical patch "
+                        "that an allowed downgrade removes; repeatable")
     p = command("rollback", cmd_rollback, "roll back the latest patch, a named one, or all, in a process or a service")
     target(p)
     p.add_argument("patch_id", nargs="?")
     p.add_argument("--all", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--authorization", action="append", metavar="FILE",
+                   help="a rollback authorisation (livepatch authorize-rollback) for a security or critical patch; repeatable")
     p = command("attach", cmd_attach, "start an agent inside a running Python process")
     p.add_argument("pid", type=int)
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
