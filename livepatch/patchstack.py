@@ -109,6 +109,10 @@ class Result:
         return dict(self.__dict__)
 
 
+class _Busy(Exception):
+    """The engine lock was not free in time."""
+
+
 def _failure_kind(exc: Exception) -> str:
     return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
 
@@ -179,10 +183,12 @@ class Engine:
         return self._log.warnings
 
     @contextlib.contextmanager
-    def _exclusive(self):
+    def _exclusive(self, wait: float = -1):
         """The engine lock, then what must happen outside it: listeners,
-        imports that finished while it was held, imports under way."""
-        self._lock.acquire()
+        imports that finished while it was held, imports under way. Raises
+        _Busy if the lock was not free within `wait` seconds."""
+        if not self._lock.acquire(timeout=wait):
+            raise _Busy
         self._owner = threading.get_ident()
         try:
             yield
@@ -194,7 +200,7 @@ class Engine:
             self._lock.release()
             self._log.flush()
             for name in deferred:
-                self._commit_parts(name, only_pending=False)
+                self._commit_parts(name, self._parts_for(name, only_pending=False))
             for name in settle:
                 imports.when_settled(name, self._catch_up)
 
@@ -679,45 +685,58 @@ class Engine:
             # import): committed as soon as that work lets go of the lock
             self._deferred.append(name)
             return
-        self._commit_parts(name, only_pending=False)
+        wanted = self._parts_for(name, only_pending=False)
+        try:
+            self._commit_parts(name, wanted, wait=self.import_timeout)
+        except _Busy:
+            # Another apply or rollback has held the engine for that long,
+            # perhaps waiting for a function this very import runs inside:
+            # let the import return, and commit as soon as the engine is free.
+            self._log.warnings.append(f"{name} was imported while the engine was busy for over "
+                                      f"{self.import_timeout:g}s: its part was committed after the import returned")
+            threading.Thread(target=self._commit_parts, args=(name, wanted), kwargs={"late": True},
+                             name="livepatch-late-import", daemon=True).start()
 
     def _catch_up(self, name: str) -> None:
         """Commit pending parts for `name` if it got imported without the
         hook seeing it (its import was under way when the part became
         pending, or a cumulative patch was rolled back meanwhile)."""
         if imported(name) is not None:
-            self._commit_parts(name, only_pending=True)
+            self._commit_parts(name, self._parts_for(name, only_pending=True))
 
-    def _commit_parts(self, name: str, only_pending: bool) -> None:
+    def _parts_for(self, name: str, only_pending: bool) -> list:
+        """[(applied patch, its part for `name` was pending)] to commit now."""
+        return [(p, name in p.pending) for p in list(self._stack)
+                if name in p.parts and (name in p.pending or not only_pending)]
+
+    def _commit_parts(self, name: str, wanted: list, wait: float = -1, late: bool = False) -> None:
         module = loaded_module(name)
-        if module is None:
+        if module is None or not wanted:
             return
         # built before the lock (may import): see apply
-        wanted = [p for p in list(self._stack) if name in p.parts and (name in p.pending or not only_pending)]
         values = {}
-        for p in wanted:
+        for p, _ in wanted:
             try:
-                values[p.id] = materialise(p.parts[name].globals, module)
+                values[id(p)] = materialise(p.parts[name].globals, module)
             except Exception as exc:
-                values[p.id] = exc
-        if not wanted:
-            return
-        with self._exclusive():
+                values[id(p)] = exc
+        was_pending = {id(p): pending for p, pending in wanted}
+        with self._exclusive(wait):
             refused = set()
             for applied in self._stack:
-                if applied.id not in values or name not in applied.parts:
+                if id(applied) not in was_pending:
                     continue
-                if only_pending and name not in applied.pending:
-                    continue
+                if was_pending[id(applied)] and name not in applied.pending:
+                    continue  # committed (or refused) meanwhile by another path
                 part = applied.parts[name]
                 try:
-                    if isinstance(values[applied.id], Exception):
-                        raise values[applied.id]
+                    if isinstance(values[id(applied)], Exception):
+                        raise values[id(applied)]
                     blocked = [r for r in applied.requires if r in refused]
                     if blocked:
                         raise PatchError(f"{applied.id} requires {', '.join(blocked)}, refused for {name}",
                                          [Problem("requires", "", f"{r} was refused for {name}") for r in blocked])
-                    now = Patch(applied.id, part.changes, new_globals=values[applied.id])
+                    now = Patch(applied.id, part.changes, new_globals=values[id(applied)])
                     build = lambda heap: self._apply_plan(now, heap)  # noqa: E731
                     result, done = self._transition("import", applied.id, build, {name}, self.import_timeout,
                                                     applied.forced)
@@ -733,7 +752,7 @@ class Engine:
                  self._in_flight) = (applied.switches + done.switches, applied.globals + done.globals,
                                      applied.saved_defaults + done.saved_defaults, applied.pending - {name}, None)
                 applied.refused.pop(name, None)
-                self._record("import", applied.id, "ok", "", result=result, module=name)
+                self._record("import", applied.id, "ok", "", result=result, module=name, late=late or None)
 
     # ------------------------------------------------------------ fork
     def _reinit_in_child(self) -> None:

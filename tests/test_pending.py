@@ -420,3 +420,69 @@ def test_unwatched_imports_are_declined_by_the_hook(lazy, engine):
     assert imports._finder.find_spec("json") is None
     assert imports._finder.find_spec(name) is not None
     engine.rollback()
+
+
+def test_import_inside_a_target_while_another_apply_waits_for_it(lazy, make_module, engine):
+    """An apply waits for `handler` to leave the stack; `handler` imports a
+    module another patch waits for. The import does not wait for the
+    engine forever: it returns, the apply commits once `handler` returns,
+    and the module's part right after."""
+    name, lazy_patch = lazy()
+    m, src = make_module(f'''
+import importlib
+def handler(go):
+    go.wait(10)
+    return importlib.import_module("{name}").g()
+''')
+    engine.apply(lazy_patch)
+    patch = patch_of(m, src, src.replace("return importlib", "x = 1\n    return importlib"), "HP-handler")
+    engine.import_timeout = 0.3
+    go, served, outcome = threading.Event(), [], []
+    t = threading.Thread(target=lambda: served.append(m.handler(go)))
+    t.start()
+    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
+    applier.start()
+    while not engine._lock.locked():
+        time.sleep(0.001)
+    go.set()
+    t.join(10)
+    applier.join(10)
+    assert served == ["g"]  # imported while the engine was busy: not yet patched
+    assert outcome and outcome[0].functions == 1
+    deadline = time.monotonic() + 5
+    while engine.status()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert behaviour(sys.modules[name]) == PATCHED
+    status = engine.status()
+    imports_done = [e for e in status["history"] if e["action"] == "import"]
+    assert [(e["outcome"], e["module"], e.get("late")) for e in imports_done] == [("ok", name, True)]
+    assert any("while the engine was busy" in w for w in status["warnings"])
+
+
+def test_an_import_during_an_apply_of_its_own_patch_is_caught_up(lazy, make_module, engine):
+    """The module is imported while the apply that makes it pending still
+    waits for its loaded part: the part commits right after that apply."""
+    name, lazy_patch = lazy()
+    m, src = make_module(f'''
+import importlib
+def handler(go):
+    go.wait(10)
+    return importlib.import_module("{name}").g()
+''')
+    new = src.replace("return importlib", "x = 1\n    return importlib")
+    patch = Patch("HP-both", list(patch_of(m, src, new).changes) + list(lazy_patch.changes),
+                  new_globals=dict(lazy_patch.new_globals))
+    go, served, outcome = threading.Event(), [], []
+    t = threading.Thread(target=lambda: served.append(m.handler(go)))
+    t.start()
+    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
+    applier.start()
+    while not engine._lock.locked():
+        time.sleep(0.001)
+    go.set()
+    t.join(10)
+    applier.join(10)
+    assert served == ["g"]
+    assert outcome and outcome[0].pending == {name: patch_targets(lazy_patch)}
+    assert engine.status()["pending"] == []  # caught up before apply() returned
+    assert behaviour(sys.modules[name]) == PATCHED
