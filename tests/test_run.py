@@ -317,3 +317,16 @@ def test_unsafe_socket_directory_costs_the_socket_not_the_service(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["None", "True", "served"], r.stderr
     assert len(r.stderr.splitlines()) == 1 and "without a control socket" in r.stderr and str(shared) in r.stderr
     assert "Traceback" not in r.stderr and os.listdir(shared) == []
+
+
+def test_startup_benchmark_runs():
+    """The benchmark script runs (tiny parameters) so it cannot rot; its
+    figures come from `make bench`, never from assertions here."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"), "--quick", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    with open(out.stdout.strip().splitlines()[-1].split("results: ", 1)[1]) as fh:
+        data = json.load(fh)
+    assert data["agent_start"]["start_to_main_ms"]["agent"]["n"] == 2
+    assert "livepatch.agent.autostart" in data["imports"]["added"]
+    assert data["pth_check_unset"]["start_to_main_ms"]["with_pth"]["n"] == 2

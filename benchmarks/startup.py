@@ -1,0 +1,171 @@
+"""What the agent costs a process at start, measured side by side:
+
+* start to main: wall time from just before the interpreter is started to
+  the first statement of `__main__` (CLOCK_MONOTONIC is one clock for every
+  process), for a plain interpreter, the same again (an A/A control: the
+  noise floor of this machine), and one with LIVEPATCH_AUTOSTART=1 (the
+  agent started by livepatch-autostart.pth, as under `livepatch run`); the
+  three alternate in rotating order so drift hits all alike;
+* modules: what `-X importtime` lists with and without the agent, and the
+  modules the agent adds;
+* the .pth check when LIVEPATCH_AUTOSTART is unset: two bare virtualenvs,
+  identical except that one has livepatch-autostart.pth in site-packages,
+  started alternately (plus an A/A pair), and the cost of processing that
+  one line in-process (site.addpackage: open, read, exec)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import timeit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, summary, write_result  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PTH = os.path.join(ROOT, "livepatch-autostart.pth")
+MAIN = "import time; print(time.monotonic_ns())"
+
+
+def _clean_env(**extra) -> dict:
+    # bytecode caches as an installed service has them: without, every start
+    # compiles livepatch from source and that is what would be measured
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(extra)
+    return env
+
+
+def _start_to_main_ms(python: str, env: dict) -> float:
+    import time
+    t0 = time.monotonic_ns()
+    out = subprocess.run([python, "-c", MAIN], env=env, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SystemExit(f"{python} failed: {out.stderr.strip()}")
+    return (int(out.stdout.split()[0]) - t0) / 1e6
+
+
+def _alternate(modes: dict, rounds: int) -> dict:
+    """modes: name -> (python, env). Each round runs every mode once, the
+    order rotated by one each round."""
+    names = list(modes)
+    runs = {n: [] for n in names}
+    for _ in range(2):  # warm the page cache for every mode first
+        for n in names:
+            _start_to_main_ms(*modes[n])
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            runs[n].append(_start_to_main_ms(*modes[n]))
+    return runs
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def _report(runs: dict, base: str, control: str, subject: str) -> dict:
+    med = {n: _median(v) for n, v in runs.items()}
+    return {"start_to_main_ms": {n: summary([round(x, 3) for x in v]) for n, v in runs.items()},
+            "median_extra_ms": round(med[subject] - med[base], 3),
+            "aa_control_median_diff_ms": round(med[control] - med[base], 3)}
+
+
+def agent_start(rounds: int, state_dir: str) -> dict:
+    plain = _clean_env()
+    agent = _clean_env(LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="startup-bench", LIVEPATCH_STATE_DIR=state_dir)
+    runs = _alternate({"plain": (sys.executable, plain), "plain_again": (sys.executable, plain),
+                       "agent": (sys.executable, agent)}, rounds)
+    return _report(runs, "plain", "plain_again", "agent")
+
+
+def _imports(env: dict) -> tuple[list, int]:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    modules, agent_us = [], 0
+    for line in out.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line or "self [us]" in line:
+            continue
+        _, cumulative, name = line.split("|")
+        modules.append(name.strip())
+        if name.strip() == "livepatch.agent.autostart":
+            agent_us = int(cumulative)
+    return modules, agent_us
+
+
+def modules_added(state_dir: str) -> dict:
+    without, _ = _imports(_clean_env())
+    with_agent, agent_us = _imports(_clean_env(LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="startup-bench",
+                                               LIVEPATCH_STATE_DIR=state_dir))
+    added = sorted(set(with_agent) - set(without))
+    return {"modules_without_agent": len(without), "modules_with_agent": len(with_agent),
+            "modules_added": len(added), "added": added,
+            "livepatch_agent_autostart_cumulative_us_under_importtime": agent_us}
+
+
+def _bare_venv(path: str, with_pth: bool) -> str:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", path], check=True, timeout=300)
+    python = os.path.join(path, "bin", "python")
+    if with_pth:
+        purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        shutil.copy(PTH, os.path.join(purelib, os.path.basename(PTH)))
+    return python
+
+
+def pth_check(rounds: int, work: str) -> dict:
+    without = _bare_venv(os.path.join(work, "venv-without"), False)
+    with_pth = _bare_venv(os.path.join(work, "venv-with"), True)
+    env = _clean_env()
+    runs = _alternate({"without_pth": (without, env), "without_pth_again": (without, env),
+                       "with_pth": (with_pth, env)}, rounds)
+    result = _report(runs, "without_pth", "without_pth_again", "with_pth")
+    # the one line in-process: what site does for it at every interpreter start
+    directory = os.path.dirname(PTH)
+    n = 2000
+    per = min(timeit.repeat(lambda: site.addpackage(directory, os.path.basename(PTH), set()), number=n, repeat=5)) / n
+    result["site_addpackage_us"] = round(per * 1e6, 2)
+    # of which running the line once compiled (the rest: reading and compiling it)
+    with open(PTH) as fh:
+        code = compile(fh.read(), PTH, "exec")
+    per = min(timeit.repeat(lambda: exec(code, {}), number=n, repeat=5)) / n
+    result["line_exec_us"] = round(per * 1e6, 3)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int)
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 60)
+    if os.environ.get("LIVEPATCH_AUTOSTART") == "1":
+        os.environ.pop("LIVEPATCH_AUTOSTART")
+    work = tempfile.mkdtemp(prefix="lpstartup-")
+    try:
+        state_dir = os.path.join(work, "state")
+        start = agent_start(rounds, state_dir)
+        print(f"start to main: plain p50 {start['start_to_main_ms']['plain']['p50']:.1f} ms, with the agent "
+              f"{start['start_to_main_ms']['agent']['p50']:.1f} ms: +{start['median_extra_ms']:.1f} ms "
+              f"(A/A control {start['aa_control_median_diff_ms']:+.1f} ms)")
+        mods = modules_added(state_dir)
+        print(f"modules at start: {mods['modules_without_agent']} without, {mods['modules_with_agent']} with the "
+              f"agent (+{mods['modules_added']})")
+        pth = pth_check(rounds, work)
+        print(f".pth check with LIVEPATCH_AUTOSTART unset: {pth['site_addpackage_us']} us in-process (running the "
+              f"compiled line: {pth['line_exec_us']} us); start to "
+              f"main {pth['median_extra_ms']:+.2f} ms vs a venv without it (A/A control "
+              f"{pth['aa_control_median_diff_ms']:+.2f} ms)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = write_result("startup", {"machine": machine(), "params": {"rounds": rounds},
+                                    "agent_start": start, "imports": mods, "pth_check_unset": pth}, args.quick)
+    print("results:", path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
