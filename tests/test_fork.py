@@ -216,3 +216,28 @@ def test_fork_of_an_idle_process_with_a_patch_keeps_it_in_the_child(make_module)
         assert m.f() == 2  # the child's rollback is its own
     finally:
         livepatch.rollback()
+
+
+def test_a_forked_child_commits_an_inherited_pending_part_when_it_imports(tmp_path, monkeypatch):
+    """A pre-fork master with a patch waiting for a module it never imports:
+    each worker commits it when the worker imports the module."""
+    import importlib
+    import sys
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    name = "lp_fork_lazy_app"
+    (tmp_path / f"{name}.py").write_text(SRC)
+    importlib.invalidate_caches()
+    patch = patch_of(importlib.import_module(name), SRC, NEW, "HP-worker")
+    del sys.modules[name]
+    livepatch.apply(patch)
+    try:
+        assert livepatch.status()["pending"] == [name]
+        child = in_child(lambda: {"f": importlib.import_module(name).f(),
+                                  "pending": livepatch.status()["pending"],
+                                  "last": livepatch.status()["history"][-1]["action"]})
+        assert child == {"f": 2, "pending": [], "last": "import"}
+        assert livepatch.status()["pending"] == [name] and name not in sys.modules
+    finally:
+        livepatch.rollback("HP-worker")
+        sys.modules.pop(name, None)
