@@ -296,12 +296,18 @@ class Engine:
         """Every check of apply() except the safe point and the commit:
         would this patch apply now? Changes nothing, records nothing."""
         require_supported_runtime()
+        try:
+            split_out, split_failed = self._split(patch), None  # before the lock, as in apply
+        except Exception as exc:
+            split_out, split_failed = None, exc
         with self._lock:
             if any(p.id == patch.id for p in self._stack):
                 return {"patch_id": patch.id, "verdict": "already-applied", "problems": []}
             try:
                 self._check_shape(patch)
-                parts, pending, now = self._split(patch)
+                if split_failed is not None:
+                    raise split_failed
+                parts, pending, now = split_out
                 build, modules = self._plan_for(patch, now, pending, parts)
                 switches, stores = build(HeapIndex.scan(modules))
             except PatchError as exc:
