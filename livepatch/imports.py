@@ -85,7 +85,11 @@ class _Loader:
         self.__dict__["_livepatch_spec"] = spec
 
     def __getattr__(self, attr):
-        return getattr(self.__dict__["_livepatch_loader"], attr)
+        try:
+            loader = self.__dict__["_livepatch_loader"]
+        except KeyError:  # a half-built copy
+            raise AttributeError(attr) from None
+        return getattr(loader, attr)
 
     def __repr__(self):
         return repr(self.__dict__["_livepatch_loader"])
