@@ -121,6 +121,8 @@ def _check_ancestors(path: str) -> None:
     """Nobody but us or root may replace `path` or a directory above it."""
     uid = os.getuid()
     here = os.path.realpath(os.path.dirname(path))
+    while not os.path.lexists(here):  # not created yet: check what exists above
+        here = os.path.dirname(here)
     while True:
         st = os.stat(here)
         if st.st_uid not in (0, uid):
@@ -186,18 +188,30 @@ class State:
     serialise too) and replaces files by atomic rename."""
 
     def __init__(self, path: str):
+        """Checks what exists; a directory not there yet is created by the
+        first write, so services that never get a patch leave nothing on disk."""
         self.path = path
-        _makedirs_private(os.path.dirname(path))
-        _check_ancestors(path)
-        _ensure_dir(path)
-        for sub in ("bundles", "retired"):
-            _ensure_dir(os.path.join(path, sub))
         self._lock_path = os.path.join(path, ".lock")
         self._warned: set = set()
+        self._ready = False
+        _check_ancestors(path)
+        if os.path.lexists(path):
+            self._create()
+
+    def _create(self) -> None:
+        if self._ready:
+            return
+        _makedirs_private(os.path.dirname(self.path))
+        _check_ancestors(self.path)
+        _ensure_dir(self.path)
+        for sub in ("bundles", "retired"):
+            _ensure_dir(os.path.join(self.path, sub))
+        self._ready = True
 
     # -------------------------------------------------------------- files
     @contextlib.contextmanager
     def locked(self):
+        self._create()
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         _held_fds.add(fd)
         try:
@@ -207,7 +221,15 @@ class State:
             _held_fds.discard(fd)
             os.close(fd)  # releases the lock
 
+    def _present(self) -> bool:
+        """Whether the directory exists (checked before its first use)."""
+        if not self._ready and os.path.lexists(self.path):
+            self._create()
+        return self._ready
+
     def _read(self, name: str) -> bytes | None:
+        if not self._present():
+            return None
         try:
             # O_NONBLOCK: a FIFO planted here cannot hang the service
             fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -393,8 +415,11 @@ class State:
         first line is read."""
         cutoff = time.time() - 86400 * (history_days() if days is None else days)
         try:
-            fd = os.open(os.path.join(self.path, "history.jsonl"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            if not self._present():
+                return 0
+            fd = os.open(os.path.join(self.path, "history.jsonl"),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (OSError, UnsafeState):
             return 0
         with os.fdopen(fd, "rb") as fh:
             first = fh.readline(1 << 20).strip()
@@ -521,8 +546,8 @@ def _on_entry(entry: dict) -> None:
         return
     try:
         state.append(out)
-    except OSError as exc:
-        state._warn_once("append", f"cannot write {state.path}/history.jsonl: {exc.strerror or exc}")
+    except (OSError, UnsafeState) as exc:
+        state._warn_once("append", f"cannot write {state.path}/history.jsonl: {getattr(exc, 'strerror', None) or exc}")
     if action == "import" and out["outcome"] == "refused" and out.get("error") in _WRONG_CODE:
         _retire(state, patch_id, f"{out.get('module') or 'a module'} as imported here does not match the bundle's "
                                  f"baseline ({out.get('error')}): {_log._first_line(out.get('reason'))}")
@@ -531,8 +556,9 @@ def _on_entry(entry: dict) -> None:
 def _retire(state: State, patch_id: str, reason: str, sha256: str | None = None) -> None:
     try:
         entry = state.retire(patch_id, reason, sha256)
-    except OSError as exc:
-        _log.logger.error("livepatch: could not retire %s in %s: %s", patch_id, state.path, exc.strerror or exc)
+    except (OSError, UnsafeState) as exc:
+        _log.logger.error("livepatch: could not retire %s in %s: %s", patch_id, state.path,
+                          getattr(exc, "strerror", None) or exc)
         return
     if entry is not None:
         _log.log_entry(entry, entry.get("classification"))

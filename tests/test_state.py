@@ -301,6 +301,7 @@ def test_old_history_is_pruned_when_a_service_starts(inventory, tmp_path):
 
 def test_corrupt_files_are_one_log_line_and_empty(tmp_path, caplog):
     s = _state(tmp_path)
+    os.makedirs(s.path, mode=0o700)
     with open(os.path.join(s.path, "applied.json"), "w") as fh:
         fh.write('[{"id": "HP-1", "file": "HP-1')  # truncated
     with open(os.path.join(s.path, "history.jsonl"), "w") as fh:
@@ -405,3 +406,11 @@ def test_the_service_log_gets_one_line_per_event(tmp_path, keys, docs_bundle):
     assert lines[1] == "livepatch INFO livepatch: re-applied HP-DOCS (security); 1 module pending: inventory.files"
     assert lines[2] == "livepatch INFO livepatch: applied HP-DOCS (security) to inventory.files on import (2 targets)"
     assert lines[3].startswith("livepatch INFO livepatch: rolled back HP-DOCS (security) from 2 targets, pause ")
+
+
+def test_nothing_is_written_until_there_is_something_to_keep(tmp_path):
+    s = _state(tmp_path)
+    assert not os.path.exists(s.path) and s.records() == [] and s.history() == [] and s.prune() == 0
+    s.append({"time": "2026-01-01T00:00:00.000+00:00", "action": "apply"})
+    assert sorted(os.listdir(s.path)) == [".lock", "bundles", "history.jsonl", "retired"]
+    assert all(os.stat(os.path.join(s.path, d)).st_mode & 0o777 == 0o700 for d in ("", "bundles", "retired"))
