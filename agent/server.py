@@ -25,7 +25,7 @@ from . import protocol, runtime_dir
 
 READ_TIMEOUT = 10.0
 MAX_CLIENTS = 8
-_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_UCRED = struct.Struct("iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:

@@ -120,7 +120,7 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
            method: str = "auto", timeout: float = 10.0, progress=None) -> dict:
     """Start an agent inside process `pid`. Returns {"socket", "method",
     "stop_ms", "elapsed_ms", "python"}; raises AttachError with the reason."""
-    from livepatch.client import AgentUnavailable, _environ, agent_socket, owner
+    from livepatch.client import AgentUnavailable, agent_socket, environment, owner
     if not os.path.exists(f"/proc/{pid}"):
         raise AttachError(f"no process with PID {pid}")
     try:
@@ -140,7 +140,7 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     # they go in a private directory of the target's uid (root attaching to
     # another user's process makes it that user's), never in ours.
     try:
-        directory = runtime_dir.ensure(uid=uid, env=_environ(pid))
+        directory = runtime_dir.ensure(uid=uid, env=environment(pid))
         shim = _shim_library(runtime_dir.ensure())
     except runtime_dir.UnsafeDirectory as exc:
         raise AttachError(f"cannot attach to process {pid}: {exc}") from None

@@ -31,14 +31,12 @@ def owner(pid: int) -> int:
             for line in fh:
                 if line.startswith("Uid:"):
                     return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
     except OSError:
-        return os.stat(f"/proc/{pid}").st_uid
+        pass
     raise AgentUnavailable(f"no process with PID {pid}")
 
 
-def _environ(pid: int) -> dict:
+def environment(pid: int) -> dict:
     """The environment process `pid` started with ({} if not ours to read)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
@@ -58,7 +56,7 @@ def _directories(pid: int, uid: int) -> list[str]:
     from its own environment, then from ours (it may have changed its
     environment since it started, and ours is all we have when we may not
     read its)."""
-    found = runtime_dir.candidates(uid, _environ(pid), every_temp=True)
+    found = runtime_dir.candidates(uid, environment(pid), every_temp=True)
     found += runtime_dir.candidates(uid, None, every_temp=True)
     if uid == os.getuid():
         found += runtime_dir.candidates(uid, os.environ, every_temp=True)
@@ -84,6 +82,8 @@ def connect(pid: int, wait: float = 60.0) -> tuple[socket.socket, str]:
     """A connection to the agent of process `pid`, its peer verified; or
     AgentUnavailable naming why not."""
     uid = owner(pid)
+    if os.getuid() not in (uid, 0):
+        raise AgentUnavailable(f"process {pid} belongs to uid {uid}: only its owner or root may talk to its agent")
     refused, stale, denied = [], None, None
     for directory in _directories(pid, uid):
         path = os.path.join(directory, runtime_dir.socket_name(pid))
@@ -176,7 +176,7 @@ def live_agents() -> list[int]:
     places = {(d, me) for d in runtime_dir.candidates(me, os.environ, every_temp=True)}
     seen = set()
     for pid, uid in _processes(None if me == 0 else me):
-        env = _environ(pid)
+        env = environment(pid)
         key = (uid, *(env.get(v) for v in ("XDG_RUNTIME_DIR", "TMPDIR", "TEMP", "TMP", "HOME")))
         if key not in seen:
             seen.add(key)

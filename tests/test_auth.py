@@ -399,6 +399,14 @@ def test_another_users_service_falls_back_to_its_home_or_runs_without_a_socket(s
     path = json.loads(svc.line())
     assert path == os.path.join(shared, "home", ".cache", "livepatch", "run", f"{svc.pid}.sock")
     assert status(svc.pid, env)["agent"]["socket"] == path  # found by root through the process's environment
+
+    def as_nobody(*args):
+        return subprocess.run([*AS_NOBODY, sys.executable, "-m", "livepatch", *args], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=120)
+    r = as_nobody("ps", "--json")  # and by its owner
+    assert r.returncode == 0 and svc.pid in {row["pid"] for row in json.loads(r.stdout)}, r.stderr
+    r = as_nobody("status", str(os.getpid()))
+    assert r.returncode == 5 and f"process {os.getpid()} belongs to uid 0: only its owner or root" in r.stderr
     lines = passed_over_lines(svc.stop())
     assert len(lines) == 1 and f"{planted} is owned by uid 0, not {NOBODY}" in lines[0]
 
