@@ -27,6 +27,13 @@ class AtImport:
         return f"AtImport({self.make!r})"
 
 
+def value_for(module_name: str, make):
+    """A new global's value for a patch: `make(module)` now if the module is
+    imported, else an AtImport that makes it when the module's part commits."""
+    module = imported(module_name)
+    return AtImport(make) if module is None else make(module)
+
+
 @dataclass
 class ModulePart:
     changes: list = field(default_factory=list)

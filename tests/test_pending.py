@@ -486,3 +486,11 @@ def handler(go):
     assert outcome and outcome[0].pending == {name: patch_targets(lazy_patch)}
     assert engine.status()["pending"] == []  # caught up before apply() returned
     assert behaviour(sys.modules[name]) == PATCHED
+
+
+def test_value_for_builds_now_or_at_import(make_module):
+    from livepatch.pending import value_for
+    m, _ = make_module("X = 1\n")
+    assert value_for(m.__name__, lambda module: module.X + 1) == 2
+    later = value_for("lp_not_imported_anywhere", lambda module: module)
+    assert isinstance(later, AtImport) and later.make(m) is m
