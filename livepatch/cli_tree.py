@@ -20,7 +20,7 @@ from .cli import EXIT_NO_AGENT, EXIT_PARTIAL, EXIT_REFUSED, EXIT_VERIFY, CliErro
 ASSESS_WAIT = 60.0
 VERIFY_ERRORS = ("BundleError", "SignatureError")
 # outcomes that leave the patch in effect in a process (or waiting for an import)
-IN_EFFECT = ("patched", "pending", "already applied", "inherited")
+IN_EFFECT = ("patched", "pending", "already applied", "inherited", "re-applied")
 
 
 def find(args) -> tree.Service:
@@ -166,7 +166,7 @@ class _Report:
         serving = [r for r in live if r["serves"]]
         masters = [r for r in live if not r["serves"]]
         return {"serving": len(serving),
-                "serving_patched": sum(r["outcome"] in ("patched", "already applied", "inherited") for r in serving),
+                "serving_patched": sum(r["outcome"] in IN_EFFECT and r["outcome"] != "pending" for r in serving),
                 "serving_pending": sum(r["outcome"] == "pending" for r in serving),
                 "masters": len(masters),
                 "masters_patched": sum(r["outcome"] in IN_EFFECT for r in masters),
@@ -315,7 +315,14 @@ def apply(args):
         if not m.answering:
             continue
         if patch_id in m.applied:
-            rec.update(outcome="inherited", detail="started during the apply, already running the patch")
+            # a forked child carries its parent's patch stack entry as it was (same
+            # measured pause); one spawned afresh applied the service's record itself
+            entry = next(p for p in m.status["applied"] if p["id"] == patch_id)
+            parent = rep.procs.get(m.parent) or {}
+            if parent.get("pause_ns") is not None and parent.get("pause_ns") == entry.get("pause_ns"):
+                rec.update(outcome="inherited", detail=f"forked from {m.parent} during the apply, with the patch")
+            else:
+                rec.update(outcome="re-applied", detail="started during the apply; applied the service's recorded patch at start")
         else:
             fresh.append(m.pid)
     if fresh:
@@ -331,7 +338,7 @@ def apply(args):
             return
     for m in now.members:
         rec = rep.procs.get(m.pid)
-        if rec and rec["outcome"] in ("patched", "inherited", "already applied") and m.pending_of(patch_id):
+        if rec and rec["outcome"] in IN_EFFECT and m.pending_of(patch_id):
             waiting = m.pending_of(patch_id)
             rec.update(outcome="pending", pending=waiting,
                        detail=f"waits for the import of {', '.join(sorted(waiting))}; " + rec["detail"])

@@ -27,7 +27,6 @@ class Member:
     status: dict | None            # None: the agent did not answer
     error: str = ""                # why it did not answer
     command: str = ""
-    created: float = 0.0
     parent: int | None = None      # nearest ancestor that is in the same service
     depth: int = 0
     role: str = "worker"
@@ -87,7 +86,9 @@ class Service:
     name: str | None               # set when found by name
     root: int | None               # set when found as a tree
     members: list[Member]          # masters before their workers, depth first
-    since: float = field(default_factory=time.time)
+    # every process under the service when it was found, with an agent or not:
+    # whatever is under it later and not in here started meanwhile
+    seen: set = field(default_factory=set)
 
     @property
     def pids(self) -> list[int]:
@@ -116,34 +117,52 @@ def _statuses(pids) -> dict[int, fanout.Outcome]:
 
 
 def _member(pid: int, outcome: fanout.Outcome) -> Member | None:
-    import psutil
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            created = proc.create_time()
-            command = " ".join(proc.cmdline())
-    except psutil.Error:
-        return None  # gone meanwhile
     if outcome.ok:
         status = outcome.result
-        command = " ".join(status["agent"].get("argv") or []) or command
-        return Member(pid, status, command=command, created=created)
-    return Member(pid, None, error=outcome.describe(), command=command, created=created)
+        return Member(pid, status, command=" ".join(status["agent"].get("argv") or []))
+    import psutil
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return None  # gone meanwhile
+    return Member(pid, None, error=outcome.describe(), command=command)
 
 
-def _arrange(members: list[Member]) -> list[Member]:
+def _ppids() -> dict[int, int]:
+    """{pid: parent pid} of every process, from one pass over /proc."""
+    import psutil
+    return {p.pid: p.info["ppid"] for p in psutil.process_iter(["ppid"]) if p.info["ppid"] is not None}
+
+
+def _ancestors(pid: int, ppids: dict) -> list[int]:
+    out = []
+    while (pid := ppids.get(pid, 0)) > 1 and pid not in out:
+        out.append(pid)
+    return out
+
+
+def _descendants(roots, ppids: dict) -> set[int]:
+    children: dict[int, list] = {}
+    for pid, ppid in ppids.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = set(), list(roots)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _arrange(members: list[Member], ppids: dict | None = None) -> list[Member]:
     """Set parent, role and depth among `members`; return them depth first
     (each master followed by its workers), roots and siblings by PID."""
-    import psutil
+    ppids = _ppids() if ppids is None else ppids
     by_pid = {m.pid: m for m in members}
     for m in members:
         m.parent, m.children, m.role = None, [], "worker"
     for m in members:
-        try:
-            ancestors = [p.pid for p in psutil.Process(m.pid).parents()]
-        except psutil.Error:
-            ancestors = []
-        m.parent = next((a for a in ancestors if a in by_pid), None)
+        m.parent = next((a for a in _ancestors(m.pid, ppids) if a in by_pid), None)
     for m in members:
         if m.parent is not None:
             by_pid[m.parent].children.append(m)
@@ -160,14 +179,6 @@ def _arrange(members: list[Member]) -> list[Member]:
     return ordered
 
 
-def _descendants(pid: int) -> list[int]:
-    import psutil
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 def _with_agents(pids) -> list[int]:
     from .client import live_agents
     live = set(live_agents())
@@ -179,18 +190,21 @@ def by_name(name: str) -> Service:
     members = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o)) and m.name == name]
     if not members:
         raise NoSuchService(f"no live agent belongs to a service named {name!r} (see `livepatch ps`)")
-    return Service(name, name, None, _arrange(members))
+    ppids = _ppids()
+    pids = [m.pid for m in members]
+    return Service(name, name, None, _arrange(members, ppids), seen={*pids, *_descendants(pids, ppids)})
 
 
 def by_tree(pid: int) -> Service:
     import psutil
     if not psutil.pid_exists(pid):
         raise NoSuchService(f"no process with PID {pid}")
-    pids = _with_agents([pid, *_descendants(pid)])
-    members = [m for p, o in _statuses(pids).items() if (m := _member(p, o))]
+    ppids = _ppids()
+    under = {pid, *_descendants([pid], ppids)}
+    members = [m for p, o in _statuses(_with_agents(sorted(under))).items() if (m := _member(p, o))]
     if not members:
         raise NoSuchService(f"neither process {pid} nor any of its descendants has a livepatch agent")
-    return Service(f"tree of {pid}", None, pid, _arrange(members))
+    return Service(f"tree of {pid}", None, pid, _arrange(members, ppids), seen=under)
 
 
 def find(target: str, tree: bool) -> Service:
@@ -206,19 +220,9 @@ def rediscover(service: Service) -> tuple[Service, list[Member]]:
     """The service as it is now, and the members that were not in it
     before. Processes forked or spawned since the service was found (under
     one of its members) get a moment to start listening first."""
-    import psutil
     known = set(service.pids)
     roots = [service.root] if service.root is not None else service.pids
-    fresh = set()
-    for r in roots:
-        for d in _descendants(r):
-            if d in known:
-                continue
-            try:
-                if psutil.Process(d).create_time() >= service.since - 0.05:
-                    fresh.add(d)
-            except psutil.Error:
-                pass
+    fresh = _descendants(roots, _ppids()) - service.seen
     deadline = time.monotonic() + NEWCOMER_WAIT
     from .client import AgentUnavailable, socket_for
     waiting = set(fresh)
@@ -235,27 +239,22 @@ def rediscover(service: Service) -> tuple[Service, list[Member]]:
         now = by_tree(service.root) if service.root is not None else by_name(service.name)
     except NoSuchService:
         now = Service(service.label, service.name, service.root, [])
-    now.since = service.since
+    now.seen |= service.seen
     return now, [m for m in now.members if m.pid not in known]
 
 
 def everything() -> list[Service]:
     """Every process with an agent socket, grouped into services by name;
     a process that does not answer joins its nearest ancestor's service."""
-    import psutil
     from .client import live_agents
     members = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o))]
+    ppids = _ppids()
     names = {m.pid: m.name for m in members if m.name is not None}
     groups: dict[str, list[Member]] = {}
     for m in members:
-        name = m.name
-        if name is None:
-            try:
-                name = next((names[p.pid] for p in psutil.Process(m.pid).parents() if p.pid in names), None)
-            except psutil.Error:
-                name = None
+        name = m.name or next((names[a] for a in _ancestors(m.pid, ppids) if a in names), None)
         groups.setdefault(name or "(not answering)", []).append(m)
-    return [Service(name, name, None, _arrange(ms)) for name, ms in sorted(groups.items())]
+    return [Service(name, name, None, _arrange(ms, ppids)) for name, ms in sorted(groups.items())]
 
 
 def is_pid(target: str) -> bool:
