@@ -241,3 +241,38 @@ def test_a_forked_child_commits_an_inherited_pending_part_when_it_imports(tmp_pa
     finally:
         livepatch.rollback("HP-worker")
         sys.modules.pop(name, None)
+
+
+def test_fork_while_a_commit_after_a_handoff_holds_the_long_switch_interval():
+    """The committing thread raised the switch interval and disabled the GC
+    for its section; a child forked then (the check let go of the GIL) gets
+    both back, and its own handoff helper thread."""
+    import sys
+    interval = sys.getswitchinterval()
+    gc.collect()
+    inside, leave = threading.Event(), threading.Event()
+
+    def check(frames):
+        inside.set()
+        leave.wait(10)  # lets go of the GIL inside the section
+        return "not now"
+
+    outcome = []
+    committer = threading.Thread(target=lambda: outcome.append(commit.run([], [], check)))
+    committer.start()
+    try:
+        assert inside.wait(10)
+        assert sys.getswitchinterval() == pytest.approx(commit.HOLD_INTERVAL) and not gc.isenabled()
+
+        def in_the_child():
+            then = {"interval": sys.getswitchinterval(), "gc": gc.isenabled()}
+            done = commit.run([], [], lambda frames: None)  # a new helper thread in the child
+            return {**then, "committed": done.committed}
+
+        child = in_child(in_the_child)
+        assert child == {"interval": interval, "gc": True, "committed": True}
+    finally:
+        leave.set()
+        committer.join(10)
+    assert outcome[0].blocker == "not now"
+    assert sys.getswitchinterval() == interval and gc.isenabled()
