@@ -15,6 +15,7 @@ another user). Contents:
     applied.json                       ordered list of applied records
     history.jsonl                      one JSON object per event, kept
                                        LIVEPATCH_HISTORY_DAYS (default 30)
+                                       and at most HISTORY_MAX_BYTES
     retired/                           bundles that no longer apply here
     .lock                              flock(2) serialising every update
 
@@ -56,6 +57,7 @@ HISTORY_DAYS = 30.0
 REAPPLY_TIMEOUT = 5.0
 MAX_RECORDS = 256
 MAX_STATE_FILE = 64 << 20
+HISTORY_MAX_BYTES = 8 << 20  # beyond this, the oldest half goes, whatever its age
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -386,8 +388,19 @@ class State:
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line)
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
+        if size > HISTORY_MAX_BYTES:
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        """Keep the newest half of an oversized history (a service whose
+        workers are recycled all day writes an import entry per worker)."""
+        raw = self._read("history.jsonl") or b""
+        tail = raw[-(HISTORY_MAX_BYTES // 2):]
+        cut = tail.find(b"\n") + 1 if len(tail) < len(raw) else 0
+        self._write("history.jsonl", tail[cut:])
 
     def history(self) -> list[dict]:
         try:

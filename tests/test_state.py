@@ -288,6 +288,19 @@ def test_history_is_pruned_to_the_configured_age(tmp_path, monkeypatch):
     assert s.prune() == 2 and [h["patch"] for h in s.history()] == ["HP-0"]
 
 
+def test_an_oversized_history_keeps_its_newest_half(tmp_path, monkeypatch):
+    from livepatch.agent import state
+    monkeypatch.setattr(state, "HISTORY_MAX_BYTES", 20_000)
+    s = _state(tmp_path)
+    for i in range(400):
+        s.append({"time": state._now_iso(), "action": "import", "patch": f"HP-{i}", "padding": "x" * 60})
+    history = s.history()
+    assert os.path.getsize(os.path.join(s.path, "history.jsonl")) <= 20_000
+    assert history[-1]["patch"] == "HP-399" and 50 < len(history) < 400
+    numbers = [int(h["patch"][3:]) for h in history]
+    assert numbers == list(range(numbers[0], 400))  # whole lines, newest kept, none lost in between
+
+
 def test_old_history_is_pruned_when_a_service_starts(inventory, tmp_path):
     from livepatch.agent import state
     os.makedirs(_state_dir(), mode=0o700)
