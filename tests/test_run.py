@@ -330,3 +330,18 @@ def test_startup_benchmark_runs():
     assert data["agent_start"]["start_to_main_ms"]["agent"]["n"] == 2
     assert "livepatch.agent.autostart" in data["imports"]["added"]
     assert data["pth_check_unset"]["start_to_main_ms"]["with_pth"]["n"] == 2
+
+
+def test_autostart_failures_are_one_line_and_the_program_runs(tmp_path):
+    broken = tmp_path / "broken" / "livepatch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('half-installed')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_")}
+    for extra, line in (
+            ({"PYTHONPATH": str(broken.parent)}, "cannot import livepatch: ImportError: half-installed"),
+            ({"LIVEPATCH_TRUST": str(tmp_path / "gone")}, f"SignatureError: trusted key {str(tmp_path / 'gone')!r} does not exist")):
+        r = subprocess.run([sys.executable, "-c", "print('main runs')"], env=dict(env, LIVEPATCH_AUTOSTART="1", **extra),
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (0, "main runs\n")
+        # once, although a virtualenv's site-packages are processed twice
+        assert r.stderr.splitlines() == [f"livepatch: no agent in process {r.stderr.split()[5].rstrip(':')}: {line}"]
