@@ -7,6 +7,7 @@ never holds up a commit or an import, and may call back into the engine."""
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections import deque
 
@@ -22,6 +23,9 @@ class History:
         self._listeners: tuple = ()
         # entries not yet handed to listeners; deque append/popleft are atomic
         self._outbox: deque = deque()
+        # one thread delivers at a time, so listeners see entries in order
+        # (re-entrant: a listener may apply or roll back)
+        self._delivering = threading.RLock()
 
     def record(self, action, patch_id, outcome, reason="", result=None, exc=None, **extra) -> dict:
         entry = {"time": now_iso(time.time()), "action": action, "patch": patch_id, "outcome": outcome}
@@ -49,6 +53,10 @@ class History:
     def flush(self) -> None:
         """Hand the entries recorded so far to every listener. Call it
         without holding the engine lock."""
+        with self._delivering:
+            self._deliver()
+
+    def _deliver(self) -> None:
         while True:
             try:
                 entry = self._outbox.popleft()
@@ -64,3 +72,4 @@ class History:
     def forget_unsent(self) -> None:
         """After a fork: the parent hands its own entries to its listeners."""
         self._outbox = deque()
+        self._delivering = threading.RLock()

@@ -205,7 +205,9 @@ class Engine:
                 imports.when_settled(name, self._catch_up)
 
     def add_listener(self, fn) -> None:
-        """`fn(entry)` after every history entry, outside the engine lock."""
+        """`fn(entry)` after every history entry, outside the engine lock,
+        one entry at a time and in order, on the thread of an apply,
+        rollback or import (an import-time entry: the importing thread)."""
         self._log.add_listener(fn)
 
     def remove_listener(self, fn) -> None:
