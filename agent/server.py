@@ -43,15 +43,23 @@ class Server:
             if _answers(path):  # another live process with our PID number (another PID namespace)
                 reasons.append(f"{path} is in use by another process")
                 continue
+            sock, bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), False
+            try:
+                remove_stale(place, own=path)
+                sock.bind(path)
+                bound = True
+                os.chmod(path, 0o600)  # the 0700 directory already keeps others out
+            except OSError as exc:  # a path too long for AF_UNIX, a full or read-only disk
+                sock.close()
+                if bound:
+                    os.unlink(path)
+                reasons.append(f"{path}: {exc.strerror or exc}")
+                continue
             break
         else:
             raise runtime_dir.UnsafeDirectory(runtime_dir.nowhere(reasons))
-        self.directory, self.path = place, path
+        self.directory, self.path, self._sock = place, path, sock
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        remove_stale(self.directory, own=self.path)
-        self._sock.bind(self.path)
-        os.chmod(self.path, 0o600)  # the 0700 directory already keeps others out
         self._inode = os.lstat(self.path).st_ino
         self._sock.listen(16)
         self._thread = threading.Thread(target=self._serve, name="livepatch-agent", daemon=True)

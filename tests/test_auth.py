@@ -446,3 +446,16 @@ def test_root_attaches_to_and_patches_another_users_process(shared, services, ke
     r = cli("rollback", str(svc.pid))
     assert r.returncode == 0, r.stderr
     assert svc.get(SECRET)[0] == 200
+
+
+def test_a_socket_path_too_long_for_af_unix_falls_back(tmp_path, procs):
+    env = isolated_env(tmp_path)
+    deep = os.path.join(env["TMPDIR"], "d" * 110)
+    os.mkdir(deep)
+    env["TMPDIR"] = deep
+    svc = procs(AGENT_SERVICE, env=env)
+    path = json.loads(svc.line())
+    assert path and not path.startswith(deep)
+    assert status(svc.pid, env)["agent"]["socket"] == path
+    lines = passed_over_lines(svc.stop())
+    assert len(lines) == 1 and "AF_UNIX path too long" in lines[0] and deep in lines[0], lines
