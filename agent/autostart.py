@@ -18,7 +18,22 @@ import os
 import sys
 
 
+# Interpreters that never run the program's code: multiprocessing's
+# resource tracker (started by uvicorn --workers, spawn and forkserver pools)
+# would otherwise show up as one more process of the service.
+_HELPERS = ("from multiprocessing.resource_tracker import main",)
+
+
+def _is_helper() -> bool:
+    argv = getattr(sys, "orig_argv", [])
+    if "-c" not in argv[1:-1]:
+        return False
+    return argv[argv.index("-c", 1) + 1].startswith(_HELPERS)
+
+
 def run() -> None:
+    if _is_helper():
+        return
     try:
         from . import start
         start()

@@ -273,6 +273,12 @@ def test_children_get_their_own_agent(tmp_path, kind, follow):
             assert child_status["agent"]["socket"].endswith(f"/{child}.sock")
         else:
             assert code == 5, child_status
+        # multiprocessing's resource tracker runs none of the program: no agent
+        import psutil
+        trackers = [p.pid for p in psutil.Process(proc.pid).children()
+                    if any("resource_tracker" in a for a in p.cmdline())]
+        assert len(trackers) == (0 if kind == "fork" else 1)
+        assert all(_status(pid)[0] == 5 for pid in trackers)
     finally:
         proc.stdin.close()
         try:
