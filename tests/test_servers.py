@@ -1,0 +1,317 @@
+"""The open-redirect fix of demo_apps/servers applied to real servers as
+they run: gunicorn (sync with recycled workers, gthread, --preload), uvicorn
+with spawned workers, Django with views imported on the first request, a
+multiprocessing pool, a plain os.fork during an apply, and restarts under
+`livepatch run`. Each test starts the server under `livepatch run`, drives it
+with client threads and asserts what users see: the exploit request is
+redirected on-site, and no request fails."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+
+from servers_harness import (BENIGN, EXPLOIT, FIXED, SERVERS, VULNERABLE, Keys, Load, Servers, cli, cli_json,
+                             free_port, get, history_events, process_status)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pre-fork servers on Linux")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return Keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def bundle(keys, tmp_path_factory):
+    return keys.build(tmp_path_factory.mktemp("bundles") / "HP-SHOP-1.lpb")
+
+
+@pytest.fixture
+def servers(tmp_path, keys):
+    s = Servers(tmp_path, keys)
+    yield s
+    s.stop_all()
+
+
+def _gunicorn_has(option):
+    from gunicorn.config import KNOWN_SETTINGS
+    return any(option in s.cli for s in KNOWN_SETTINGS if s.cli)
+
+
+# newer gunicorn opens a control socket at one fixed path in $HOME, which
+# servers running side by side would share
+NO_CONTROL_SOCKET = ["--no-control-socket"] if _gunicorn_has("--no-control-socket") else []
+
+
+def gunicorn(port, *options, app="shop.wsgi:app"):
+    return ["gunicorn", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "3", *NO_CONTROL_SOCKET, *options, app]
+
+
+def locations(replies):
+    return sorted({r.location for r in replies})
+
+
+def pids(replies):
+    return {r.pid for r in replies}
+
+
+def apply(target, bundle, *options):
+    return cli_json("apply", target, bundle, *options)
+
+
+def rollback(target, *options):
+    return cli_json("rollback", target, *options)
+
+
+# ---------------------------------------------------------------- gunicorn
+
+def test_gunicorn_gthread(servers, bundle):
+    port = free_port()
+    srv = servers.start(gunicorn(port, "--workers", "2", "--worker-class", "gthread", "--threads", "4"), port=port)
+    srv.wait_ready()
+    srv.wait_agents(3)
+    with Load(port, threads=3) as load:
+        load.wait_for(lambda: len(load.since(0)) >= 10)
+        report = apply("shop", bundle)
+        applied = time.monotonic()
+        assert report["serving"] == 2 and report["serving_patched"] == 2, report["summary"]
+        load.wait_for(lambda: len(load.since(applied)) >= 50)
+        assert locations(load.since(applied)) == [FIXED]
+        assert len(pids(load.since(applied))) == 2  # both workers serve, both fixed
+        rollback("shop")
+        rolled = time.monotonic()
+        load.wait_for(lambda: len(load.since(rolled)) >= 20)
+        assert locations(load.since(rolled)) == [VULNERABLE]
+    assert not load.failures, load.failures[:5]
+
+
+def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(servers, bundle):
+    port = free_port()
+    srv = servers.start(gunicorn(port, "--workers", "2", "--preload"), port=port)
+    srv.wait_ready()
+    srv.wait_agents(3)
+    with Load(port) as load:
+        load.wait_for(lambda: len(load.since(0)) >= 10)
+        report = apply("shop", bundle)
+        applied = time.monotonic()
+        # the master imported the app but serves nothing: the workers are what counts
+        assert report["serving"] == 2 and report["serving_patched"] == 2, report["summary"]
+        assert report["masters"] == 1 and report["masters_patched"] == 1, report["summary"]
+        assert "2 of 2 serving processes patched" in report["summary"]
+        roles = {p["pid"]: p["role"] for p in report["processes"]}
+        assert roles[srv.pid] == "master" and sorted(roles.values()) == ["master", "worker", "worker"]
+        load.wait_for(lambda: len(load.since(applied)) >= 20)
+        # a worker that exits (here told to, as --max-requests or a timeout does) is
+        # re-forked from the patched master
+        victim = next(p for p in roles if p != srv.pid)
+        os.kill(victim, signal.SIGTERM)
+        stopped = time.monotonic()
+        load.wait_for(lambda: pids(load.since(stopped)) - set(roles), timeout=60, what="a new worker serving")
+        assert locations(load.since(applied)) == [FIXED]
+    assert not load.failures, load.failures[:5]
+
+
+# ---------------------------------------------------------------- uvicorn
+
+def test_uvicorn_spawned_workers(servers, bundle):
+    port = free_port()
+    srv = servers.start(["uvicorn", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+                         "--no-access-log", "shop.asgi:app"], port=port)
+    srv.wait_ready()
+    srv.wait_agents(3)
+    with Load(port) as load:
+        load.wait_for(lambda: len(pids(load.since(0))) == 2, what="both workers serving")
+        assert locations(load.since(0)) == [VULNERABLE]
+        workers = pids(load.since(0))
+        report = apply("shop", bundle)
+        applied = time.monotonic()
+        outcome = {p["pid"]: p["outcome"] for p in report["processes"]}
+        assert all(outcome[w] == "patched" for w in workers), report["processes"]
+        load.wait_for(lambda: len(pids(load.since(applied))) == 2 and len(load.since(applied)) >= 40)
+        assert locations(load.since(applied)) == [FIXED]
+        rollback("shop")
+        rolled = time.monotonic()
+        load.wait_for(lambda: len(pids(load.since(rolled))) == 2 and len(load.since(rolled)) >= 40)
+        assert locations(load.since(rolled)) == [VULNERABLE]
+    assert not load.failures, load.failures[:5]
+
+
+# ---------------------------------------------------------------- Django
+
+@pytest.mark.parametrize("server", ["runserver", "gunicorn"])
+def test_django_views_imported_on_the_first_request_are_already_fixed(servers, bundle, server):
+    port = free_port()
+    if server == "runserver":
+        command, processes = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"], 1
+    else:
+        command, processes = gunicorn(port, "--workers", "2", app="shopsite.wsgi"), 3
+    srv = servers.start(command, port=port)
+    assert srv.wait_ready("/health").status == 200  # /health lives in the URLconf, not in the views
+    srv.wait_agents(processes)
+    report = apply("shop", bundle)
+    serving = report["serving"]
+    assert serving == processes - (processes > 1)
+    assert report["serving_pending"] == serving, report["summary"]  # nothing has imported shop.links yet
+    status = cli_json("status", "shop")
+    workers = [p for p in status["processes"] if p["serves"]]
+    assert len(workers) == serving and all(p["pending"] == ["shop.links"] for p in workers)
+    first = get(port, EXPLOIT)
+    assert first.status == 302 and first.location == FIXED
+    for _ in range(10):
+        assert get(port, EXPLOIT).location == FIXED
+        assert get(port, BENIGN).location == "/orders/7"
+    rollback("shop")
+    assert get(port, EXPLOIT).location == VULNERABLE
+
+
+# ---------------------------------------------------------------- multiprocessing
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_multiprocessing_pool_workers_run_the_patched_function(servers, bundle, context):
+    port = free_port()
+    srv = servers.start([sys.executable, "-m", "shop.jobs", "--context", context, "--workers", "2",
+                         "--max-tasks", "5", "--port", str(port)], port=port)
+    srv.wait_ready()
+    with Load(port, threads=2) as load:
+        load.wait_for(lambda: len(load.since(0)) >= 10)
+        assert locations(load.since(0)) == [VULNERABLE]
+        before = set(srv.processes())
+        apply("shop", bundle)
+        applied = time.monotonic()
+        # --max-tasks 5: the pool replaces its workers; the new ones run the fix too
+        load.wait_for(lambda: len(pids(load.since(applied)) - before) >= 4, timeout=90,
+                      what="4 pool workers started after the apply")
+        assert locations(load.since(applied)) == [FIXED]
+        rollback("shop")
+        rolled = time.monotonic()
+        after = set(srv.processes())
+        load.wait_for(lambda: len(pids(load.since(rolled)) - after) >= 2, timeout=90)
+        assert locations(load.since(rolled)) == [VULNERABLE]
+    assert not load.failures, load.failures[:5]
+
+
+# ---------------------------------------------------------------- os.fork
+
+HELD = '''import time
+
+
+def hold():
+    while True:
+        time.sleep({nap})
+
+
+def answer():
+    return {answer!r}
+'''
+
+
+def test_plain_fork_during_an_apply_leaves_a_usable_child(servers, keys, tmp_path):
+    base, new, out = tmp_path / "base", tmp_path / "new", tmp_path / "out"
+    for d in (base, new, out):
+        d.mkdir()
+    (base / "held.py").write_text(HELD.format(nap=0.05, answer="old"))
+    (new / "held.py").write_text(HELD.format(nap=0.02, answer="new"))
+    held = keys.build(tmp_path / "held.lpb", baseline=base, patched=new, patch_id="HP-HELD-1")
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "servers_forker.py")
+    srv = servers.start([sys.executable, program, str(out)], name="forker", extra_env={"PYTHONPATH": str(base)})
+    deadline = time.monotonic() + 30
+    while not (out / "ready").exists():
+        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.log()
+        time.sleep(0.05)
+    srv.wait_agents(1)
+    # held.hold never leaves its thread's stack: the apply waits for a safe point until its timeout
+    import subprocess
+    from servers_harness import env
+    applying = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", str(srv.pid), held, "--timeout", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        time.sleep(1.0)
+        (out / "fork").touch()  # the service forks every 0.3 s from now on
+        window = (time.monotonic(), None)
+        stdout, stderr = applying.communicate(timeout=60)
+        window = (window[0], time.monotonic())
+    finally:
+        if applying.poll() is None:
+            applying.kill()
+        (out / "fork").unlink(missing_ok=True)
+    assert applying.returncode == 3 and "TargetBusy" in stderr, (applying.returncode, stderr)
+    time.sleep(1.0)
+    children = [json.loads(p.read_text()) for p in sorted(out.glob("child-*.json"))]
+    during = [c for c in children if window[0] <= c["forked_at"] <= window[1] - 0.5]
+    assert len(during) >= 3, children
+    for c in during:
+        assert c["gc_enabled"] and c["applied"] == [] and c["answer"] == "old"
+        assert process_status(c["pid"])["agent"]["pid"] == c["pid"]
+    # the child is usable: the patch applies there (its holding thread did not survive the fork)
+    child = during[0]["pid"]
+    r = cli("apply", child, held, "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    report = out / f"child-{child}.json"
+    deadline = time.monotonic() + 10
+    while json.loads(report.read_text())["answer"] != "new":
+        assert time.monotonic() < deadline, report.read_text()
+        time.sleep(0.1)
+    assert json.loads(report.read_text())["applied"] == ["HP-HELD-1"]
+
+
+# ---------------------------------------------------------------- restarts
+
+RELEASE_1_1 = '''"""Where a user is sent after logging in: back to the page they came from,
+as long as it is on this site."""
+
+
+def safe_next(target, default="/"):
+    """The redirect target for `?next=`: a path on this site, else `default`."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\\\")):
+        return default
+    return target
+'''
+
+
+def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_retires_it(servers, bundle, tmp_path):
+    release = tmp_path / "release"
+    shutil.copytree(os.path.join(SERVERS, "shop"), release / "shop", ignore=shutil.ignore_patterns("__pycache__"))
+    state = tmp_path / "service-state"
+
+    def start():
+        port = free_port()
+        return servers.start(gunicorn(port, "--workers", "2"), cwd=str(release), state_dir=state, port=port), port
+
+    srv, port = start()
+    assert srv.wait_ready(EXPLOIT).location == VULNERABLE
+    srv.wait_agents(3)
+    apply("shop", bundle)
+    assert get(port, EXPLOIT).location == FIXED
+    srv.stop()
+
+    srv, port = start()  # same release: the recorded fix re-applies as the workers import the app
+    first = srv.wait_ready(EXPLOIT)
+    assert first.status == 302 and first.location == FIXED
+    with Load(port) as load:
+        load.wait_for(lambda: len(load.since(0)) >= 20)
+        assert locations(load.since(0)) == [FIXED]
+    assert not load.failures
+    assert [p["id"] for p in process_status(first.pid)["applied"]] == ["HP-SHOP-1"]
+    reapplied = {e["pid"] for e in history_events("shop") if e["action"] in ("reapply", "import")
+                 and e["outcome"] == "ok" and e["patch"] == "HP-SHOP-1"}
+    assert first.pid in reapplied
+    srv.stop()
+
+    (release / "shop" / "links.py").write_text(RELEASE_1_1)  # release 1.1 ships its own fix
+    (release / "shop" / "__init__.py").write_text((release / "shop" / "__init__.py").read_text().replace("1.0", "1.1"))
+    srv, port = start()
+    first = srv.wait_ready(EXPLOIT)
+    assert first.location == FIXED  # by the release's own code
+    srv.wait_agents(3)
+    retired = [e for e in history_events("shop") if e["action"] == "retire" and e["patch"] == "HP-SHOP-1"]
+    assert retired and "does not match" in retired[0]["reason"], retired
+    srv.stop()
+    srv, port = start()  # the retired record is not applied again
+    assert srv.wait_ready(EXPLOIT).location == FIXED
+    srv.wait_agents(3)
+    assert all(p["patches"] == [] for p in cli_json("status", "shop")["processes"])
