@@ -14,6 +14,10 @@ ordering and rollback authority, and who is recorded as having done it.
   needs a rollback authorisation signed by a trusted key for that patch id
   and bundle digest (livepatch/authorization.py), unless the peer is root,
   or the patch was applied unsigned in development mode.
+* Undo. A successful apply answers an `undo_token`: for ten minutes it lets
+  the client that applied a patch roll that same application back without
+  an authorisation (a service-wide apply undoing its partial commits). No
+  other client has seen the token.
 * Records. Every apply and rollback made through the socket carries the
   peer's uid and pid in its history entries, with any downgrade allowed and
   the key that authorised a rollback.
@@ -23,8 +27,11 @@ Refusals here happen before the engine is called, so nothing has changed."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import secrets
 import threading
+import time
 
 from livepatch.errors import PatchError, Problem
 
@@ -35,6 +42,8 @@ _local = threading.local()
 # removes the patches a cumulative one replaced, which status lists by id only.
 _known: dict = {}
 _MAX_KNOWN = 1024
+UNDO_SECONDS = 600.0
+_undo: dict = {}  # patch id -> (token, monotonic deadline), for the application that answered it
 _log = logging.getLogger("livepatch")
 
 
@@ -186,6 +195,19 @@ def assess(patch, request, verdict: dict, applied: list | None = None) -> dict:
 
 # ---------------------------------------------------------------- rollback authority
 
+def undo_token(patch_id: str) -> str:
+    """Issued to the client whose apply of `patch_id` just succeeded."""
+    token = secrets.token_hex(16)
+    _undo[patch_id] = (token, time.monotonic() + UNDO_SECONDS)
+    return token
+
+
+def _undoes(patch_id: str, request) -> bool:
+    given, held = request.get("undo_token"), _undo.get(patch_id)
+    return (isinstance(given, str) and held is not None and time.monotonic() < held[1]
+            and hmac.compare_digest(given.encode("utf-8", "replace"), held[0].encode()))
+
+
 def check_rollback(agent, request, applied: list | None = None) -> None:
     """Raise RollbackUnauthorized unless every security or critical patch the
     rollback removes is authorised; notes the authorisations for the record."""
@@ -204,10 +226,13 @@ def check_rollback(agent, request, applied: list | None = None) -> None:
     else:
         wanted = request.get("patch_id")
         removed = [p for p in applied if p["id"] == wanted] if wanted is not None else applied[-1:]
-    _local.fields = dict(getattr(_local, "fields", None) or {}, **_authorize(agent, request, removed, "rolling it back", "rollback"))
+    for pid in [pid for pid in _undo if pid not in {p["id"] for p in applied}]:
+        del _undo[pid]  # that application is gone: a later one gets its own token
+    _local.fields = dict(getattr(_local, "fields", None) or {},
+                         **_authorize(agent, request, removed, "rolling it back", "rollback", undo=True))
 
 
-def _authorize(agent, request, removed: list, doing: str, what: str) -> dict:
+def _authorize(agent, request, removed: list, doing: str, what: str, undo: bool = False) -> dict:
     from livepatch.authorization import RollbackUnauthorized, verify
     needed = [p for p in removed if p["metadata"].get("classification") in SENSITIVE
               and p["metadata"].get("signed_by") and p["metadata"].get("bundle_sha256")]
@@ -221,6 +246,9 @@ def _authorize(agent, request, removed: list, doing: str, what: str) -> dict:
     out = {}
     for p in needed:
         meta = p["metadata"]
+        if undo and _undoes(p["id"], request):
+            out[p["id"]] = "undo of this client's apply"
+            continue
         errors = []
         for doc in docs:
             try:

@@ -107,7 +107,7 @@ class Agent:
         return {"patch_id": result.patch_id, "pause_ns": result.pause_ns, "attempts": result.attempts,
                 "functions": result.functions, "targets": result.targets, "forced": result.forced,
                 "interrupted_by": result.interrupted_by, "engine_ns": time.perf_counter_ns() - started,
-                "signed_by": patch.metadata.get("signed_by")}
+                "signed_by": patch.metadata.get("signed_by"), "undo_token": ordering.undo_token(result.patch_id)}
 
     def op_rollback(self, request):
         import livepatch

@@ -87,16 +87,21 @@ def keys(shared):
 @pytest.fixture(scope="module")
 def bundles(keys, shared, tmp_path_factory):
     """HP-X-1: the rounding fix; HP-X-2: rounding and path traversal; both
-    cumulative security bundles of lineage HP-X for inventory 1.0."""
+    cumulative security bundles of lineage HP-X for inventory 1.0. HP-D-1:
+    the path traversal fix alone, lineage HP-D, sequence 3."""
     both = tmp_path_factory.mktemp("both")
     shutil.copytree(os.path.join(PATCHES, "fix-path-traversal", "inventory"), both / "inventory")
     shutil.copy(os.path.join(PATCHES, "fix-rounding", "inventory", "pricing.py"), both / "inventory" / "pricing.py")
     out = {}
-    for pid, tree, seq in (("HP-X-1", os.path.join(PATCHES, "fix-rounding"), 1), ("HP-X-2", str(both), 2)):
+    for pid, tree, seq, lineage, cumulative in (
+            ("HP-X-1", os.path.join(PATCHES, "fix-rounding"), 1, "HP-X", True),
+            ("HP-X-2", str(both), 2, "HP-X", True),
+            # an independent fix of another lineage, built after both (sequence 3), not cumulative
+            ("HP-D-1", os.path.join(PATCHES, "fix-path-traversal"), 3, "HP-D", False)):
         path = str(shared["files"] / f"{pid}.lpb")
         r = cli("build", BASELINE, tree, "-o", path, "--id", pid, "--key", keys["key"], "--name", "inventory",
-                "--version", "1.0", "--classification", "security", "--cumulative", "--sequence", str(seq),
-                "--lineage", "HP-X", "--json")
+                "--version", "1.0", "--classification", "security", "--sequence", str(seq),
+                "--lineage", lineage, "--json", *(["--cumulative"] if cumulative else []))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["sequence"] == seq
         os.chmod(path, 0o644)
@@ -397,6 +402,23 @@ def test_older_signed_cumulative_bundle_is_refused_and_an_allowed_one_is_recorde
     assert svc.failed == 0, svc.errors[:5]
 
 
+def test_a_cumulative_bundle_does_not_silently_drop_a_newer_patch(service, bundles):
+    svc = service()
+    r = cli("apply", str(svc.pid), bundles["HP-D-1"])
+    assert r.returncode == 0, r.stderr
+    # HP-X-1 is of another lineage, but cumulative: it would replace HP-D-1, built after it
+    r = cli("apply", str(svc.pid), bundles["HP-X-1"], "--json")
+    assert r.returncode == 3
+    refused = _json(r)
+    assert refused["error"] == "Downgrade"
+    assert refused["problems"][0]["target"] == "HP-D-1"
+    assert "older than applied HP-D-1 (sequence 3) for inventory 1.0 and would remove it" in refused["problems"][0]["message"]
+    assert _applied(svc.pid) == ["HP-D-1"] and svc.get(SECRET)[0] == 404 and svc.get(ROUNDING)[1]["total"] == 2.67
+    # HP-X-2 carries the same fix but was built before HP-D-1 too: refused as well, the operator decides
+    r = cli("apply", str(svc.pid), bundles["HP-X-2"])
+    assert r.returncode == 3 and "HP-X-2 (sequence 2) is older than applied HP-D-1 (sequence 3)" in r.stderr
+
+
 @pytest.mark.skipif(NOBODY is None, reason="needs root, setpriv and an interpreter uid 65534 can run")
 def test_the_owner_needs_a_signed_authorisation_to_remove_a_security_patch(service, bundles, keys, shared):
     env = dict(_clean_env(), XDG_RUNTIME_DIR=str(shared["run"]), HOME=str(shared["svc"]))
@@ -406,8 +428,9 @@ def test_the_owner_needs_a_signed_authorisation_to_remove_a_security_patch(servi
     def as_owner(*args):
         return _cli(True, env, *args)
 
-    r = as_owner("apply", str(svc.pid), bundles["HP-X-2"])
+    r = as_owner("apply", str(svc.pid), bundles["HP-X-2"], "--json")
     assert r.returncode == 0, r.stderr
+    token = _json(r)["undo_token"]
     assert svc.get(SECRET)[0] == 404
 
     def unchanged():
@@ -439,9 +462,37 @@ def test_the_owner_needs_a_signed_authorisation_to_remove_a_security_patch(servi
         assert "Traceback" not in r.stderr
         unchanged()
 
+    # a made-up undo token is no authorisation either
+    answer = _request_as_owner(env, svc.pid, "rollback", undo_token="0" * 32)
+    assert answer["error"]["error"] == "RollbackUnauthorized"
+    unchanged()
+
     r = as_owner("rollback", str(svc.pid), "--authorization", str(wrong_id), "--authorization", good, "--json")
     assert r.returncode == 0, r.stderr
     assert _applied(svc.pid, True, env) == [] and svc.get(SECRET)[0] == 200
     entry = [h for h in _json(as_owner("history", str(svc.pid), "--json")) if h["action"] == "rollback"][-1]
     assert entry["outcome"] == "ok" and entry["peer"]["uid"] == 65534 and entry["peer"]["pid"] > 0
     assert entry["authorization"] == {"HP-X-2": keys["key_id"]}
+
+    # the token of an application that is gone undoes nothing; the client
+    # that applied it again can undo its own apply (a service-wide apply
+    # undoing its partial commits) without an authorisation
+    r = as_owner("apply", str(svc.pid), bundles["HP-X-2"], "--json")
+    assert r.returncode == 0, r.stderr
+    fresh = _json(r)["undo_token"]
+    assert fresh != token
+    assert _request_as_owner(env, svc.pid, "rollback", undo_token=token)["error"]["error"] == "RollbackUnauthorized"
+    answer = _request_as_owner(env, svc.pid, "rollback", patch_id="HP-X-2", undo_token=fresh)
+    assert answer["ok"], answer
+    assert _applied(svc.pid, True, env) == [] and svc.get(SECRET)[0] == 200
+    entry = [h for h in _json(as_owner("history", str(svc.pid), "--json")) if h["action"] == "rollback"][-1]
+    assert entry["authorization"] == {"HP-X-2": "undo of this client's apply"} and entry["peer"]["uid"] == 65534
+
+
+def _request_as_owner(env, pid, op, **fields):
+    code = ("import json, sys\nfrom livepatch.client import request\n"
+            "print(json.dumps(request(int(sys.argv[1]), sys.argv[2], wait=30, **json.loads(sys.argv[3]))))\n")
+    r = subprocess.run([*NOBODY, sys.executable, "-c", code, str(pid), op, json.dumps(fields)], capture_output=True,
+                       text=True, timeout=60, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
