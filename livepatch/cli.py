@@ -206,7 +206,9 @@ def cmd_inspect(args):
     def human(d):
         lines = [f"bundle {m['id']} (format {m['format']}): {m['title']}",
                  f"  classification {m['classification']}; references {', '.join(m['references']) or '-'}; created {m['created']}",
-                 f"  baseline {m['baseline']['name']} {m['baseline']['version']}; pythons {', '.join(m['pythons'])}",
+                 f"  baseline {m['baseline']['name']} {m['baseline']['version']}; pythons {', '.join(m['pythons'])}; "
+                 f"sequence {m.get('sequence', '0 (made before bundles were ordered)')}"
+                 + (f" in lineage {m['lineage']}" if m.get("lineage") else ""),
                  f"  {'cumulative' if m['cumulative'] else 'requires ' + (', '.join(m['requires']) or 'nothing')}",
                  f"  {d['signature']}", ""]
         rows = [{"target": t["target"], "kind": t["kind"], "line": f"{t['file']}:{t['line']}",
