@@ -584,47 +584,67 @@ def _missing_modules(manifest: dict) -> list[str]:
     return sorted(n for n in names if loaded_module(n) is None)
 
 
+def _held(engine) -> set:
+    """Ids this process already runs: applied, or replaced by an applied
+    cumulative patch (a forked child inherits both from its parent)."""
+    held = set(engine.applied_ids())
+    with contextlib.suppress(Exception):
+        for p in engine.status()["applied"]:
+            held.update(p.get("replaces") or ())
+    return held
+
+
 def _reapply(agent, state: State) -> None:
+    import livepatch
+    held = _held(livepatch.engine)
+    for rec in state.records():
+        if rec["id"] in held:
+            continue  # inherited through fork, or applied already
+        try:
+            _reapply_one(agent, state, rec)
+        except Exception as exc:  # one bad record must not stop the others
+            _log.logger.error("livepatch: re-applying %s failed: %s: %s", rec["id"], type(exc).__name__,
+                              _log._first_line(exc))
+        finally:
+            _local.reapplying = None
+
+
+def _reapply_one(agent, state: State, rec: dict) -> None:
     import livepatch
     from livepatch.bundle import read, to_patch
     from livepatch.errors import PatchError
-    have = set(livepatch.engine.applied_ids())
-    for rec in state.records():
-        if rec["id"] in have:
-            continue  # inherited through fork, or applied already
-        try:
-            data = state.read_bundle(rec)
-        except UnsafeState as exc:
-            _retire(state, rec["id"], f"recorded bundle unusable: {exc}", rec["sha256"])
-            continue
-        manifest = None
-        try:
-            bundle = read(data, agent.trusted, allow_unsigned=agent.allow_unsigned)
-            manifest = bundle.manifest
-            if bundle.id != rec["id"]:
-                raise PatchError(f"bundle carries id {bundle.id!r}, recorded as {rec['id']!r}")
-            _classes[bundle.id] = manifest.get("classification")
-            patch = to_patch(bundle)
-        except PatchError as exc:
-            if manifest is not None and type(exc).__name__ == "TargetNotFound" and _missing_modules(manifest):
-                _log.logger.warning("livepatch: not re-applying %s yet: %s", rec["id"], _log._first_line(exc))
-                continue
-            _retire(state, rec["id"], f"recorded bundle failed verification: {type(exc).__name__}: "
+    try:
+        data = state.read_bundle(rec)
+    except UnsafeState as exc:
+        _retire(state, rec["id"], f"recorded bundle unusable: {exc}", rec["sha256"])
+        return
+    manifest = None
+    try:
+        bundle = read(data, agent.trusted, allow_unsigned=agent.allow_unsigned)
+        manifest = bundle.manifest
+        if bundle.id != rec["id"]:
+            raise PatchError(f"bundle carries id {bundle.id!r}, recorded as {rec['id']!r}")
+        _classes[bundle.id] = manifest.get("classification")
+        patch = to_patch(bundle)
+    except Exception as exc:  # a PatchError, or an import a new global needs failing here
+        if manifest is not None and type(exc).__name__ == "TargetNotFound" and _missing_modules(manifest):
+            _log.logger.warning("livepatch: not re-applying %s yet: %s", rec["id"], _log._first_line(exc))
+            return
+        what = "failed verification" if manifest is None else "cannot be loaded here"
+        _retire(state, rec["id"], f"recorded bundle {what}: {type(exc).__name__}: {_log._first_line(exc)}",
+                rec["sha256"])
+        return
+    _local.reapplying = rec
+    try:
+        livepatch.engine.apply(patch, timeout=REAPPLY_TIMEOUT)
+    except PatchError as exc:
+        kind = type(exc).__name__
+        if kind == "TargetNotFound" and _missing_modules(manifest):
+            return  # the engine cannot hold pending targets: kept for a later start
+        if kind in _WRONG_CODE or "requires" in {p.category for p in exc.problems}:
+            _retire(state, rec["id"], f"does not apply to the code running here ({kind}): "
                                       f"{_log._first_line(exc)}", rec["sha256"])
-            continue
-        _local.reapplying = rec
-        try:
-            livepatch.engine.apply(patch, timeout=REAPPLY_TIMEOUT)
-        except PatchError as exc:
-            kind = type(exc).__name__
-            if kind == "TargetNotFound" and _missing_modules(manifest):
-                continue  # the engine cannot hold pending targets: kept for a later start
-            if kind in _WRONG_CODE or "requires" in {p.category for p in exc.problems}:
-                _retire(state, rec["id"], f"does not apply to the code running here ({kind}): "
-                                          f"{_log._first_line(exc)}", rec["sha256"])
-            # busy or a failed commit: kept, the next start tries again
-        finally:
-            _local.reapplying = None
+        # busy or a failed commit: kept, the next start tries again
 
 
 def on_applied(agent, data: bytes, bundle) -> bool:
