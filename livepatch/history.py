@@ -11,6 +11,13 @@ import threading
 import time
 from collections import deque
 
+from .errors import CommitFailed, PatchError
+
+
+def outcome_of(exc: Exception) -> str:
+    """"refused" for a refusal (nothing was touched), else "failed"."""
+    return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
+
 
 def now_iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from . import commit as _commit
 from . import forksafe, imports
 from .checks import check_change, code_kind, require_supported_runtime
-from .errors import CommitFailed, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
+from .errors import PatchError, Problem, RollbackRefused, TargetBusy, raise_for
 from .fingerprint import fingerprint
-from .history import History, now_iso as _now_iso
+from .history import History, now_iso as _now_iso, outcome_of
+from .importtime import EngineBusy, ImportCommits
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
-from .pending import AtImport, imported, materialise, part_patch, split, targets_by_module
+from .pending import AtImport, imported, part_patch, split, targets_by_module
 from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
@@ -109,14 +110,6 @@ class Result:
         return dict(self.__dict__)
 
 
-class _Busy(Exception):
-    """The engine lock was not free in time."""
-
-
-def _failure_kind(exc: Exception) -> str:
-    return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
-
-
 def _plain_owner(owner) -> bool:
     """Storing into it runs no Python code: a module or class whose type
     keeps the built-in attribute assignment."""
@@ -172,6 +165,7 @@ class Engine:
         self._in_flight = None  # (ops, undo) of a transition whose bookkeeping is not done
         self._deferred: list = []  # modules executed while this thread held the lock
         self._settle: list = []  # modules that became pending: an import may already be under way
+        self._imports = ImportCommits(self)
         forksafe.track(self)
 
     @property
@@ -186,9 +180,9 @@ class Engine:
     def _exclusive(self, wait: float = -1):
         """The engine lock, then what must happen outside it: listeners,
         imports that finished while it was held, imports under way. Raises
-        _Busy if the lock was not free within `wait` seconds."""
+        EngineBusy if the lock was not free within `wait` seconds."""
         if not self._lock.acquire(timeout=wait):
-            raise _Busy
+            raise EngineBusy
         self._owner = threading.get_ident()
         try:
             yield
@@ -200,9 +194,9 @@ class Engine:
             self._lock.release()
             self._log.flush()
             for name in deferred:
-                self._commit_parts(name, self._parts_for(name, only_pending=False))
+                self._imports.commit(name, self._imports.parts_for(name, only_pending=False))
             for name in settle:
-                imports.when_settled(name, self._catch_up)
+                imports.when_settled(name, self._imports.catch_up)
 
     def add_listener(self, fn) -> None:
         """`fn(entry)` after every history entry, outside the engine lock,
@@ -239,7 +233,7 @@ class Engine:
                 else:
                     result, applied = self._nothing_committed("apply", patch.id, force)
             except Exception as exc:
-                self._record("apply", patch.id, _failure_kind(exc), str(exc), exc=exc)
+                self._record("apply", patch.id, outcome_of(exc), str(exc), exc=exc)
                 raise
             applied.cumulative = patch.cumulative
             applied.requires = tuple(patch.requires)
@@ -254,7 +248,7 @@ class Engine:
             # one statement: a fork sees the commit either finished or undone (forksafe)
             self._stack, self._in_flight = stack, None
             self._register_sources(patch)
-            self._watch()
+            self._imports.watch()
             self._settle += sorted(pending)
             self._record("apply", patch.id, "ok", "", result=result, pending=result.pending or None)
             return result
@@ -484,13 +478,13 @@ class Engine:
                 else:
                     result, _ = self._nothing_committed("rollback", target.id, force)
             except Exception as exc:
-                self._record("rollback", patch_id or "", _failure_kind(exc), str(exc), exc=exc)
+                self._record("rollback", patch_id or "", outcome_of(exc), str(exc), exc=exc)
                 raise
             restored = target.replaced if target.cumulative else []
             stack = self._stack[:index] + restored + self._stack[index + 1:]
             # one statement: a fork sees the commit either finished or undone (forksafe)
             self._stack, self._in_flight = stack, None
-            self._watch()
+            self._imports.watch()
             # parts of the patches a cumulative one replaced whose module was imported meanwhile
             self._settle += sorted({m for p in restored for m in p.pending})
             result.pending = targets_by_module(target.parts, target.pending)
@@ -677,90 +671,6 @@ class Engine:
             ops.append((setattr, g.owner, g.name, g.after) if g.after is not MISSING else (delattr, g.owner, g.name))
             undo.append((setattr, g.owner, g.name, g.before) if g.before is not MISSING else (delattr, g.owner, g.name))
         return ops, undo, saved, functions
-
-    # ---------------------------------------------------------- import time
-    def _watch(self) -> None:
-        """Watch every module an applied patch has a part for: pending ones
-        to commit them, the others to commit them again if re-executed."""
-        imports.watch(id(self), {m for p in self._stack for m in p.parts}, self._module_executed)
-
-    def _module_executed(self, name: str, module) -> None:
-        """Called by the import hook once `name`'s code has run (first
-        import, reload or re-import): commit every applied patch's part for
-        it, patch by patch in stack order."""
-        if self._owner == threading.get_ident():
-            # an import made by this engine's own work (a new global's
-            # import): committed as soon as that work lets go of the lock
-            self._deferred.append(name)
-            return
-        wanted = self._parts_for(name, only_pending=False)
-        try:
-            self._commit_parts(name, wanted, wait=self.import_timeout)
-        except _Busy:
-            # Another apply or rollback has held the engine for that long,
-            # perhaps waiting for a function this very import runs inside:
-            # let the import return, and commit as soon as the engine is free.
-            self._log.warnings.append(f"{name} was imported while the engine was busy for over "
-                                      f"{self.import_timeout:g}s: its part was committed after the import returned")
-            threading.Thread(target=self._commit_parts, args=(name, wanted), kwargs={"late": True},
-                             name="livepatch-late-import", daemon=True).start()
-
-    def _catch_up(self, name: str) -> None:
-        """Commit pending parts for `name` if it got imported without the
-        hook seeing it (its import was under way when the part became
-        pending, or a cumulative patch was rolled back meanwhile)."""
-        if imported(name) is not None:
-            self._commit_parts(name, self._parts_for(name, only_pending=True))
-
-    def _parts_for(self, name: str, only_pending: bool) -> list:
-        """[(applied patch, its part for `name` was pending)] to commit now."""
-        return [(p, name in p.pending) for p in list(self._stack)
-                if name in p.parts and (name in p.pending or not only_pending)]
-
-    def _commit_parts(self, name: str, wanted: list, wait: float = -1, late: bool = False) -> None:
-        module = loaded_module(name)
-        if module is None or not wanted:
-            return
-        # built before the lock (may import): see apply
-        values = {}
-        for p, _ in wanted:
-            try:
-                values[id(p)] = materialise(p.parts[name].globals, module)
-            except Exception as exc:
-                values[id(p)] = exc
-        was_pending = {id(p): pending for p, pending in wanted}
-        with self._exclusive(wait):
-            refused = set()
-            for applied in self._stack:
-                if id(applied) not in was_pending:
-                    continue
-                if was_pending[id(applied)] and name not in applied.pending:
-                    continue  # committed (or refused) meanwhile by another path
-                part = applied.parts[name]
-                try:
-                    if isinstance(values[id(applied)], Exception):
-                        raise values[id(applied)]
-                    blocked = [r for r in applied.requires if r in refused]
-                    if blocked:
-                        raise PatchError(f"{applied.id} requires {', '.join(blocked)}, refused for {name}",
-                                         [Problem("requires", "", f"{r} was refused for {name}") for r in blocked])
-                    now = Patch(applied.id, part.changes, new_globals=values[id(applied)])
-                    build = lambda heap: self._apply_plan(now, heap)  # noqa: E731
-                    result, done = self._transition("import", applied.id, build, {name}, self.import_timeout,
-                                                    applied.forced)
-                except Exception as exc:
-                    refused.add(applied.id)
-                    applied.pending = applied.pending - {name}
-                    applied.refused = {**applied.refused, name: str(exc).splitlines()[0]}
-                    self._record("import", applied.id, _failure_kind(exc), str(exc), exc=exc, module=name,
-                                 targets=part.targets)
-                    continue
-                # one statement: a fork sees the commit either finished or undone (forksafe)
-                (applied.switches, applied.globals, applied.saved_defaults, applied.pending,
-                 self._in_flight) = (applied.switches + done.switches, applied.globals + done.globals,
-                                     applied.saved_defaults + done.saved_defaults, applied.pending - {name}, None)
-                applied.refused.pop(name, None)
-                self._record("import", applied.id, "ok", "", result=result, module=name, late=late or None)
 
     # ------------------------------------------------------------ fork
     def _reinit_in_child(self) -> None:

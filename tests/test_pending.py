@@ -3,7 +3,6 @@ imported stays pending and is committed by the import hook right after the
 module's code ran, before the import returns; all of it or none of it."""
 import importlib
 import itertools
-import os
 import sys
 import textwrap
 import threading
