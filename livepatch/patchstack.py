@@ -9,11 +9,10 @@ safe). Apply, rollback and cumulative replace differ only in how the
 switches are computed.
 
 A patch's part for a module that is not imported yet stays *pending* on the
-applied patch; `imports` calls back when that module's code has run, and
-the part is committed then, in its own transition, before the import
-returns (all of that module's part or none of it). A module executed again
-(`importlib.reload`, or imported anew after being dropped from
-`sys.modules`) gets every applied part for it committed again."""
+applied patch (its changes and new globals, split by module in
+`pending`); `importtime` commits it, as a transition of its own, when the
+module's code has run, before the import returns. History entries go to
+`history`, which hands them to listeners once the engine lock is free."""
 
 from __future__ import annotations
 
