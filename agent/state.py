@@ -628,7 +628,8 @@ def _reapply_one(agent, state: State, rec: dict) -> None:
         patch = to_patch(bundle)
     except Exception as exc:  # a PatchError, or an import a new global needs failing here
         if manifest is not None and type(exc).__name__ == "TargetNotFound" and _missing_modules(manifest):
-            _log.logger.warning("livepatch: not re-applying %s yet: %s", rec["id"], _log._first_line(exc))
+            _log.logger.warning("livepatch: not re-applying %s in this process: %s (the bundle adds globals to it); "
+                                "the record is kept", rec["id"], _log._first_line(exc))
             return
         what = "failed verification" if manifest is None else "cannot be loaded here"
         _retire(state, rec["id"], f"recorded bundle {what}: {type(exc).__name__}: {_log._first_line(exc)}",
