@@ -493,3 +493,26 @@ def test_value_for_builds_now_or_at_import(make_module):
     assert value_for(m.__name__, lambda module: module.X + 1) == 2
     later = value_for("lp_not_imported_anywhere", lambda module: module)
     assert isinstance(later, AtImport) and later.make(m) is m
+
+
+def test_pending_submodule_of_an_imported_package(tmp_path, monkeypatch, engine):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    pkg = f"lp_pkg_{next(_counter)}"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "views.py").write_text("def view():\n    return 'old'\n")
+    importlib.invalidate_caches()
+    try:
+        views = importlib.import_module(f"{pkg}.views")
+        patch = patch_of(views, "def view():\n    return 'old'\n", "def view():\n    return 'new'\n", "HP-views")
+        del sys.modules[f"{pkg}.views"]
+        delattr(sys.modules[pkg], "views")
+        assert engine.apply(patch).pending == {f"{pkg}.views": [f"{pkg}.views:view"]}
+        from_package = __import__(f"{pkg}.views", fromlist=["view"])
+        assert from_package.view() == "new"
+        engine.rollback()
+        assert from_package.view() == "old"
+    finally:
+        for name in (f"{pkg}.views", pkg):
+            sys.modules.pop(name, None)
