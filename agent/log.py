@@ -62,16 +62,17 @@ def describe(entry: dict, classification: str | None = None) -> str:
         if entry.get("forced"):
             line += " (FORCED)"
         pending = _pending_modules(entry.get("pending"))
-        if pending:
+        if pending and action == "rollback":
+            line += f"; dropped what was waiting for the import of {', '.join(pending)}"
+        elif pending:
             line += f"; {_plural(len(pending), 'module')} pending: {', '.join(pending)}"
         return line
     error = entry.get("error") or outcome
     reason = _first_line(entry.get("reason"))
-    what = {"apply": "apply", "reapply": "re-apply", "rollback": "rollback"}.get(action, action)
-    if action == "import":
-        what = f"apply on import of {module}"
+    verb = {"apply": "apply", "reapply": "re-apply", "rollback": "roll back", "import": "apply"}.get(action, action)
+    where = f" to {module} on import" if action == "import" else ""
     word = "refused" if outcome == "refused" else "failed"
-    return f"livepatch: {word} {what} of {label}: {error}" + (f": {reason}" if reason and reason != error else "")
+    return f"livepatch: {word} to {verb} {label}{where}: {error}" + (f": {reason}" if reason and reason != error else "")
 
 
 def level_of(entry: dict) -> int:

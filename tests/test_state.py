@@ -486,3 +486,28 @@ def test_a_fix_with_new_globals_is_never_retired_for_want_of_an_import(inventory
 def test_a_fix_with_new_globals_is_reapplied_when_its_module_is_imported(inventory, rounding_bundle):
     again = _apply_rounding_and_restart(inventory, rounding_bundle)
     assert again.get("/quote?sku=widget&qty=1")[1]["total"] == 2.68
+
+
+def test_log_lines_name_the_event_the_patch_and_why():
+    from livepatch.agent.log import describe, level_of
+    cases = [
+        ({"action": "apply", "patch": "HP-1", "outcome": "ok", "targets": ["m:a", "m:b"], "pause_ns": 12_000,
+          "pending": {"inventory.files": ["inventory.files:f"]}}, "security",
+         "livepatch: applied HP-1 (security) to 2 targets, pause 12.0 µs; 1 module pending: inventory.files", "INFO"),
+        ({"action": "apply", "patch": "HP-1", "outcome": "refused", "error": "BaselineMismatch",
+          "reason": "baseline does not match the running code (1 problem)\n  - m:f: expected ..."}, None,
+         "livepatch: refused to apply HP-1: BaselineMismatch: baseline does not match the running code (1 problem)",
+         "WARNING"),
+        ({"action": "import", "patch": "HP-1", "outcome": "refused", "error": "BaselineMismatch", "module": "m",
+          "reason": "no"}, "bugfix", "livepatch: refused to apply HP-1 (bugfix) to m on import: BaselineMismatch: no",
+         "WARNING"),
+        ({"action": "rollback", "patch": "HP-1", "outcome": "failed", "error": "CommitFailed", "reason": "store"}, None,
+         "livepatch: failed to roll back HP-1: CommitFailed: store", "ERROR"),
+        ({"action": "rollback", "patch": "HP-1", "outcome": "ok", "targets": ["m:a"], "pause_ns": 5_000}, None,
+         "livepatch: rolled back HP-1 from 1 target, pause 5.0 µs", "INFO"),
+        ({"action": "retire", "patch": "HP-1", "outcome": "ok", "reason": "new release"}, "security",
+         "livepatch: retired HP-1 (security): new release; it will not be applied again", "WARNING"),
+    ]
+    for entry, classification, line, level in cases:
+        assert describe(entry, classification) == line
+        assert __import__("logging").getLevelName(level_of(entry)) == level
