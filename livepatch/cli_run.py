@@ -56,14 +56,19 @@ def cmd_run(args):
                        EXIT_USAGE)
     env = dict(os.environ)
     if args.trust:
-        env["LIVEPATCH_TRUST"] = os.path.abspath(args.trust)
+        env["LIVEPATCH_TRUST"] = args.trust
+    if args.state_dir:
+        env["LIVEPATCH_STATE_DIR"] = args.state_dir
+    for var in ("LIVEPATCH_TRUST", "LIVEPATCH_STATE_DIR"):
+        if env.get(var):
+            env[var] = os.path.abspath(env[var])  # the program may chdir before its agent reads them
     if env.get("LIVEPATCH_TRUST"):
         _check_trust(env["LIVEPATCH_TRUST"], "--trust" if args.trust else "LIVEPATCH_TRUST")
     path = _find(command[0], env)
     interpreter, options, program_args = _python_of(path, command, env)
-    if "S" in _parse_options(options)[0]:
-        raise CliError(f"{' '.join([interpreter, *options])}: -S disables site-packages, where the agent starts; "
-                       "drop -S")
+    flags, _ = _parse_options(options)
+    if "S" in flags:
+        raise CliError(f"{interpreter} {flags['S']}: -S disables site-packages, where the agent starts; drop -S")
     _check_interpreter(interpreter, env)
 
     env["LIVEPATCH_AUTOSTART"] = "1"
@@ -72,8 +77,6 @@ def cmd_run(args):
         env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
     else:
         env.pop("LIVEPATCH_ALLOW_UNSIGNED", None)  # development mode only when asked for, never inherited
-    if args.state_dir:
-        env["LIVEPATCH_STATE_DIR"] = os.path.abspath(args.state_dir)
     if args.no_follow:
         env["LIVEPATCH_FOLLOW"] = "0"
     else:
@@ -84,9 +87,9 @@ def cmd_run(args):
     # which the program would not inherit from a shell
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
-    # exec: the service keeps this PID, its signals and its exit status
-    # as a shell would: a path as typed (a #! interpreter gets it as the
-    # script's name), a bare name as found on PATH
+    # exec: the service keeps this PID, its signals and its exit status.
+    # As a shell does: a path as typed (a #! interpreter gets it as the
+    # script's name), a bare name as found on PATH.
     try:
         os.execve(command[0] if "/" in command[0] else path, command, env)
     except OSError as exc:
@@ -205,10 +208,11 @@ def _split_options(argv: list) -> tuple[list, list]:
     return argv[:end], argv[end:]
 
 
-def _parse_options(argv: list) -> tuple[set, int]:
-    """Single-letter options given to the interpreter, and where its options
-    end (after -c CMD / -m MOD, or at the script)."""
-    flags: set = set()
+def _parse_options(argv: list) -> tuple[dict, int]:
+    """Single-letter options given to the interpreter (each with the word it
+    was in), and where its options end (after -c CMD / -m MOD, or at the
+    script)."""
+    flags: dict = {}
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -223,15 +227,13 @@ def _parse_options(argv: list) -> tuple[set, int]:
         if not a.startswith("-") or a == "-":
             return flags, i
         for j, ch in enumerate(a[1:], 1):
+            flags.setdefault(ch, a)
             if ch in "cm":
-                flags.add(ch)
                 return flags, i + (1 if a[j + 1:] else 2)
             if ch in "WX":
-                flags.add(ch)
                 if not a[j + 1:]:
                     i += 1  # the argument is the next word
                 break
-            flags.add(ch)
         i += 1
     return flags, i
 
