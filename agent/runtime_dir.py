@@ -20,6 +20,7 @@ neither impersonate an agent nor stop a service from starting."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -103,9 +104,6 @@ def usable(reasons: list, uid: int | None = None, env=None):
             _create(path, uid, path == home)
         except OSError:
             continue  # no such parent, read-only, not ours to create: not a place to use
-        except UnsafeDirectory as exc:
-            reasons.append(str(exc))
-            continue
         try:
             check_path(path, uid)
         except UnsafeDirectory as exc:
@@ -122,11 +120,9 @@ def ensure(path: str | None = None, uid: int | None = None, env=None) -> str:
     else the first safe candidate, created safely. Raises UnsafeDirectory."""
     uid = os.getuid() if uid is None else uid
     if path is not None:
-        try:
-            os.mkdir(path, 0o700)  # atomic: either we create it (0700, ours) or it existed
-            _hand_over(path, uid)
-        except FileExistsError:
-            pass
+        path = os.path.abspath(path)
+        # atomic: either we create it (0700, ours) or it existed and is checked
+        _mkdir_in(os.path.dirname(path), os.path.basename(path), uid)
         check_path(path, uid)
         return path
     reasons: list = []
@@ -151,34 +147,51 @@ def _create(path: str, uid: int, in_home: bool) -> None:
         return
     parent = os.path.dirname(path)
     if in_home:
-        home = os.path.dirname(os.path.dirname(parent))
-        if not os.path.isdir(home):
-            raise FileNotFoundError(home)
-        for level in (os.path.dirname(parent), parent):
-            if not os.path.lexists(level):
-                try:
-                    os.mkdir(level, 0o700)
-                    _hand_over(level, uid)
-                except FileExistsError:
-                    pass
+        cache = os.path.dirname(parent)
+        _mkdir_in(os.path.dirname(cache), os.path.basename(cache), uid)
+        _mkdir_in(cache, os.path.basename(parent), uid)
     elif parent.startswith("/run/user/"):
         st = os.lstat(parent)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
             raise FileNotFoundError(parent)  # not a login session directory of this user
-    elif not os.path.isdir(parent):
-        raise FileNotFoundError(parent)
+    _mkdir_in(parent, os.path.basename(path), uid)
+
+
+def _mkdir_in(parent: str, name: str, uid: int) -> None:
+    """mkdir parent/name, 0700, for `uid`. It is done relative to the open
+    parent, so the directory checked is the one written to; and root making
+    it for another user (attach) does so only where that user could have
+    made it (its own directory, or a world-writable one like /tmp), then
+    hands it over: paths from that user's environment never lead root to
+    create something of theirs anywhere else."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.mkdir(path, 0o700)
-        _hand_over(path, uid)
-    except FileExistsError:
-        pass
+        other = uid != os.getuid()
+        if other:
+            st = os.fstat(fd)
+            if st.st_uid != uid and not st.st_mode & 0o002:
+                raise PermissionError(errno.EACCES, f"{parent} is not a directory uid {uid} may create in")
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            return
+        if other:  # until now it is root's and 0700: nobody else could use it meanwhile
+            os.chown(name, uid, -1, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
-def _hand_over(path: str, uid: int) -> None:
-    """Root making a directory for another user (attach) gives it to them;
-    until then it is root's and 0700, so nobody else can use it meanwhile."""
-    if uid != os.getuid():
-        os.chown(path, uid, -1, follow_symlinks=False)
+def open_checked(path: str, uid: int) -> int:
+    """An open descriptor of the directory `path` after check_path(), itself
+    checked again (not a symlink, `uid`'s, 0700): files made relative to it
+    land in the directory that was checked, whatever happens to the path."""
+    check_path(path, uid)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if st.st_uid != uid or st.st_mode & 0o077:
+        os.close(fd)
+        raise UnsafeDirectory(f"{path} changed while it was being checked")
+    return fd
 
 
 def _env_of(uid: int, env):

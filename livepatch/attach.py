@@ -82,10 +82,10 @@ def _shim_library(directory: str) -> str:
     return path
 
 
-def _write_private(path: str, data: bytes, uid: int | None = None) -> None:
+def _write_private(path: str, data: bytes, uid: int | None = None, dir_fd: int | None = None) -> None:
     """A new file (never through a link or over an existing one), readable
     by `uid` alone: root writing for another user's process hands it over."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     if uid is not None and uid != os.getuid():
         os.fchown(fd, uid, -1)
     with os.fdopen(fd, "wb") as fh:
@@ -139,27 +139,30 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     # The target reads the bootstrap and the library and writes its answer:
     # they go in a private directory of the target's uid (root attaching to
     # another user's process makes it that user's), never in ours.
+    # Everything in it is made, read and removed relative to the directory
+    # as checked, whatever its owner does to the path meanwhile.
     try:
         directory = runtime_dir.ensure(uid=uid, env=environment(pid))
+        dir_fd = runtime_dir.open_checked(directory, uid)
         shim = _shim_library(runtime_dir.ensure())
-    except runtime_dir.UnsafeDirectory as exc:
+    except (runtime_dir.UnsafeDirectory, OSError) as exc:
         raise AttachError(f"cannot attach to process {pid}: {exc}") from None
     token = f"attach-{pid}-{secrets.token_hex(6)}"
-    lib = os.path.join(directory, token + ".so")
-    script, result = lib + ".py", lib + ".result"
+    names = {"lib": token + ".so", "script": token + ".so.py", "result": token + ".so.result"}  # the shim runs LIB.py
+    lib, script, result = (os.path.join(directory, names[k]) for k in ("lib", "script", "result"))
     needed = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     options = {"trust": os.path.abspath(trust) if trust else None, "allow_unsigned": allow_unsigned, "name": name}
     started = time.perf_counter()
     try:
-        _write_private(script, _bootstrap_text(result, options, needed).encode(), uid)
+        _write_private(names["script"], _bootstrap_text(result, options, needed).encode(), uid, dir_fd)
         if version >= (3, 14):
             stop_ms, used = _remote_exec(pid, script), "sys.remote_exec"
         else:
             with open(shim, "rb") as fh:  # a new inode per attach: dlopen runs its constructor
-                _write_private(lib, fh.read(), uid)
+                _write_private(names["lib"], fh.read(), uid, dir_fd)
             stop_ms, used = _load_library(pid, lib, method, progress)
         deadline = time.monotonic() + timeout
-        while not os.path.exists(result):
+        while not _exists(names["result"], dir_fd):
             if time.monotonic() > deadline:
                 raise AttachError(f"the bootstrap did not run in process {pid} within {timeout:g}s "
                                   "(is the interpreter stuck, or finalizing?)")
@@ -167,13 +170,14 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
                 raise AttachError(f"process {pid} exited during the attach")
             time.sleep(0.005)
         time.sleep(0.01)
-        outcome = _read_result(result)
+        outcome = _read_result(names["result"], dir_fd, result)
     finally:
-        for path in (lib, script, result):
+        for entry in names.values():
             try:
-                os.unlink(path)
+                os.unlink(entry, dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
+        os.close(dir_fd)
     if not outcome.get("ok"):
         raise AttachError(outcome.get("error", "the bootstrap failed"))
     if outcome.get("socket") is None:
@@ -183,11 +187,19 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1), "python": outcome.get("python")}
 
 
-def _read_result(path: str) -> dict:
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _read_result(name: str, dir_fd: int, path: str) -> dict:
     """The bootstrap's answer, written by the target: a small regular file
     (the target's user owns the directory, so nothing here is followed)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError as exc:
         raise AttachError(f"cannot read the bootstrap's answer {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:

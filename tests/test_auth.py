@@ -425,6 +425,11 @@ def test_another_users_service_falls_back_to_its_home_or_runs_without_a_socket(s
 @needs_nobody
 def test_root_attaches_to_and_patches_another_users_process(shared, services, keys, docs_bundle):
     env = nobody_env(shared)
+    # its environment is the user's to set: one naming a directory of root's
+    # must not lead root to make something of the user's there
+    rootonly = os.path.join(shared, "rootonly")
+    os.mkdir(rootonly, 0o755)
+    env["XDG_RUNTIME_DIR"] = rootonly
     trust = os.path.join(shared, "trusted")
     os.mkdir(trust)
     os.chmod(trust, 0o755)
@@ -439,6 +444,7 @@ def test_root_attaches_to_and_patches_another_users_process(shared, services, ke
     directory = os.path.dirname(info["socket"])
     assert os.lstat(directory).st_uid == NOBODY and stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
     assert sorted(os.listdir(directory)) == [f"{svc.pid}.sock"]  # the attach files are gone
+    assert os.listdir(rootonly) == []
     r = cli("apply", str(svc.pid), docs_bundle, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     assert svc.get(SECRET)[0] == 404
