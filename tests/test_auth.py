@@ -98,13 +98,22 @@ def plant(directory, kind, elsewhere=None):
     elif kind == "symlink":
         os.makedirs(elsewhere, mode=0o700)
         os.symlink(elsewhere, directory)
+    elif kind == "open-parent":  # right itself, in a directory anyone may rename things in
+        os.chmod(os.path.dirname(directory), 0o777)
+        os.mkdir(directory, 0o700)
     else:
         raise ValueError(kind)
 
 
-REASON = {"other-uid": f"is owned by uid {NOBODY}, not {ME}", "mode-0777": "has mode 777", "symlink": "is a symlink"}
+def reason(kind, planted):
+    parent = os.path.dirname(planted)
+    return {"other-uid": f"{planted} is owned by uid {NOBODY}, not {ME}", "mode-0777": f"{planted} has mode 777",
+            "symlink": f"{planted} is a symlink",
+            "open-parent": f"{parent} (above {planted}) is writable by others"}[kind]
+
+
 KINDS = [pytest.param("other-uid", marks=pytest.mark.skipif(ME != 0, reason="needs root to chown")),
-         "mode-0777", "symlink"]
+         "mode-0777", "symlink", "open-parent"]
 
 
 class Proc:
@@ -208,7 +217,7 @@ def test_fake_agent_in_a_planted_directory_is_refused(kind, tmp_path, services, 
     for args in (("status", str(victim.pid)), ("apply", str(victim.pid), docs_bundle), ("history", str(victim.pid))):
         r = cli(*args, env=env)
         assert r.returncode == 5, (args, r.stdout, r.stderr)
-        assert f"refusing the socket of process {victim.pid}: {planted} {REASON[kind]}" in r.stderr, r.stderr
+        assert f"refusing the socket of process {victim.pid}: {reason(kind, planted)}" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "applied" not in r.stdout
     assert victim.pid not in listed(env)
     assert not log.exists()  # nothing was ever sent to the impostor
@@ -266,7 +275,7 @@ def test_a_service_started_after_a_plant_runs_and_uses_the_next_safe_directory(k
         stderr = svc.stop()
     lines = passed_over_lines(stderr)
     assert len(lines) == 1, lines
-    assert f"{planted} {REASON[kind]}" in lines[0] and socket_path in lines[0]
+    assert reason(kind, planted) in lines[0] and socket_path in lines[0]
 
 
 def test_a_socket_of_another_process_under_the_victims_name_is_refused(tmp_path, procs):
