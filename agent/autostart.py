@@ -20,15 +20,21 @@ import sys
 
 # Interpreters that never run the program's code: multiprocessing's
 # resource tracker (started by uvicorn --workers, spawn and forkserver pools)
-# would otherwise show up as one more process of the service.
+# would otherwise show up as one more process of the service, and the
+# livepatch command itself (run from inside a service's environment) as one
+# more process that re-applies the service's patches to itself.
 _HELPERS = ("from multiprocessing.resource_tracker import main",)
+_CLI_MODULES = ("livepatch", "livepatch.cli", "livepatch.__main__")
 
 
 def _is_helper() -> bool:
-    argv = getattr(sys, "orig_argv", [])
-    if "-c" not in argv[1:-1]:
-        return False
-    return argv[argv.index("-c", 1) + 1].startswith(_HELPERS)
+    from livepatch import pyargs
+    kind, what = pyargs.program(getattr(sys, "orig_argv", [])[1:])
+    if kind == "-c":
+        return what.startswith(_HELPERS)
+    if kind == "-m":
+        return what in _CLI_MODULES
+    return os.path.basename(what) == "livepatch"
 
 
 def run() -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 
+from . import pyargs
 from .cli import EXIT_USAGE, CliError
 
 PTH = "livepatch-autostart.pth"
@@ -66,7 +67,7 @@ def cmd_run(args):
         _check_trust(env["LIVEPATCH_TRUST"], "--trust" if args.trust else "LIVEPATCH_TRUST")
     path = _find(command[0], env)
     interpreter, options, program_args = _python_of(path, command, env)
-    flags, _ = _parse_options(options)
+    flags, _ = pyargs.parse(options)
     if "S" in flags:
         raise CliError(f"{interpreter} {flags['S']}: -S disables site-packages, where the agent starts; drop -S")
     _check_interpreter(interpreter, env)
@@ -204,50 +205,17 @@ def _pyenv_which(pyenv: str, name: str, env: dict) -> str | None:
 def _split_options(argv: list) -> tuple[list, list]:
     """The interpreter's own options and the rest (-c/-m with their
     argument stay with the options)."""
-    flags, end = _parse_options(argv)
+    _, end = pyargs.parse(argv)
     return argv[:end], argv[end:]
-
-
-def _parse_options(argv: list) -> tuple[dict, int]:
-    """Single-letter options given to the interpreter (each with the word it
-    was in), and where its options end (after -c CMD / -m MOD, or at the
-    script)."""
-    flags: dict = {}
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            return flags, i + 1
-        if a == "--check-hash-based-pycs":
-            i += 2
-            continue
-        if a.startswith("--"):
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            return flags, i
-        for j, ch in enumerate(a[1:], 1):
-            flags.setdefault(ch, a)
-            if ch in "cm":
-                return flags, i + (1 if a[j + 1:] else 2)
-            if ch in "WX":
-                if not a[j + 1:]:
-                    i += 1  # the argument is the next word
-                break
-        i += 1
-    return flags, i
 
 
 def _program_name(command, path, interpreter, options, program_args) -> str:
     if path != interpreter:
         return os.path.basename(command[0])  # a console script or a script with a #! line
-    flags, _ = _parse_options(options)
-    if "m" in flags:
-        opt = options[-1]
-        return opt if not opt.startswith("-") else opt.split("m", 1)[1]
-    if "c" in flags or not program_args or program_args[0] == "-":
-        return "python"
-    return os.path.basename(program_args[0])
+    kind, what = pyargs.program(options + program_args)
+    if kind == "-m":
+        return what
+    return os.path.basename(what) if kind == "" and what else "python"
 
 
 def _environment_of(python: str) -> str:

@@ -351,3 +351,15 @@ def test_autostart_failures_are_one_line_and_the_program_runs(tmp_path):
         assert (r.returncode, r.stdout) == (0, "main runs\n")
         # once, although a virtualenv's site-packages are processed twice
         assert r.stderr.splitlines() == [f"livepatch: no agent in process {r.stderr.split()[5].rstrip(':')}: {line}"]
+
+
+def test_the_livepatch_command_itself_starts_no_agent():
+    """Run from inside a service's environment (LIVEPATCH_AUTOSTART=1
+    inherited), `livepatch` is a tool, not a process of the service."""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_")}, LIVEPATCH_AUTOSTART="1")
+    console = os.path.join(os.path.dirname(sys.executable), "livepatch")
+    for cmd in ([sys.executable, "-X", "importtime", "-m", "livepatch", "--help"],
+                [sys.executable, "-X", "importtime", console, "--help"]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage: livepatch" in r.stdout, r.stderr
+        assert "livepatch.agent.autostart" in r.stderr and "livepatch.agent.server" not in r.stderr
