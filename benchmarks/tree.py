@@ -11,10 +11,10 @@ waits for, interpreter start-up included, and the part inside the CLI), and
 the longest latency of any client request overlapping each window. The
 goal is the whole tree within 2x of one process.
 
-The agents start from a gunicorn config file (`post_fork` calls
-`livepatch.agent.start()`: the way a service adds the agent itself), or,
-with `--launch run`, from `livepatch run -- gunicorn ...` (the master then
-has an agent too)."""
+The service runs under `livepatch run -- gunicorn ...` (the master has an
+agent too; it never imports the app, so the patch waits there as pending),
+or, with `--launch hook`, gets its agents from a gunicorn config file whose
+`post_fork` calls `livepatch.agent.start()` (workers only)."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--workers", type=int, nargs="+")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--launch", choices=["hook", "run"], default="hook")
+    ap.add_argument("--launch", choices=["run", "hook"], default="run")
     args = ap.parse_args()
     workers = args.workers or ([1, 2] if args.quick else [1, 4, 16])
     rounds = args.rounds or (1 if args.quick else 8)

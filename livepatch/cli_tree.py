@@ -202,14 +202,23 @@ def _render(rep: _Report, headline: str, summary: str) -> str:
     return "\n".join(lines)
 
 
-def _commit(rep: _Report, pids, blob, args) -> list[int]:
-    """Apply in every PID at once; returns the ones that committed."""
+def _order_fields(args) -> dict:
+    from .cli_agent import order_fields
+    return order_fields(args)
+
+
+def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
+    """Apply in every PID at once; returns the ones that committed, and
+    keeps each one's undo token (it lets this client roll that application
+    back without an authorisation)."""
     done = []
     outcomes = fanout.request_all(pids, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
-                                  force=args.force)
+                                  force=args.force, **_order_fields(args))
     for pid, o in outcomes.items():
         if o.ok:
             r = o.result
+            if r.get("undo_token"):
+                tokens[pid] = r["undo_token"]
             rep.procs[pid].update(outcome="patched", pause_ns=r.get("pause_ns"), functions=r.get("functions"),
                                   detail=f"{r.get('functions')} functions, pause {_ns(r.get('pause_ns') or 0)}"
                                   + (" (FORCED)" if r.get("forced") else ""))
@@ -219,10 +228,11 @@ def _commit(rep: _Report, pids, blob, args) -> list[int]:
     return done
 
 
-def _undo(rep: _Report, pids, patch_id, args, why: str) -> bool:
+def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict) -> bool:
     """Roll `patch_id` back in `pids`; True if every one of them did."""
     outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, patch_id=patch_id,
-                                  timeout=args.timeout, force=args.force)
+                                  timeout=args.timeout, force=args.force,
+                                  fields_for=lambda pid: {"undo_token": tokens[pid]} if pid in tokens else {})
     ok = True
     for pid, o in outcomes.items():
         if o.ok:
@@ -246,7 +256,8 @@ def apply(args):
 
     # phase 1: verify and check everywhere, changing nothing
     patch_id, ready = None, []
-    for pid, o in fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob]).items():
+    tokens: dict[int, str] = {}
+    for pid, o in fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob], **_order_fields(args)).items():
         if not o.ok:
             rep.from_outcome(o)
             continue
@@ -289,11 +300,11 @@ def apply(args):
         return
 
     # phase 2: commit everywhere at once
-    committed = _commit(rep, ready, blob, args)
+    committed = _commit(rep, ready, blob, args, tokens)
     failed = rep.with_outcome("refused", "failed")
     failed_now = [p for p in failed if p not in blockers]
     if failed_now and not args.keep_going:
-        undone = _undo(rep, committed, patch_id, args, f"process {', '.join(map(str, failed_now))} refused")
+        undone = _undo(rep, committed, patch_id, args, f"process {', '.join(map(str, failed_now))} refused", tokens)
         c = rep.counts()
         if undone:
             finish(EXIT_REFUSED, f"{name} on service {svc.label}: refused at commit",
@@ -326,12 +337,12 @@ def apply(args):
         else:
             fresh.append(m.pid)
     if fresh:
-        more = _commit(rep, fresh, blob, args)
+        more = _commit(rep, fresh, blob, args, tokens)
         committed += more
         failed_new = [p for p in fresh if p not in more and rep.procs[p]["outcome"] in ("refused", "failed")]
         if failed_new and not args.keep_going:
             undone = _undo(rep, committed, patch_id, args,
-                           f"process {', '.join(map(str, failed_new))}, started during the apply, refused")
+                           f"process {', '.join(map(str, failed_new))}, started during the apply, refused", tokens)
             finish(EXIT_REFUSED if undone else EXIT_PARTIAL, f"{name} on service {svc.label}: refused by a new process",
                    ("the processes that had committed were rolled back, nothing is left changed. " if undone else
                     "rollback failed in some processes, which still run the patch. ") + _summary(rep.counts()))
@@ -374,6 +385,7 @@ def rollback(args):
         return todo
 
     fields = {"all": True} if args.all else {"patch_id": args.patch_id} if args.patch_id else {}
+    fields.update(_order_fields(args))
 
     def run(pids):
         outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, timeout=args.timeout, force=args.force, **fields)

@@ -198,10 +198,16 @@ def _with_agents(pids) -> list[int]:
 
 def by_name(name: str) -> Service:
     from .client import live_agents
-    members = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o)) and m.name == name]
+    found = [m for pid, o in _statuses(live_agents()).items() if (m := _member(pid, o))]
+    members = [m for m in found if m.name == name]
     if not members:
         raise NoSuchService(f"no live agent belongs to a service named {name!r} (see `livepatch ps`)")
     ppids = _ppids()
+    pids = [m.pid for m in members]
+    # an agent that does not answer cannot say its name: it is counted in (as
+    # not answering) when it is the parent or child of a member, never left out
+    near = set(pids) | _descendants(pids, ppids) | {ppids.get(p) for p in pids}
+    members += [m for m in found if not m.answering and m.pid in near]
     pids = [m.pid for m in members]
     return Service(name, name, None, _arrange(members, ppids), seen={*pids, *_descendants(pids, ppids)})
 

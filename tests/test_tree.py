@@ -156,17 +156,27 @@ def keys(tmp_path_factory):
     return {"key": str(d / "ops.key"), "trust": str(trust)}
 
 
-@pytest.fixture(scope="module")
-def bundle(keys, tmp_path_factory):
-    d = tmp_path_factory.mktemp("treebundle")
+def _build(keys, d, classification):
     for tree_name, source in (("base", BASE), ("fix", FIX)):
         (d / tree_name).mkdir()
         (d / tree_name / "treeapp.py").write_text(source)
     path = str(d / "fix.lpb")
     r = cli("build", str(d / "base"), str(d / "fix"), "-o", path, "--id", "HP-TREE", "--key", keys["key"],
-            "--name", "treeapp", "--version", "1.0")
+            "--name", "treeapp", "--version", "1.0", "--classification", classification)
     assert r.returncode == 0, r.stderr
     return path
+
+
+@pytest.fixture(scope="module")
+def bundle(keys, tmp_path_factory):
+    return _build(keys, tmp_path_factory.mktemp("treebundle"), "bugfix")
+
+
+@pytest.fixture(scope="module")
+def security_bundle(keys, tmp_path_factory):
+    # rolling a security fix back needs an authorisation, except for the
+    # client undoing its own apply
+    return _build(keys, tmp_path_factory.mktemp("treesecurity"), "security")
 
 
 class TreeService:
@@ -341,10 +351,10 @@ def test_baseline_mismatch_in_one_worker_refuses_before_any_commit(service, bund
     assert "BaselineMismatch" in human.stdout
 
 
-def test_refusal_at_commit_rolls_back_the_processes_that_committed(service, bundle):
+def test_refusal_at_commit_rolls_back_the_processes_that_committed(service, security_bundle):
     svc = service(busy=2)
     busy = svc.children()[2]
-    r = cli("apply", svc.name, bundle, "--timeout", "0.3", "--json")
+    r = cli("apply", svc.name, security_bundle, "--timeout", "0.3", "--json")
     assert r.returncode == 3, r.stdout + r.stderr
     out = _json(r)
     outcomes = {p["pid"]: p["outcome"] for p in out["processes"]}
@@ -370,6 +380,22 @@ def test_continue_leaves_a_partial_service_with_its_own_exit_code(service, bundl
     assert r.returncode == 0, r.stdout + r.stderr
     outcomes = {p["pid"]: p["outcome"] for p in _json(r)["processes"]}
     assert outcomes.pop(busy) == "nothing to roll back" and set(outcomes.values()) == {"rolled back"}
+    assert set(svc.answers().values()) == {"old"}
+
+
+def test_a_worker_that_does_not_answer_is_counted_and_stops_the_apply(service, bundle):
+    svc = service()
+    stuck = svc.children()[1]
+    os.kill(stuck, signal.SIGSTOP)  # its agent cannot answer, nor say which service it belongs to
+    try:
+        r = cli("apply", svc.name, bundle, "--json")
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert r.returncode == 3, r.stdout + r.stderr
+    out = _json(r)
+    outcomes = {p["pid"]: p["outcome"] for p in out["processes"]}
+    assert outcomes.pop(stuck) == "not answering" and set(outcomes.values()) == {"unchanged"}
+    assert "0 of 3 serving processes patched" in out["summary"]
     assert set(svc.answers().values()) == {"old"}
 
 
