@@ -2,7 +2,10 @@
 
 Entries are recorded while the engine lock is held and handed to listeners
 after it is released (`flush`), so a listener that writes files or logs
-never holds up a commit or an import, and may call back into the engine."""
+never holds up a commit or an import, and may call back into the engine.
+Each entry is handed over on the thread whose apply, rollback or import
+made it (a listener may read that request's context, e.g. its peer), one
+listener call at a time."""
 
 from __future__ import annotations
 
@@ -28,10 +31,9 @@ class History:
         self.entries: list[dict] = []
         self.warnings: list[str] = []
         self._listeners: tuple = ()
-        # entries not yet handed to listeners; deque append/popleft are atomic
-        self._outbox: deque = deque()
-        # one thread delivers at a time, so listeners see entries in order
-        # (re-entrant: a listener may apply or roll back)
+        # entries this thread recorded and has not handed to listeners yet
+        self._outbox = threading.local()
+        # one thread delivers at a time (re-entrant: a listener may apply)
         self._delivering = threading.RLock()
 
     def record(self, action, patch_id, outcome, reason="", result=None, exc=None, **extra) -> dict:
@@ -47,8 +49,15 @@ class History:
         entry.update({k: v for k, v in extra.items() if v is not None})
         self.entries.append(entry)
         if self._listeners:
-            self._outbox.append(entry)
+            self._mine().append(entry)
         return entry
+
+    def _mine(self) -> deque:
+        try:
+            return self._outbox.entries
+        except AttributeError:
+            self._outbox.entries = deque()
+            return self._outbox.entries
 
     def add_listener(self, fn) -> None:
         if fn not in self._listeners:
@@ -58,17 +67,17 @@ class History:
         self._listeners = tuple(f for f in self._listeners if f != fn)
 
     def flush(self) -> None:
-        """Hand the entries recorded so far to every listener. Call it
+        """Hand the entries this thread recorded to every listener. Call it
         without holding the engine lock."""
+        mine = self._mine()
+        if not mine:
+            return
         with self._delivering:
-            self._deliver()
+            self._deliver(mine)
 
-    def _deliver(self) -> None:
-        while True:
-            try:
-                entry = self._outbox.popleft()
-            except IndexError:
-                return
+    def _deliver(self, mine: deque) -> None:
+        while mine:
+            entry = mine.popleft()
             for fn in self._listeners:
                 try:
                     fn(dict(entry))
@@ -78,5 +87,5 @@ class History:
 
     def forget_unsent(self) -> None:
         """After a fork: the parent hands its own entries to its listeners."""
-        self._outbox = deque()
+        self._outbox = threading.local()
         self._delivering = threading.RLock()

@@ -394,10 +394,12 @@ def test_listeners_get_every_entry_outside_the_engine_lock(lazy, engine):
     def listener(entry):
         engine.status()  # would never return if called with the engine lock held
         seen.append((entry["action"], entry["outcome"], entry.get("module")))
+        threads.add(threading.current_thread())
 
     def broken(entry):
         raise ValueError("listener bug")
 
+    threads = set()
     engine.add_listener(listener)
     engine.add_listener(broken)
     t = threading.Thread(target=lambda: (engine.apply(patch), importlib.import_module(name), engine.rollback()))
@@ -405,6 +407,7 @@ def test_listeners_get_every_entry_outside_the_engine_lock(lazy, engine):
     t.join(20)
     assert not t.is_alive()
     assert seen == [("apply", "ok", None), ("import", "ok", name), ("rollback", "ok", None)]
+    assert threads == {t}  # on the thread whose apply, import or rollback made the entry
     assert any("listener bug" in w for w in engine.status()["warnings"])
     engine.remove_listener(listener)
     with pytest.raises(livepatch.RollbackRefused):
