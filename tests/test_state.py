@@ -511,3 +511,23 @@ def test_log_lines_name_the_event_the_patch_and_why():
     for entry, classification, line, level in cases:
         assert describe(entry, classification) == line
         assert __import__("logging").getLevelName(level_of(entry)) == level
+
+
+def test_a_mismatch_found_at_start_retires_the_record(inventory, docs_bundle, keys, tmp_path):
+    """The agent starts after the (changed) module was imported, as with an
+    in-code start or an attach: the engine refuses at once, the record goes."""
+    _apply_and_stop(inventory, docs_bundle)
+    release = tmp_path / "release-1.1"
+    shutil.copytree(DEMO, release, ignore=shutil.ignore_patterns("patches", "__pycache__"))
+    files = release / "inventory" / "files.py"
+    files.write_text(files.read_text().replace("if not os.path.isfile(path):", "if not path or not os.path.isfile(path):"))
+    script = ("import sys, json, inventory.files, livepatch, livepatch.agent\n"
+              "livepatch.agent.start(name='inventory', trust=sys.argv[1])\n"
+              "print(json.dumps(livepatch.engine.applied_ids()))\n")
+    r = subprocess.run([sys.executable, "-c", script, keys["trust"]], cwd=release, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    assert _records() == []
+    [retired] = [h for h in _file_history() if h["action"] == "retire"]
+    assert "does not apply to the code running here (BaselineMismatch)" in retired["reason"], retired
+    assert "livepatch: retired HP-DOCS (security)" in r.stderr and "Traceback" not in r.stderr
