@@ -178,7 +178,7 @@ def check_apply(agent, patch, request, applied: list | None = None) -> None:
     _log.warning("livepatch: downgrade allowed for %s by uid %s: %s", patch.id, _peer_uid(), problems[0].message)
 
 
-def assess(patch, request, verdict: dict, applied: list | None = None) -> dict:
+def assess(patch, request, verdict: dict, applied: list | None = None, agent=None) -> dict:
     """An assess verdict with the ordering decision folded in."""
     if verdict.get("verdict") != "applies":
         return verdict
@@ -188,6 +188,13 @@ def assess(patch, request, verdict: dict, applied: list | None = None) -> dict:
         return verdict
     problems = [problem.to_dict() for _, problem in found]
     if request.get("allow_downgrade") is True:
+        try:  # the apply would also need the removal of a security or critical patch authorised
+            _authorize(agent, request, [p for p, _ in found] if patch.cumulative else [], "removing it", "removal",
+                       quiet=True)
+        except PatchError as exc:
+            d = exc.to_dict()
+            return {"patch_id": patch.id, "verdict": "refused", "error": d["error"],
+                    "message": d["message"].splitlines()[0], "problems": problems + d["problems"]}
         return dict(verdict, downgrade=problems)
     return {"patch_id": patch.id, "verdict": "refused", "error": "Downgrade",
             "message": f"{found[0][1].message}; pass --allow-downgrade to apply it anyway", "problems": problems}
@@ -232,7 +239,7 @@ def check_rollback(agent, request, applied: list | None = None) -> None:
                          **_authorize(agent, request, removed, "rolling it back", "rollback", undo=True))
 
 
-def _authorize(agent, request, removed: list, doing: str, what: str, undo: bool = False) -> dict:
+def _authorize(agent, request, removed: list, doing: str, what: str, undo: bool = False, quiet: bool = False) -> dict:
     from livepatch.authorization import RollbackUnauthorized, verify
     needed = [p for p in removed if p["metadata"].get("classification") in SENSITIVE
               and p["metadata"].get("signed_by") and p["metadata"].get("bundle_sha256")]
@@ -260,11 +267,13 @@ def _authorize(agent, request, removed: list, doing: str, what: str, undo: bool 
             if errors:
                 # the one closest to this patch explains best: a forged one for it beats one for another patch
                 errors.sort(key=lambda e: "is for" in str(e))
-                _log.warning("livepatch: refused %s of %s: %s", what, p["id"], str(errors[0]).splitlines()[0])
+                if not quiet:
+                    _log.warning("livepatch: refused %s of %s: %s", what, p["id"], str(errors[0]).splitlines()[0])
                 raise errors[0]
             message = (f"{p['id']} is a {meta['classification']} patch: {doing} needs a rollback authorisation "
                        f"signed by a trusted key (livepatch authorize-rollback BUNDLE --key KEY -o FILE, "
                        f"then --authorization FILE)")
-            _log.warning("livepatch: refused %s of %s by uid %s: no authorisation", what, p["id"], _peer_uid())
+            if not quiet:
+                _log.warning("livepatch: refused %s of %s by uid %s: no authorisation", what, p["id"], _peer_uid())
             raise RollbackUnauthorized(message, [Problem("unauthorized", p["id"], "no authorisation given")])
     return {"authorization": out}

@@ -89,7 +89,7 @@ class Agent:
             except Exception as exc:
                 out.append(_refusal(exc))
                 continue
-            out.append(ordering.assess(patch, request, livepatch.engine.assess(patch)))
+            out.append(ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self))
         return out
 
     def op_apply(self, request):
@@ -97,7 +97,7 @@ class Agent:
         patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True)
         timeout, force = _timeout(request), bool(request.get("force", False))
         if request.get("dry_run"):
-            return {"dry_run": True, **ordering.assess(patch, request, livepatch.engine.assess(patch))}
+            return {"dry_run": True, **ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self)}
         with self._exclusively(), ordering.recorded(livepatch.engine, "apply"):
             ordering.check_apply(self, patch, request)
             started = time.perf_counter_ns()

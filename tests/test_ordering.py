@@ -445,6 +445,9 @@ def test_the_owner_needs_a_signed_authorisation_to_remove_a_security_patch(servi
     r = as_owner("apply", str(svc.pid), bundles["HP-X-1"], "--allow-downgrade")
     assert r.returncode == 3 and "RollbackUnauthorized: HP-X-2 is a security patch: removing it" in r.stderr
     unchanged()
+    r = as_owner("apply", str(svc.pid), bundles["HP-X-1"], "--allow-downgrade", "--dry-run", "--json")
+    assert r.returncode == 3 and _json(r)["error"] == "RollbackUnauthorized"  # the dry run says so too
+    unchanged()
 
     files = shared["files"]
     good = _authorize(bundles["HP-X-2"], keys["key"], files / "x2.auth")
