@@ -6,7 +6,8 @@ directory) can answer `history` for what happened before it started.
 Location: `$LIVEPATCH_STATE_DIR/<name>` (or `start(state_dir=...)`), else
 `/var/lib/livepatch/<name>` for root, else `$XDG_STATE_HOME/livepatch/<name>`
 (default `~/.local/state/livepatch/<name>`). The directory is created 0700
-and refused, like the socket directory, when it is a symlink, has another
+by the first write (a service that never gets a patch leaves nothing) and
+refused, like the socket directory, when it is a symlink, has another
 owner or any group/other bits, or when a directory above it lets others
 replace it (group/world writable without the sticky bit, or owned by
 another user). Contents:
@@ -26,9 +27,11 @@ record that fails verification or whose baseline does not match the
 running code is *retired*: moved out of the record with a history entry,
 never applied to the wrong code.
 
-A forked child inherits its parent's patch stack in memory; its agent
-applies only the records its stack does not already hold (checked with
-`engine.applied_ids()`), so nothing is applied twice.
+A forked child inherits its parent's patch stack in memory (pending parts
+included); its agent applies only the records that stack does not already
+hold (`engine.applied_ids()`, plus what an applied cumulative patch
+replaced), so nothing is applied twice. A record the parent lacks (its
+apply was refused there) is applied in the child like at any start.
 
 Only services with a name of their own, an explicit state directory, or
 started under `livepatch run` keep state: an agent attached to an arbitrary
@@ -58,9 +61,9 @@ REAPPLY_TIMEOUT = 5.0
 MAX_RECORDS = 256
 MAX_STATE_FILE = 64 << 20
 HISTORY_MAX_BYTES = 8 << 20  # beyond this, the oldest half goes, whatever its age
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: no trailing newline
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 # Refusals that mean "this bundle is not for the code that runs here".
 _WRONG_CODE = ("BaselineMismatch", "TargetNotFound", "IncompatibleChange")
 
@@ -70,7 +73,7 @@ class UnsafeState(Exception):
 
 
 def validate_name(name) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise UnsafeState(f"service name {str(name)[:80]!r} cannot name a state directory "
                           "(letters, digits, '.', '_', '-'; at most 64; no '..' or '/')")
     return name
@@ -284,7 +287,7 @@ class State:
         out = []
         for rec in value[:MAX_RECORDS]:
             if (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("file"), str)
-                    and _FILE.match(rec["file"]) and isinstance(rec.get("sha256"), str) and _HEX64.match(rec["sha256"])):
+                    and _FILE.fullmatch(rec["file"]) and isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"])):
                 out.append(rec)
             else:
                 self._warn_once("applied-entry", f"{self.path}/applied.json has an invalid record; ignoring it")

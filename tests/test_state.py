@@ -258,7 +258,7 @@ def _state(tmp_path, name="svc"):
 
 def test_names_cannot_leave_the_root(tmp_path):
     from livepatch.agent import state
-    for bad in ("../etc", "a/b", "..", "a..b", "", "-c", ".hidden", "x" * 65, "a\nb", "é"):
+    for bad in ("../etc", "a/b", "..", "a..b", "", "-c", ".hidden", "x" * 65, "a\nb", "inventory\n", "é"):
         with pytest.raises(state.UnsafeState):
             state.location(bad, str(tmp_path))
     assert state.location("inventory.api_2", str(tmp_path)) == str(tmp_path / "inventory.api_2")
