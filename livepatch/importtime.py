@@ -113,5 +113,5 @@ class ImportCommits:
                 (applied.switches, applied.globals, applied.saved_defaults, applied.pending,
                  engine._in_flight) = (applied.switches + done.switches, applied.globals + done.globals,
                                        applied.saved_defaults + done.saved_defaults, applied.pending - {name}, None)
-                applied.refused.pop(name, None)
+                applied.refused = {m: why for m, why in applied.refused.items() if m != name}
                 engine._record("import", applied.id, "ok", "", result=result, module=name, late=late or None)

@@ -162,6 +162,7 @@ class Engine:
         self._forced = False
         self._gc_owed = False  # a transition disabled the GC and will enable it again
         self._in_flight = None  # (ops, undo) of a transition whose bookkeeping is not done
+        self._in_progress = None  # what status() says the engine is doing
         self._deferred: list = []  # modules executed while this thread held the lock
         self._settle: list = []  # modules that became pending: an import may already be under way
         self._imports = ImportCommits(self)
@@ -189,7 +190,7 @@ class Engine:
             deferred, settle = self._deferred, self._settle
             self._deferred, self._settle = [], []
             self._owner = None
-            self._in_flight = None
+            self._in_flight = self._in_progress = None
             self._lock.release()
             self._log.flush()
             for name in deferred:
@@ -534,6 +535,8 @@ class Engine:
         commits or the deadline passes. The heap is rescanned between bursts
         because functions and generators come and go."""
         deadline = time.monotonic() + max(0.0, timeout)
+        self._in_progress = {"action": action, "patch": patch_id, "since": _now_iso(time.time()),
+                             "timeout": timeout}
         attempts = 0
         backoff = 0.01
         outcome = None
@@ -684,7 +687,7 @@ class Engine:
             gc.enable()
             self._gc_owed = False
         self._lock = threading.Lock()
-        self._owner = None
+        self._owner = self._in_progress = None
         self._deferred, self._settle = [], []
         self._log.forget_unsent()
 
@@ -697,43 +700,44 @@ class Engine:
             linecache.cache[filename] = (len(text), None, lines, filename)
 
     def status(self) -> dict:
-        with self._lock:
-            stack = []
-            for p in self._stack:
-                old_ids = {id(s.old) for s in p.switches if s.allow_active or p.forced}
-                stack.append({
-                    "id": p.id,
-                    "state": "applied",
-                    "applied_at": _now_iso(p.applied_at),
-                    "targets": p.targets,
-                    "pending": targets_by_module(p.parts, p.pending),
-                    "refused_at_import": dict(p.refused),
-                    "pause_ns": p.pause_ns,
-                    "attempts": p.attempts,
-                    "forced": p.forced,
-                    "cumulative": p.cumulative,
-                    "requires": list(p.requires),
-                    "replaces": [r.id for r in p.replaced],
-                    "frames_on_old_code": count_running(old_ids) if old_ids else 0,
-                    "metadata": dict(p.metadata),
-                })
-            return {
-                "python": {
-                    "implementation": sys.implementation.name,
-                    "version": platform.python_version(),
-                    "cache_tag": sys.implementation.cache_tag,
-                },
-                "forced": self._forced,
-                "applied": stack,
-                "pending": sorted({m for p in self._stack for m in p.pending}),
-                "history": list(self._history),
-                "warnings": list(self._warnings),
-            }
+        """Answers at once, also while an apply or rollback waits for a safe
+        point (`in_progress`): every change of the stack replaces the list,
+        and of an applied patch its fields, so this reads a consistent one."""
+        stack, busy = [], self._in_progress
+        for p in list(self._stack):
+            old_ids = {id(s.old) for s in p.switches if s.allow_active or p.forced}
+            stack.append({
+                "id": p.id,
+                "state": "applied",
+                "applied_at": _now_iso(p.applied_at),
+                "targets": p.targets,
+                "pending": targets_by_module(p.parts, p.pending),
+                "refused_at_import": dict(p.refused),
+                "pause_ns": p.pause_ns,
+                "attempts": p.attempts,
+                "forced": p.forced,
+                "cumulative": p.cumulative,
+                "requires": list(p.requires),
+                "replaces": [r.id for r in p.replaced],
+                "frames_on_old_code": count_running(old_ids) if old_ids else 0,
+                "metadata": dict(p.metadata),
+            })
+        return {
+            "python": {
+                "implementation": sys.implementation.name,
+                "version": platform.python_version(),
+                "cache_tag": sys.implementation.cache_tag,
+            },
+            "forced": self._forced,
+            "applied": stack,
+            "pending": sorted({m for p in stack for m in p["pending"]}),
+            "in_progress": dict(busy) if busy else None,
+            "history": list(self._history),
+            "warnings": list(self._warnings),
+        }
 
     def history(self) -> list[dict]:
-        with self._lock:
-            return list(self._history)
+        return list(self._history)
 
     def applied_ids(self) -> list[str]:
-        with self._lock:
-            return [p.id for p in self._stack]
+        return [p.id for p in self._stack]

@@ -519,3 +519,31 @@ def test_pending_submodule_of_an_imported_package(tmp_path, monkeypatch, engine)
     finally:
         for name in (f"{pkg}.views", pkg):
             sys.modules.pop(name, None)
+
+
+def test_status_answers_while_an_apply_waits_for_a_safe_point(make_module, engine):
+    m, src = make_module('''
+def spin(stop, running):
+    running.set()
+    while not stop.is_set():
+        pass
+''')
+    patch = patch_of(m, src, src.replace("pass", "x = 1"), "HP-wait")
+    stop, running, outcome = threading.Event(), threading.Event(), []
+    spinner = threading.Thread(target=m.spin, args=(stop, running))
+    spinner.start()
+    running.wait(5)
+    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
+    applier.start()
+    try:
+        while engine.status()["in_progress"] is None and applier.is_alive():
+            time.sleep(0.001)
+        status = engine.status()  # the apply holds the engine; status does not wait for it
+        assert status["in_progress"]["action"] == "apply" and status["in_progress"]["patch"] == "HP-wait"
+        assert status["applied"] == [] and applier.is_alive()
+    finally:
+        stop.set()
+        spinner.join(5)
+        applier.join(10)
+    assert outcome[0].patch_id == "HP-wait"
+    assert engine.status()["in_progress"] is None and engine.applied_ids() == ["HP-wait"]
