@@ -23,8 +23,8 @@ import weakref
 from importlib import _bootstrap
 
 _lock = threading.Lock()
-# name -> tuple of weak callbacks; replaced, never mutated, so the finder
-# reads it without the lock
+# name -> tuple of weak callbacks. The finder reads it without the lock; it
+# is changed in place, one key at a time (each change is atomic)
 _watched: dict = {}
 # watcher key -> (names, weak callback)
 _watchers: dict = {}
