@@ -5,8 +5,8 @@ ordering and rollback authority, and who is recorded as having done it.
   optional lineage (the family of successive versions of one fix). A bundle
   is a *downgrade* when a patch in effect for the same baseline and lineage
   has a higher sequence, or, for a cumulative bundle (which replaces every
-  applied patch), when any patch it would remove has a higher sequence or
-  belongs to another baseline. A downgrade is refused unless the request
+  applied patch), when any patch it would remove has a sequence as high or
+  higher, or belongs to another baseline. A downgrade is refused unless the request
   says `allow_downgrade`. Bundles made before ordering existed count as
   sequence 0. Only patches in effect count: a patch rolled back is gone.
 * Rollback authority. Taking a `security` or `critical` patch out of effect
@@ -146,6 +146,11 @@ def conflicts(patch, applied: list) -> list[tuple[dict, Problem]]:
             out.append((p, Problem("downgrade", p["id"], (
                 f"{me} is older than applied {_describe(p['id'], p['metadata'])} for {_base(base)}"
                 + (" and would remove it" if patch.cumulative else "")))))
+        elif their_seq == seq and patch.cumulative:
+            # same number: nothing says it was built knowing that patch
+            out.append((p, Problem("downgrade", p["id"], (
+                f"cumulative {me} is not newer than applied {_describe(p['id'], p['metadata'])} for {_base(base)} "
+                f"and would remove it"))))
     return out
 
 

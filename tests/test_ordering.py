@@ -277,6 +277,10 @@ def test_ordering_compares_within_a_lineage_and_cumulative_bundles_against_all_t
     found = ordering.conflicts(_incoming("HP-ALL-1", 1, "HP-ALL", cumulative=True), applied)
     assert "would remove it" in found[0][1].message
     assert ordering.conflicts(_incoming("HP-ALL-5", 5, "HP-ALL", cumulative=True), applied) == []
+    # ... and must be newer than what it replaces: an equal number does not say so
+    found = ordering.conflicts(_incoming("HP-ALL-2", 2, "HP-ALL", cumulative=True), applied)
+    assert found[0][1].message == ("cumulative HP-ALL-2 (sequence 2) is not newer than applied HP-DOCS-2 (sequence 2) "
+                                   "for inventory 1.0 and would remove it")
     # ... or a patch of another baseline it is not ordered against
     other = _status(("HP-B-1", _meta(1, name="billing", version="2.0")))
     found = ordering.conflicts(_incoming("HP-ALL-5", 5, cumulative=True), other)
