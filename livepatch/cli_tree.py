@@ -169,7 +169,8 @@ class _Report:
                 "serving_patched": sum(r["outcome"] in IN_EFFECT and r["outcome"] != "pending" for r in serving),
                 "serving_pending": sum(r["outcome"] == "pending" for r in serving),
                 "masters": len(masters),
-                "masters_patched": sum(r["outcome"] in IN_EFFECT for r in masters),
+                "masters_patched": sum(r["outcome"] in IN_EFFECT and r["outcome"] != "pending" for r in masters),
+                "masters_pending": sum(r["outcome"] == "pending" for r in masters),
                 "gone": sum(r["outcome"] == "gone" for r in self.procs.values())}
 
     def ordered(self) -> list[dict]:
@@ -184,6 +185,8 @@ def _summary(c: dict) -> str:
         text += f", {c['serving_pending']} pending (target modules not imported yet; patched on import)"
     if c["masters"]:
         text += f"; {c['masters_patched']} of {c['masters']} master{'s' if c['masters'] != 1 else ''} patched"
+        if c["masters_pending"]:
+            text += f", {c['masters_pending']} pending"
     if c["gone"]:
         text += f"; {c['gone']} exited during the operation"
     return text
@@ -220,7 +223,8 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
             if r.get("undo_token"):
                 tokens[pid] = r["undo_token"]
             rep.procs[pid].update(outcome="patched", pause_ns=r.get("pause_ns"), functions=r.get("functions"),
-                                  detail=f"{r.get('functions')} functions, pause {_ns(r.get('pause_ns') or 0)}"
+                                  detail=(f"{r.get('functions')} functions, pause {_ns(r.get('pause_ns') or 0)}"
+                                          if r.get("functions") else "no target imported here yet")
                                   + (" (FORCED)" if r.get("forced") else ""))
             done.append(pid)
         else:
@@ -352,7 +356,8 @@ def apply(args):
         if rec and rec["outcome"] in IN_EFFECT and m.pending_of(patch_id):
             waiting = m.pending_of(patch_id)
             rec.update(outcome="pending", pending=waiting,
-                       detail=f"waits for the import of {', '.join(sorted(waiting))}; " + rec["detail"])
+                       detail=f"waits for the import of {', '.join(sorted(waiting))}"
+                       + ("" if rec["detail"] == "no target imported here yet" else "; " + rec["detail"]))
     c = rep.counts()
     left = rep.with_outcome("refused", "failed", "not answering")
     if left:
@@ -392,7 +397,8 @@ def rollback(args):
         for pid, o in outcomes.items():
             if o.ok:
                 rep.procs[pid].update(outcome="rolled back", rolled_back=[r["patch_id"] for r in o.result],
-                                      detail=", ".join(f"{r['patch_id']} (pause {_ns(r['pause_ns'])})" for r in o.result))
+                                      detail=", ".join(f"{r['patch_id']}" + (f" (pause {_ns(r['pause_ns'])})" if r.get("functions") else "")
+                                                       for r in o.result))
             else:
                 rep.from_outcome(o)
 

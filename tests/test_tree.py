@@ -47,12 +47,14 @@ ap.add_argument("--mismatch", type=int, default=-1)   # this worker runs other c
 ap.add_argument("--busy", type=int, default=-1)       # a thread of this worker never leaves hold()
 ap.add_argument("--slow", type=int, default=-1)       # a thread of this worker is in hold() until released
 ap.add_argument("--on-patch", default="none")         # fork | spawn: start a worker once the parent runs the fix
+ap.add_argument("--lazy-parent", action="store_true")  # like a pre-fork master: only the workers import treeapp
 ap.add_argument("--child", type=int, default=-1)      # set when spawned as a worker
 ap.add_argument("--parent", type=int, default=0)
 args = ap.parse_args()
 sys.path.insert(0, os.path.join(args.dir, "app"))
-import treeapp
 import livepatch.agent
+if not args.lazy_parent:
+    import treeapp
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,6 +79,8 @@ def serve(block):
 
 
 def worker(i, parent):
+    global treeapp
+    import treeapp
     if i == args.mismatch:  # as if this worker had imported another release of the module
         ns = {}
         exec("def answer():\n    return 'other release'\n", ns)
@@ -128,6 +132,9 @@ def stop(*_):
 
 signal.signal(signal.SIGTERM, stop)
 livepatch.agent.start(name=args.name, trust=args.trust)
+if args.lazy_parent:
+    while True:
+        time.sleep(1)
 serve(block=False)
 started_newcomer = False
 while True:
@@ -190,11 +197,11 @@ class TreeService:
         cmd = [sys.executable, str(self.dir / "service.py"), "--dir", str(self.dir), "--name", self.name,
                "--trust", trust]
         for key, value in faults.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
         env = dict(os.environ, LIVEPATCH_STATE_DIR=str(self.dir / "state"))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.pid = self.proc.pid
-        self.wait_for(1 + faults.get("children", 3))
+        self.wait_for(1 + faults.get("children", 3), serving=faults.get("children", 3) + (not faults.get("lazy_parent")))
 
     def ports(self) -> dict:
         out = {}
@@ -203,12 +210,12 @@ class TreeService:
                 out[int(name)] = int((self.dir / "ports" / name).read_text())
         return out
 
-    def wait_for(self, n, timeout=30):
+    def wait_for(self, n, serving=None, timeout=30):
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, self.proc.stderr.read().decode()
             ports = self.ports()
-            if len(ports) >= n and len(self.members()) >= n:
+            if len(ports) >= (n if serving is None else serving) and len(self.members()) >= n:
                 return ports
             assert time.monotonic() < deadline, f"only {len(ports)} of {n} processes started"
             time.sleep(0.05)
@@ -397,6 +404,24 @@ def test_a_worker_that_does_not_answer_is_counted_and_stops_the_apply(service, b
     assert outcomes.pop(stuck) == "not answering" and set(outcomes.values()) == {"unchanged"}
     assert "0 of 3 serving processes patched" in out["summary"]
     assert set(svc.answers().values()) == {"old"}
+
+
+def test_a_master_that_never_imported_the_target_is_pending_and_its_workers_patched(service, bundle):
+    svc = service(lazy_parent=True)
+    workers = svc.children()
+    assert len(workers) == 3 and svc.pid not in svc.ports()
+    r = cli("apply", svc.name, bundle)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 of 3 serving processes patched; 0 of 1 master patched, 1 pending" in r.stdout
+    master_line = next(line for line in r.stdout.splitlines() if line.startswith(str(svc.pid)))
+    assert master_line.split()[1:3] == ["master", "pending"] and "waits for the import of treeapp" in master_line
+    assert set(svc.answers().values()) == {"new"}
+    rows = {row["pid"]: row for row in svc.members()}
+    assert rows[svc.pid]["state"] == "pending" and rows[svc.pid]["pending"] == ["treeapp"]
+    assert all(rows[w]["state"] == "patched" and rows[w]["pending"] == [] for w in workers)
+    assert cli("rollback", svc.name).returncode == 0
+    assert set(svc.answers().values()) == {"old"}
+    assert all(row["state"] == "baseline" for row in svc.members())
 
 
 def test_tree_by_pid(service, bundle):
