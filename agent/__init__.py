@@ -19,6 +19,8 @@ import os
 import sys
 import threading
 
+from . import quietfork
+
 _lock = threading.Lock()
 _server = None
 _pid = None
@@ -82,6 +84,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
         _options = {"name": name, "trust": trust, "allow_unsigned": allow_unsigned, "socket_dir": socket_dir,
                     "state_dir": state_dir, "follow": follow}
         _export(_options)
+        quietfork.install()
         return server.path if server is not None else None
 
 

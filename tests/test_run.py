@@ -363,3 +363,30 @@ def test_the_livepatch_command_itself_starts_no_agent():
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: livepatch" in r.stdout, r.stderr
         assert "livepatch.agent.autostart" in r.stderr and "livepatch.agent.server" not in r.stderr
+
+
+FORKS = '''\
+import os, threading, time
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+fork()
+print("forked with only the agent's threads", flush=True)
+threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+fork()
+print("forked with a thread of the program's", flush=True)
+'''
+
+
+@pytest.mark.parametrize("filters", [["-W", "always"], ["-X", "dev"], []], ids=["-W always", "-X dev", "default"])
+def test_fork_warning_only_for_the_programs_own_threads(tmp_path, filters):
+    """3.12+ warns at a fork in a multi-threaded process; the agent's idle
+    accept thread alone does not make a program see that warning."""
+    r = subprocess.run([*RUN, "--", sys.executable, *filters, "-c", FORKS], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["forked with only the agent's threads", "forked with a thread of the program's"]
+    warned = [line for line in r.stderr.splitlines() if "is multi-threaded, use of fork()" in line]
+    assert len(warned) == (1 if sys.version_info >= (3, 12) else 0), r.stderr
