@@ -310,6 +310,41 @@ def test_refused_downgrade_names_both_and_the_override():
     assert verdict["verdict"] == "refused" and verdict["error"] == "Downgrade"
 
 
+def test_who_needs_an_authorisation_to_take_a_patch_out():
+    from livepatch.agent import ordering
+    from livepatch.authorization import RollbackUnauthorized
+    agent = types.SimpleNamespace(trusted={})
+    unsigned = dict(_meta(1, "HP-U"), signed_by=None)
+    applied = _status(("HP-BUG", _meta(1, "HP-B", cls="bugfix")), ("HP-U", unsigned), ("HP-SEC", _meta(1, "HP-S")))
+    owner = (4242, 1000, 1000)
+    with ordering.request_context(owner):
+        # the latest is HP-SEC, a signed security patch
+        with pytest.raises(RollbackUnauthorized, match="HP-SEC is a security patch: rolling it back needs"):
+            ordering.check_rollback(agent, {}, applied)
+        ordering.check_rollback(agent, {"patch_id": "HP-BUG"}, applied)  # a bugfix: the owner may
+        ordering.check_rollback(agent, {"patch_id": "HP-U"}, applied)  # applied unsigned (development mode)
+        assert ordering.record_fields() == {"peer": {"uid": 1000, "pid": 4242}}
+        with pytest.raises(RollbackUnauthorized, match="at most 16"):
+            ordering.check_rollback(agent, {"authorizations": "not a list"}, applied)
+    with ordering.request_context((7, 0, 0)):
+        ordering.check_rollback(agent, {}, applied)  # root may: it is recorded
+        assert ordering.record_fields() == {"peer": {"uid": 0, "pid": 7}, "authorization": {"HP-SEC": "root"}}
+    assert ordering.record_fields() == {}  # nothing outlives the request
+
+
+def test_rolling_back_everything_counts_the_patches_a_cumulative_one_brings_back():
+    from livepatch.agent import ordering
+    from livepatch.authorization import RollbackUnauthorized
+    agent = types.SimpleNamespace(trusted={})
+    with ordering.request_context((1, 1000, 1000)):
+        # seen in effect once, then replaced by a cumulative bugfix
+        ordering.check_rollback(agent, {"patch_id": "none"}, _status(("HP-OLD-SEC", _meta(1, "HP-S"))))
+        stack = [{"id": "HP-ALL", "metadata": _meta(2, "HP-A", cls="bugfix"), "replaces": ["HP-OLD-SEC"]}]
+        ordering.check_rollback(agent, {}, stack)  # just the cumulative one: what it replaced comes back
+        with pytest.raises(RollbackUnauthorized, match="HP-OLD-SEC is a security patch"):
+            ordering.check_rollback(agent, {"all": True}, stack)
+
+
 # ---------------------------------------------------------------- authorisations
 
 def test_authorization_is_bound_to_patch_build_key_and_time(keys, bundles):
