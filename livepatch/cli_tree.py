@@ -250,10 +250,9 @@ def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict) -> bool:
 
 
 def apply(args):
-    svc = find(args)
-    data = read_bundle_bytes(args.bundle)
     from .client import encode_bundle
-    blob = encode_bundle(data)  # read and encoded once for every process
+    blob = encode_bundle(read_bundle_bytes(args.bundle))  # read and encoded once for every process
+    svc = find(args)
     started = time.perf_counter()
     rep = _Report(svc)
     answering = [m.pid for m in svc.members if m.answering]
