@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .errors import PatchError, Problem
 from .locate import loaded_module
 from .patch import PYTHON_TAG, UNCHANGED, Change, Patch
+from .pending import value_for
 
 MAGIC = b"\x89LPB\r\n\x1a\n"
 FORMAT = 1
@@ -446,9 +447,9 @@ def supported_python(bundle: Bundle, tag: str = PYTHON_TAG) -> None:
 
 
 def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
-    """The Patch for this interpreter. Needs the target modules loaded (new
-    functions and imports are created in their namespaces)."""
-    from .errors import TargetNotFound
+    """The Patch for this interpreter. New functions and imports are created
+    in their modules' namespaces: now for a module that is imported, when its
+    part commits for one that is not (the part is then pending)."""
     from .fingerprint import fingerprint
     supported_python(bundle, tag)
     m = bundle.manifest
@@ -478,26 +479,31 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
     new_globals = {}
     for i, g in enumerate(m["globals"]):
         module_name, _, name = g["name"].partition(":")
-        module = loaded_module(module_name)
-        if module is None:
-            raise TargetNotFound(f"module {module_name} is not loaded", [Problem("not-found", g["name"], "module not loaded")])
+        # a value that needs its module is built when the module's part
+        # commits if the module is not imported yet (the part is pending)
         if g["kind"] == "constant":
             new_globals[g["name"]] = _literal(g["value"], f"globals[{i}].value")
         elif g["kind"] == "import":
-            new_globals[g["name"]] = _import_value(g["statement"], name, module, f"globals[{i}].statement")
+            where = f"globals[{i}].statement"
+            new_globals[g["name"]] = value_for(
+                module_name, lambda module, s=g["statement"], n=name, w=where: _import_value(s, n, module, w))
         else:
             code = code_for(g, f"globals[{i}]")
             defaults = _literal(g.get("defaults"), f"globals[{i}].defaults")
-            fn = types.FunctionType(code, module.__dict__, name.rpartition(".")[2],
-                                    None if defaults is UNCHANGED else defaults)
             kw = _literal(g.get("kwdefaults"), f"globals[{i}].kwdefaults")
-            fn.__kwdefaults__ = None if kw is UNCHANGED else kw
-            fn.__qualname__ = name
-            new_globals[g["name"]] = fn
+            new_globals[g["name"]] = value_for(
+                module_name, lambda module, c=code, n=name, d=defaults, k=kw: _new_function(c, module, n, d, k))
     metadata = {k: m[k] for k in ("title", "classification", "references", "baseline", "created")}
     metadata.update(signed_by=bundle.signed_by, **ordering(m), bundle_sha256=digest(bundle))
     return Patch(m["id"], changes, cumulative=m["cumulative"], new_globals=new_globals,
                  requires=tuple(m["requires"]), sources=sources, metadata=metadata)
+
+
+def _new_function(code, module: types.ModuleType, name: str, defaults, kwdefaults):
+    fn = types.FunctionType(code, module.__dict__, name.rpartition(".")[2], None if defaults is UNCHANGED else defaults)
+    fn.__kwdefaults__ = None if kwdefaults is UNCHANGED else kwdefaults
+    fn.__qualname__ = name
+    return fn
 
 
 def _import_value(statement: str, name: str, module: types.ModuleType, field: str):
