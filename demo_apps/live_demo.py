@@ -139,6 +139,9 @@ def main(argv=None) -> int:
                           "--title", "Path traversal in /docs", "--ref", "DEMO-CVE-0001", "--name", "inventory", "--version", "1.0")
         print(f"2. built and signed bundle HP-DOCS-1 ({built['size']} bytes): "
               + ", ".join(f"{m}:{q}" for m, qs in built["targets"].items() for q in qs))
+        # taking a security fix out needs the signer's say-so (see the README's threat model)
+        authorization = os.path.join(work, "HP-DOCS-1.rollback")
+        livepatch("authorize-rollback", bundle, "--key", keys + ".key", "-o", authorization)
 
         with Load(port, args.threads) as load:
             t_start = time.perf_counter()
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
             time.sleep(args.phase)
 
             t_rollback = time.perf_counter()
-            rolled = livepatch("rollback", str(service.pid))
+            rolled = livepatch("rollback", str(service.pid), "--authorization", authorization)
             status, body = get(port, SECRET)
             print(f"6. rolled back: pause {rolled[0]['pause_ns'] / 1000:.1f} µs; GET {SECRET} -> {status}   <- old behaviour again")
             time.sleep(args.phase / 2)
