@@ -110,16 +110,11 @@ def _export(options: dict) -> None:
 
 
 def _default_name() -> str:
-    """The program's name. Started from livepatch-autostart.pth, sys.argv[0]
-    is still "-m" or "-c" (the interpreter replaces it later)."""
-    argv0 = sys.argv[0] if getattr(sys, "argv", None) else ""
-    if argv0 == "-m":
-        orig = getattr(sys, "orig_argv", [])
-        if "-m" in orig[1:-1]:
-            return orig[orig.index("-m", 1) + 1]
-    if argv0 in ("", "-c", "-"):
-        return "python"
-    return os.path.basename(argv0)
+    """The program's name, from the command line as the interpreter got it
+    (started from livepatch-autostart.pth, sys.argv[0] is still "-m" or
+    "-c": the interpreter replaces it later)."""
+    from livepatch import pyargs
+    return pyargs.program_name(list(getattr(sys, "orig_argv", [])[1:]))
 
 
 def stop() -> None:

@@ -212,10 +212,7 @@ def _split_options(argv: list) -> tuple[list, list]:
 def _program_name(command, path, interpreter, options, program_args) -> str:
     if path != interpreter:
         return os.path.basename(command[0])  # a console script or a script with a #! line
-    kind, what = pyargs.program(options + program_args)
-    if kind == "-m":
-        return what
-    return os.path.basename(what) if kind == "" and what else "python"
+    return pyargs.program_name(options + program_args)
 
 
 def _environment_of(python: str) -> str:

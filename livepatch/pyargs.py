@@ -5,6 +5,8 @@ interpreters are helpers, not the program); standard library only."""
 
 from __future__ import annotations
 
+import os
+
 
 def parse(argv: list) -> tuple[dict, int]:
     """The single-letter options in `argv` (the words after the interpreter),
@@ -46,3 +48,12 @@ def program(argv: list) -> tuple[str, str]:
             attached = word[word.index(opt) + 1:]
             return "-" + opt, attached or (argv[end - 1] if end - 1 < len(argv) else "")
     return "", argv[end] if end < len(argv) and argv[end] != "-" else ""
+
+
+def program_name(argv: list) -> str:
+    """A name for what the interpreter runs: the module of -m, the script's
+    file name (a console script's too), else "python"."""
+    kind, what = program(argv)
+    if kind == "-m" and what:
+        return what
+    return os.path.basename(what) if kind == "" and what else "python"
