@@ -447,9 +447,11 @@ def supported_python(bundle: Bundle, tag: str = PYTHON_TAG) -> None:
 
 
 def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
-    """The Patch for this interpreter. New functions and imports are created
-    in their modules' namespaces: now for a module that is imported, when its
-    part commits for one that is not (the part is then pending)."""
+    """The Patch for this interpreter. Runs nothing from the bundle: new
+    functions are created in their modules' namespaces now for a module
+    that is imported, when its part commits for one that is not (the part
+    is then pending); import statements are only checked here and run when
+    an apply prepares its commit (pending.AtCommit)."""
     from .fingerprint import fingerprint
     supported_python(bundle, tag)
     m = bundle.manifest
@@ -484,9 +486,11 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
         if g["kind"] == "constant":
             new_globals[g["name"]] = _literal(g["value"], f"globals[{i}].value")
         elif g["kind"] == "import":
-            where = f"globals[{i}].statement"
+            # checked now, run only on the way to a commit (assess runs nothing)
+            tree = _import_tree(g["statement"], name, f"globals[{i}].statement")
             new_globals[g["name"]] = value_for(
-                module_name, lambda module, s=g["statement"], n=name, w=where: _import_value(s, n, module, w))
+                module_name, lambda module, t=tree, n=name: _import_value(t, n, module),
+                runs_code=g["statement"].strip()[:200])
         else:
             code = code_for(g, f"globals[{i}]")
             defaults = _literal(g.get("defaults"), f"globals[{i}].defaults")
@@ -506,17 +510,25 @@ def _new_function(code, module: types.ModuleType, name: str, defaults, kwdefault
     return fn
 
 
-def _import_value(statement: str, name: str, module: types.ModuleType, field: str):
+def _import_tree(statement: str, name: str, field: str) -> ast.Module:
+    """The parsed statement: one import that binds `name` (checked without
+    running it)."""
     try:
         tree = ast.parse(statement)
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         _fail(field, "not a Python statement")
     if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.Import, ast.ImportFrom)):
         _fail(field, "must be a single import statement")
+    node = tree.body[0]
+    bound = {(a.asname or (a.name.partition(".")[0] if isinstance(node, ast.Import) else a.name)) for a in node.names}
+    if name not in bound:
+        _fail(field, f"does not bind {name!r}")
+    return tree
+
+
+def _import_value(tree: ast.Module, name: str, module: types.ModuleType):
     namespace = {"__name__": module.__name__, "__package__": module.__package__}
     exec(compile(tree, f"<livepatch import in {module.__name__}>", "exec"), namespace)
-    if name not in namespace:
-        _fail(field, f"does not bind {name!r}")
     return namespace[name]
 
 

@@ -68,6 +68,13 @@ class RollbackRefused(PatchError):
     category = "rollback-refused"
 
 
+class Cancelled(PatchError):
+    """The client of an apply or rollback went away (Ctrl-C, killed) while
+    it waited for a safe point; it was abandoned before any store."""
+
+    category = "cancelled"
+
+
 class UnsupportedRuntime(PatchError):
     category = "unsupported-runtime"
 

@@ -14,11 +14,14 @@ import threading
 import time
 from collections import deque
 
-from .errors import CommitFailed, PatchError
+from .errors import Cancelled, CommitFailed, PatchError
 
 
 def outcome_of(exc: Exception) -> str:
-    """"refused" for a refusal (nothing was touched), else "failed"."""
+    """"refused" for a refusal (nothing was touched), "cancelled" when its
+    client went away first (nothing was touched either), else "failed"."""
+    if isinstance(exc, Cancelled):
+        return "cancelled"
     return "refused" if isinstance(exc, PatchError) and not isinstance(exc, CommitFailed) else "failed"
 
 

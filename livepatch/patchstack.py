@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from . import commit as _commit
 from . import forksafe, imports
 from .checks import check_change, code_kind, require_supported_runtime
-from .errors import PatchError, Problem, RollbackRefused, TargetBusy, raise_for
+from .errors import Cancelled, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
 from .fingerprint import fingerprint
 from .history import History, now_iso as _now_iso, outcome_of
 from .importtime import EngineBusy, ImportCommits
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
 from .pending import AtImport, imported, part_patch, split, targets_by_module
+from .busynow import holders
 from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
@@ -211,7 +212,9 @@ class Engine:
         self._log.record(action, patch_id, outcome, reason, result=result, exc=exc, **extra)
 
     # ---------------------------------------------------------------- apply
-    def apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False) -> Result:
+    def apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False, cancelled=None) -> Result:
+        """`cancelled()`, if given, is asked between attempts: true abandons
+        the apply before any store (Cancelled, recorded as "cancelled")."""
         require_supported_runtime()
         self._check_shape(patch)
         try:
@@ -229,7 +232,8 @@ class Engine:
                 parts, pending, now = split_out
                 build, modules = self._plan_for(patch, now, pending, parts)
                 if now.changes or now.new_globals or patch.cumulative:
-                    result, applied = self._transition("apply", patch.id, build, modules, timeout, force)
+                    result, applied = self._transition("apply", patch.id, build, modules, timeout, force,
+                                                       cancelled=cancelled)
                 else:
                     result, applied = self._nothing_committed("apply", patch.id, force)
             except Exception as exc:
@@ -254,12 +258,13 @@ class Engine:
             return result
 
     @staticmethod
-    def _split(patch: Patch):
+    def _split(patch: Patch, run: bool = True):
         """(parts by module, modules not imported yet, the Patch of the
-        imported ones with their new globals built)."""
+        imported ones with their new globals built); with `run` false, a
+        value whose making runs code (an import) is planned, not made."""
         parts = split(patch)
         pending = {name for name in parts if imported(name) is None}
-        now = part_patch(patch.id, [(n, p) for n, p in parts.items() if n not in pending], loaded_module)
+        now = part_patch(patch.id, [(n, p) for n, p in parts.items() if n not in pending], loaded_module, run)
         return parts, pending, now
 
     def _plan_for(self, patch: Patch, now: Patch = None, pending=(), parts=None):
@@ -290,10 +295,12 @@ class Engine:
 
     def assess(self, patch: Patch) -> dict:
         """Every check of apply() except the safe point and the commit:
-        would this patch apply now? Changes nothing, records nothing."""
+        would this patch apply now? Changes nothing, records nothing, runs
+        nothing of the patch (its imports are made only by apply); says who
+        holds its targets now (`busy_now`, see busynow)."""
         require_supported_runtime()
         try:
-            split_out, split_failed = self._split(patch), None  # before the lock, as in apply
+            split_out, split_failed = self._split(patch, run=False), None
         except Exception as exc:
             split_out, split_failed = None, exc
         with self._lock:
@@ -305,16 +312,19 @@ class Engine:
                     raise split_failed
                 parts, pending, now = split_out
                 build, modules = self._plan_for(patch, now, pending, parts)
-                switches, stores = build(HeapIndex.scan(modules))
+                heap = HeapIndex.scan(modules)
+                switches, stores = build(heap)
             except PatchError as exc:
                 return {"patch_id": patch.id, "verdict": "refused", "error": type(exc).__name__,
                         "message": str(exc).splitlines()[0], "problems": [p.to_dict() for p in exc.problems]}
             busy = {s.target for s in switches if not (s.allow_active or s.implied)
                     and count_running({id(s.old)})}
+            busy_now = holders(switches, heap) if switches else []
             return {"patch_id": patch.id, "verdict": "applies", "problems": [],
                     "targets": sorted({s.target for s in switches if not s.implied}),
                     "functions": len(switches), "globals": len(stores),
-                    "running_now": sorted(busy), "pending": targets_by_module(parts, pending)}
+                    "running_now": sorted(busy), "busy_now": busy_now,
+                    "pending": targets_by_module(parts, pending)}
 
     @staticmethod
     def _check_shape(patch: Patch) -> None:
@@ -452,7 +462,8 @@ class Engine:
         return switches, stores
 
     # --------------------------------------------------------------- rollback
-    def rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False) -> Result:
+    def rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False,
+                 cancelled=None) -> Result:
         require_supported_runtime()
         with self._exclusive():
             try:
@@ -474,7 +485,7 @@ class Engine:
                 modules = {split_target(s.target)[0] for s in target.switches}
                 if target.switches or target.globals or target.cumulative:
                     result, _ = self._transition("rollback", target.id, build, modules, timeout, force,
-                                                 restore_defaults=target.saved_defaults)
+                                                 restore_defaults=target.saved_defaults, cancelled=cancelled)
                 else:
                     result, _ = self._nothing_committed("rollback", target.id, force)
             except Exception as exc:
@@ -491,10 +502,10 @@ class Engine:
             self._record("rollback", target.id, "ok", "", result=result, pending=result.pending or None)
             return result
 
-    def rollback_all(self, *, timeout: float = 5.0, force: bool = False) -> list[Result]:
+    def rollback_all(self, *, timeout: float = 5.0, force: bool = False, cancelled=None) -> list[Result]:
         results = []
         while self._stack:
-            results.append(self.rollback(timeout=timeout, force=force))
+            results.append(self.rollback(timeout=timeout, force=force, cancelled=cancelled))
         return results
 
     def _dependents(self, index: int) -> list[tuple[str, str]]:
@@ -529,7 +540,7 @@ class Engine:
         return switches, stores
 
     # ------------------------------------------------------------- transition
-    def _transition(self, action, patch_id, build, modules, timeout, force, restore_defaults=None):
+    def _transition(self, action, patch_id, build, modules, timeout, force, restore_defaults=None, cancelled=None):
         """Prepare from a heap scan, then sample safe points in short bursts
         (each sample is one fresh GIL acquisition, see commit.py) until one
         commits or the deadline passes. The heap is rescanned between bursts
@@ -541,6 +552,9 @@ class Engine:
         backoff = 0.01
         outcome = None
         while True:
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"{action} of {patch_id!r} cancelled by its client after {attempts} attempts; "
+                                "nothing was changed")
             gc_was_enabled = gc.isenabled()
             self._gc_owed = gc_was_enabled  # first: a child forked from here on enables it again
             gc.disable()  # keeps new objects in generation 0 until the commit (see safepoint)
@@ -573,6 +587,8 @@ class Engine:
                 stale = 0
                 burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
                 while not suspended:
+                    if cancelled is not None and attempts and cancelled():
+                        break  # between attempts: raised above, once the GC is back on
                     attempts += 1
                     # Walk every stack now: the section then only checks what
                     # changed since. A target seen running skips the section.
@@ -614,6 +630,8 @@ class Engine:
                 if gc_was_enabled:
                     gc.enable()
                 self._gc_owed = False
+            if cancelled is not None and cancelled():
+                continue  # raised at the top of the loop
             if time.monotonic() >= deadline:
                 frames, suspended, busy_ids, target_of = last
                 blockers = describe(frames, suspended, busy_ids, target_of)
