@@ -161,6 +161,13 @@ def _python_of(path: str, command: list, env: dict, depth: int = 0):
     words = line.split(None, 1)
     if not words:
         raise CliError(f"{command[0]}: not a Python program (empty #! line)")
+    text = head.decode("utf-8", "replace")
+    shim = _PYENV_SHIM.search(text)
+    if shim and depth < 3:
+        # a pyenv shim: pyenv names the interpreter or script it would run
+        real = _pyenv_which(shim.group(1), os.path.basename(path), env)
+        if real:
+            return _python_of(real, [real, *command[1:]], env, depth + 1)
     interp, arg = words[0], (words[1] if len(words) > 1 else "")
     options = [arg] if arg else []
     if os.path.basename(interp) == "env":
@@ -173,13 +180,6 @@ def _python_of(path: str, command: list, env: dict, depth: int = 0):
         if found is None:
             raise CliError(f"{command[0]}: its #! line runs {parts[0]}, which is not found on PATH")
         interp, options = found, parts[1:]
-    text = head.decode("utf-8", "replace")
-    shim = _PYENV_SHIM.search(text)
-    if shim and depth == 0:
-        # a pyenv shim: pyenv names the interpreter it would run
-        real = _pyenv_which(shim.group(1), os.path.basename(path), env)
-        if real:
-            return _python_of(real, [real, *command[1:]], env, depth + 1)
     if os.path.basename(interp) in ("sh", "bash", "dash"):
         poly = _SH_POLYGLOT.search(text)
         if poly:
@@ -188,7 +188,14 @@ def _python_of(path: str, command: list, env: dict, depth: int = 0):
             raise CliError(f"{command[0]}: not a Python program (a shell script: #!{line})")
     if not os.path.exists(interp):
         raise CliError(f"{command[0]}: its #! line runs {interp}, which does not exist")
-    if not _head(interp, 4).startswith(b"\x7fELF") or not _is_python_binary(interp):
+    if not _head(interp, 4).startswith(b"\x7fELF") and depth < 3:
+        # the #! line names a script (a pyenv shim, say): what that one runs
+        try:
+            inner, inner_options, _ = _python_of(interp, [interp], env, depth + 1)
+        except CliError:
+            raise CliError(f"{command[0]}: not a Python program (#!{line})") from None
+        return inner, inner_options + options, command[1:]
+    if not _is_python_binary(interp):
         raise CliError(f"{command[0]}: not a Python program (#!{line})")
     return interp, options, command[1:]
 
@@ -210,7 +217,7 @@ def _split_options(argv: list) -> tuple[list, list]:
 
 
 def _program_name(command, path, interpreter, options, program_args) -> str:
-    if path != interpreter:
+    if path != interpreter and not _PYTHON_NAME.match(os.path.basename(path)):
         return os.path.basename(command[0])  # a console script or a script with a #! line
     return pyargs.program_name(options + program_args)
 

@@ -137,6 +137,35 @@ def test_installed_console_script_and_env_shebang(programs):
     assert seen["agent"] and seen["file"] == plain["file"] and err == ""
 
 
+def test_through_a_pyenv_shim(programs):
+    """`python` on PATH is often a pyenv shim (a bash script that has pyenv
+    exec the real interpreter): livepatch run finds the interpreter it runs.
+    The pyenv here is a stand-in speaking the shim protocol."""
+    cwd, env = programs
+    root = cwd / "pyenv"
+    (root / "libexec").mkdir(parents=True)
+    (root / "shims").mkdir()
+    pyenv = root / "libexec" / "pyenv"
+    pyenv.write_text(f'#!/bin/sh\ncmd="$1"; shift; shift\n'
+                     f'case "$cmd" in which) echo "{sys.executable}";; exec) exec "{sys.executable}" "$@";; esac\n')
+    shim = root / "shims" / "python"
+    shim.write_text('#!/usr/bin/env bash\nset -e\nprogram="${0##*/}"\n'
+                    f'exec "{pyenv}" exec "$program" "$@"\n')
+    for f in (pyenv, shim):
+        f.chmod(0o755)
+    env = dict(env, PATH=f"{root / 'shims'}{os.pathsep}{env['PATH']}")
+    manage = cwd / "manage.py"
+    manage.write_text("#!/usr/bin/env python\nimport seen, sys\nseen.report(sys.argv[1])\n")
+    manage.chmod(0o755)
+    for cmd in (["python", "app.py", "4"], ["./manage.py", "4"]):
+        plain_code, plain, _ = _run(cmd, cwd, env)
+        code, seen, err = _run([*RUN, "--", *cmd], cwd, env)
+        assert plain_code == code == 4 and seen["agent"] and err == "", err
+        for key in ("pid", "agent", "autostart_env"):
+            del seen[key], plain[key]
+        assert seen == plain
+
+
 # ---------------------------------------------------------------- refusals
 
 def _bare_venv(tmp_path):
