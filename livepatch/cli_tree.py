@@ -19,8 +19,9 @@ from .cli import EXIT_NO_AGENT, EXIT_PARTIAL, EXIT_REFUSED, EXIT_VERIFY, CliErro
 
 ASSESS_WAIT = 60.0
 VERIFY_ERRORS = ("BundleError", "SignatureError")
-# outcomes that leave the patch in effect in a process (or waiting for an import)
-IN_EFFECT = ("patched", "pending", "already applied", "inherited", "re-applied")
+# outcomes that leave the patch in effect in a process, and those plus waiting for an import
+PATCHED = ("patched", "already applied", "inherited", "re-applied")
+IN_EFFECT = (*PATCHED, "pending")
 
 
 def find(args) -> tree.Service:
@@ -130,7 +131,6 @@ class _Report:
         self.procs: dict[int, dict] = {}
         for m in svc.members:
             self.add(m)
-        self.notes: list[str] = []
 
     def add(self, m: tree.Member, newcomer: bool = False) -> dict:
         rec = self.procs[m.pid] = {"pid": m.pid, "parent": m.parent, "role": m.role, "serves": m.serves,
@@ -145,12 +145,12 @@ class _Report:
         if problems:
             rec["problems"] = list(problems)
 
-    def from_outcome(self, o: fanout.Outcome, refused="refused"):
+    def from_outcome(self, o: fanout.Outcome):
         from .cli_agent import _REFUSALS
         if o.unavailable and _gone(o.pid):
             self.procs[o.pid].update(outcome="gone", detail="the process exited meanwhile")
             return
-        kind = refused if o.error in _REFUSALS or o.error in VERIFY_ERRORS else "failed"
+        kind = "refused" if o.error in _REFUSALS or o.error in VERIFY_ERRORS else "failed"
         self.fail(o.pid, kind, f"{o.error}: {o.message}", o.error, o.details.get("problems", ()))
 
     def relayout(self, now: tree.Service):
@@ -166,10 +166,10 @@ class _Report:
         serving = [r for r in live if r["serves"]]
         masters = [r for r in live if not r["serves"]]
         return {"serving": len(serving),
-                "serving_patched": sum(r["outcome"] in IN_EFFECT and r["outcome"] != "pending" for r in serving),
+                "serving_patched": sum(r["outcome"] in PATCHED for r in serving),
                 "serving_pending": sum(r["outcome"] == "pending" for r in serving),
                 "masters": len(masters),
-                "masters_patched": sum(r["outcome"] in IN_EFFECT and r["outcome"] != "pending" for r in masters),
+                "masters_patched": sum(r["outcome"] in PATCHED for r in masters),
                 "masters_pending": sum(r["outcome"] == "pending" for r in masters),
                 "gone": sum(r["outcome"] == "gone" for r in self.procs.values())}
 
@@ -200,7 +200,6 @@ def _render(rep: _Report, headline: str, summary: str) -> str:
     for r in rep.ordered():
         if r.get("problems"):
             lines.append(f"process {r['pid']}:\n{_problems_text(r['problems'])}")
-    lines += rep.notes
     lines.append(summary)
     return "\n".join(lines)
 
@@ -232,7 +231,7 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
     return done
 
 
-def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict) -> bool:
+def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict, how: str = "committed") -> bool:
     """Roll `patch_id` back in `pids`; True if every one of them did."""
     outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, patch_id=patch_id,
                                   timeout=args.timeout, force=args.force,
@@ -240,13 +239,33 @@ def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict) -> bool:
     ok = True
     for pid, o in outcomes.items():
         if o.ok:
-            rep.procs[pid].update(outcome="rolled back", detail=f"committed, then rolled back: {why}")
+            rep.procs[pid].update(outcome="rolled back", detail=f"{how}, then rolled back: {why}")
         elif o.unavailable and _gone(pid):
             rep.procs[pid].update(outcome="gone", detail="the process exited meanwhile")
         else:
             ok = False
             rep.procs[pid].update(outcome="rollback failed", detail=f"STILL PATCHED: {o.describe()}"[:200])
     return ok
+
+
+def _back_out(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens: dict, why: str) -> bool:
+    """Undo this apply wherever it took effect: in the processes that
+    committed, then in any process started meanwhile that carries the patch
+    (forked from one of them). True if every one of them rolled back."""
+    ok = _undo(rep, committed, patch_id, args, why, tokens)
+    now, newcomers = tree.rediscover(svc)
+    carriers = []
+    for m in newcomers:
+        if m.pid not in rep.procs:
+            rep.add(m, newcomer=True)
+        if m.answering and patch_id in m.applied:
+            carriers.append(m.pid)
+            if m.parent in tokens:  # a forked child holds its parent's undo token too
+                tokens[m.pid] = tokens[m.parent]
+    if now.members:
+        rep.svc = now
+        rep.relayout(now)
+    return _undo(rep, carriers, patch_id, args, why, tokens, how="started during the apply with the patch") and ok
 
 
 def apply(args):
@@ -307,7 +326,7 @@ def apply(args):
     failed = rep.with_outcome("refused", "failed")
     failed_now = [p for p in failed if p not in blockers]
     if failed_now and not args.keep_going:
-        undone = _undo(rep, committed, patch_id, args, f"process {', '.join(map(str, failed_now))} refused", tokens)
+        undone = _back_out(rep, svc, committed, patch_id, args, tokens, f"process {', '.join(map(str, failed_now))} refused")
         c = rep.counts()
         if undone:
             finish(EXIT_REFUSED, f"{name} on service {svc.label}: refused at commit",
@@ -344,8 +363,8 @@ def apply(args):
         committed += more
         failed_new = [p for p in fresh if p not in more and rep.procs[p]["outcome"] in ("refused", "failed")]
         if failed_new and not args.keep_going:
-            undone = _undo(rep, committed, patch_id, args,
-                           f"process {', '.join(map(str, failed_new))}, started during the apply, refused", tokens)
+            undone = _back_out(rep, svc, committed, patch_id, args, tokens,
+                               f"process {', '.join(map(str, failed_new))}, started during the apply, refused")
             finish(EXIT_REFUSED if undone else EXIT_PARTIAL, f"{name} on service {svc.label}: refused by a new process",
                    ("the processes that had committed were rolled back, nothing is left changed. " if undone else
                     "rollback failed in some processes, which still run the patch. ") + _summary(rep.counts()))

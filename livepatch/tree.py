@@ -6,7 +6,7 @@ an agent). Within a service a process with descendants in it is a *master*
 (a pre-fork master, a reloader: it starts the others and serves nothing);
 the others are *workers*, the processes that serve. The statuses come from
 one concurrent round of `status` requests (livepatch/fanout.py); the
-parent/child relations from psutil."""
+parent/child relations from one read of /proc."""
 
 from __future__ import annotations
 

@@ -374,6 +374,22 @@ def test_refusal_at_commit_rolls_back_the_processes_that_committed(service, secu
         assert _applied(pid) == [] and _history(pid) == [("apply", "ok"), ("rollback", "ok")]
 
 
+def test_a_refusal_at_commit_also_rolls_back_a_worker_forked_with_the_patch_meanwhile(service, security_bundle):
+    svc = service(busy=1, on_patch="fork")
+    busy = svc.children()[1]
+    r = cli("apply", svc.name, security_bundle, "--timeout", "1", "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    out = _json(r)
+    new = [p for p in out["processes"] if p["newcomer"]]
+    assert len(new) == 1 and new[0]["outcome"] == "rolled back", out["processes"]
+    assert "started during the apply with the patch" in new[0]["detail"]
+    outcomes = {p["pid"]: p["outcome"] for p in out["processes"]}
+    assert outcomes.pop(busy) == "refused" and set(outcomes.values()) == {"rolled back"}
+    svc.wait_for(5)
+    assert set(svc.answers().values()) == {"old"} and len(svc.answers()) == 5
+    assert all(row["patches"] == [] for row in svc.members())
+
+
 def test_continue_leaves_a_partial_service_with_its_own_exit_code(service, bundle):
     svc = service(busy=0)
     busy = svc.children()[0]
