@@ -171,20 +171,26 @@ def _makedirs_private(path: str) -> None:
 
 # Lock descriptors open in this process. A forked child inherits them (and
 # with them the flock of a thread that no longer exists there): the child
-# closes its copies, which never releases the parent's lock.
-_held_fds: set = set()
+# closes its copies, which never releases the parent's lock, but keeping
+# them would hold it after the parent lets go. Done both at fork and before
+# each lock, since other at-fork hooks (the agent's own start in the child)
+# may run before this one.
+_lock_fds = {"pid": os.getpid(), "fds": set()}
 
 
-def _close_inherited_locks() -> None:
-    for fd in list(_held_fds):
+def _forget_inherited_locks() -> None:
+    if _lock_fds["pid"] == os.getpid():
+        return
+    for fd in list(_lock_fds["fds"]):
         try:
             os.close(fd)
         except OSError:
             pass
-    _held_fds.clear()
+    _lock_fds["fds"].clear()
+    _lock_fds["pid"] = os.getpid()
 
 
-os.register_at_fork(after_in_child=_close_inherited_locks)
+os.register_at_fork(after_in_child=_forget_inherited_locks)
 
 
 class State:
@@ -216,15 +222,20 @@ class State:
     # -------------------------------------------------------------- files
     @contextlib.contextmanager
     def locked(self):
+        _forget_inherited_locks()
         self._create()
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        _held_fds.add(fd)
+        _lock_fds["fds"].add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            _held_fds.discard(fd)
-            os.close(fd)  # releases the lock
+            # unlock explicitly: a child forked meanwhile shares this open
+            # file, and closing our descriptor alone would leave it locked
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            _lock_fds["fds"].discard(fd)
+            os.close(fd)
 
     def _present(self) -> bool:
         """Whether the directory exists (checked before its first use)."""
@@ -631,8 +642,8 @@ def _reapply_one(agent, state: State, rec: dict) -> None:
         patch = to_patch(bundle)
     except Exception as exc:  # a PatchError, or an import a new global needs failing here
         if manifest is not None and type(exc).__name__ == "TargetNotFound" and _missing_modules(manifest):
-            _log.logger.warning("livepatch: not re-applying %s in this process: %s (the bundle adds globals to it); "
-                                "the record is kept", rec["id"], _log._first_line(exc))
+            _log.logger.warning("livepatch: not re-applying %s in this process: %s; the record is kept",
+                                rec["id"], _log._first_line(exc))
             return
         what = "failed verification" if manifest is None else "cannot be loaded here"
         _retire(state, rec["id"], f"recorded bundle {what}: {type(exc).__name__}: {_log._first_line(exc)}",
