@@ -29,7 +29,8 @@ _options = None  # what the running agent was started with: a forked child start
 
 
 def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = None,
-          socket_dir: str | None = None, state_dir: str | None = None, follow: bool | None = None) -> str | None:
+          socket_dir: str | None = None, state_dir: str | None = None, follow: bool | None = None,
+          max_frame: int | None = None) -> str | None:
     """Start the agent (idempotent); returns the socket path, or None when
     no safe socket directory could be had (the agent then runs without a
     control channel: recorded patches still re-apply).
@@ -39,7 +40,9 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
     switch accepting unsigned bundles (default: LIVEPATCH_ALLOW_UNSIGNED=1);
     the status reports it. `state_dir`: where the service's state lives
     (default: LIVEPATCH_STATE_DIR). `follow`: start agents in forked and
-    spawned children too (default: on unless LIVEPATCH_FOLLOW=0)."""
+    spawned children too (default: on unless LIVEPATCH_FOLLOW=0).
+    `max_frame`: the largest request frame the control socket accepts, in
+    bytes (default: LIVEPATCH_MAX_FRAME, else 16 MiB; see agent/protocol.py)."""
     global _server, _pid, _agent, _options
     with _lock:
         if _agent is not None and _pid == os.getpid():
@@ -62,7 +65,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
         state_dir = os.path.abspath(state_dir) if state_dir is not None else None
         holder = {}
         try:
-            server = Server(lambda request, peer: holder["agent"].handle(request, peer), socket_dir)
+            server = Server(lambda request, peer: holder["agent"].handle(request, peer), socket_dir, max_frame)
         except UnsafeDirectory as exc:
             import logging
             logging.getLogger("livepatch").warning(
@@ -82,7 +85,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
             server.start()
         _server, _pid, _agent = server, os.getpid(), agent
         _options = {"name": name, "trust": trust, "allow_unsigned": allow_unsigned, "socket_dir": socket_dir,
-                    "state_dir": state_dir, "follow": follow}
+                    "state_dir": state_dir, "follow": follow, "max_frame": max_frame}
         _export(_options)
         quietfork.install()
         return server.path if server is not None else None
@@ -102,6 +105,8 @@ def _export(options: dict) -> None:
             env[var] = value
         elif value is None:
             env.pop(var, None)
+    if options.get("max_frame") is not None:
+        env["LIVEPATCH_MAX_FRAME"] = str(options["max_frame"])
     if options["allow_unsigned"]:
         env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
     else:

@@ -3,21 +3,129 @@
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8
 JSON (an object). Requests carry {"v": 1, "op": ..., ...}; responses
 {"v": 1, "ok": true, "result": ...} or {"v": 1, "ok": false, "error": {...}}.
-Bundles travel base64-encoded in the request, by content."""
+Bundles travel base64-encoded in the request, by content.
+
+Decoding is total: whatever the bytes of a frame, `decode` returns a dict
+or raises ProtocolError (never RecursionError, UnicodeDecodeError, the
+integer-digits ValueError or a MemoryError). Strings holding lone
+surrogates are refused too: they cannot be written as UTF-8, so they would
+break whatever later logs, stores or prints them.
+
+The agent accepts request frames up to `max_request()` bytes (16 MiB by
+default, LIVEPATCH_MAX_FRAME or `start(max_frame=...)` to change it): real
+bundles are kilobytes, and every byte of a frame is held in memory while it
+is read and decoded. Clients accept answers up to MAX_FRAME."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import struct
 
 VERSION = 1
-MAX_FRAME = 96 << 20  # a 64 MiB bundle, base64-encoded, plus the request around it
+# The largest frame a client reads as an answer, and the largest request
+# limit the agent may be given: a 64 MiB bundle, base64-encoded, plus the
+# request around it.
+MAX_FRAME = 96 << 20
+DEFAULT_MAX_REQUEST = 16 << 20
+MIN_MAX_REQUEST = 64 << 10
+# Requests are flat (a few fields, lists of strings): deeper nesting is
+# refused before anything formats or walks it recursively.
+MAX_DEPTH = 32
 OPS = ("ping", "status", "history", "assess", "apply", "rollback")
+
+_HEADER = struct.Struct(">I")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProtocolError(Exception):
     pass
+
+
+def max_request(value=None) -> int:
+    """The request frame limit: `value` (bytes, an int or a string such as
+    "16M" / "512K") if given, else LIVEPATCH_MAX_FRAME, else 16 MiB.
+    ValueError names what is wrong with a bad value."""
+    source = "max_frame"
+    if value is None:
+        value = os.environ.get("LIVEPATCH_MAX_FRAME") or None
+        source = "LIVEPATCH_MAX_FRAME"
+        if value is None:
+            return DEFAULT_MAX_REQUEST
+    if isinstance(value, str):
+        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if scale != 1 else text
+        if not digits.isdigit() or len(digits) > 12:
+            raise ValueError(f"{source}={value[:40]!r} is not a size in bytes (e.g. 16777216, 16M, 512K)")
+        value = int(digits) * scale
+    if type(value) is not int:
+        raise ValueError(f"{source} must be a size in bytes, not {type(value).__name__}")
+    if not MIN_MAX_REQUEST <= value <= MAX_FRAME:
+        raise ValueError(f"{source}={value} is outside {MIN_MAX_REQUEST} to {MAX_FRAME} bytes")
+    return value
+
+
+def header(length: int) -> bytes:
+    return _HEADER.pack(length)
+
+
+def frame_length(head: bytes) -> int:
+    return _HEADER.unpack(head)[0]
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode(body) -> dict:
+    """The request object of a frame's body (bytes or bytearray)."""
+    try:
+        text = body.decode("utf-8")  # strict: no other encoding guessed, no surrogates
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"frame is not UTF-8 (invalid byte at offset {exc.start})") from None
+    except MemoryError:
+        raise ProtocolError("frame is too large to decode") from None
+    try:
+        message = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError("frame is not JSON: nested too deeply") from None
+    except MemoryError:
+        raise ProtocolError("frame is too large to decode") from None
+    except ValueError as exc:  # JSONDecodeError, and integers over the digit limit
+        raise ProtocolError(f"frame is not JSON: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("frame is not a JSON object")
+    _check(message, bool(_SURROGATE_ESCAPE.search(text)))
+    return message
+
+
+def _check(message: dict, escapes: bool) -> None:
+    """Depth, and (only when the text escaped a surrogate) lone surrogates;
+    iterative, so a deep value cannot exhaust the stack here."""
+    todo = [(message, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"frame is nested deeper than {MAX_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if escapes and isinstance(key, str) and _LONE_SURROGATE.search(key):
+                raise ProtocolError("frame holds a string with a lone surrogate (not valid Unicode)")
+            if isinstance(item, (dict, list)):
+                todo.append((item, depth + 1))
+            elif escapes and isinstance(item, str) and _LONE_SURROGATE.search(item):
+                raise ProtocolError("frame holds a string with a lone surrogate (not valid Unicode)")
+
+
+def encode(message: dict) -> bytes:
+    """A whole frame. ASCII JSON: a stray surrogate in an answer is escaped,
+    never an encoding error."""
+    body = json.dumps(message, default=str).encode()
+    return header(len(body)) + body
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -32,18 +140,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def recv(sock: socket.socket, limit: int = MAX_FRAME) -> dict:
-    (length,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    length = frame_length(_recv_exactly(sock, 4))
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes is over the limit of {limit}")
-    try:
-        message = json.loads(_recv_exactly(sock, length))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise ProtocolError("frame is not a JSON object")
-    return message
+    return decode(_recv_exactly(sock, length))
 
 
 def send(sock: socket.socket, message: dict) -> None:
-    body = json.dumps(message, default=str).encode()
-    sock.sendall(struct.pack(">I", len(body)) + body)
+    sock.sendall(encode(message))

@@ -59,6 +59,12 @@ class BundleError(PatchError):
     category = "bundle"
 
 
+def valid_id(value) -> bool:
+    """Whether `value` may name a patch (the rule for a manifest's id):
+    what passes is safe to print, store and use in a file name."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
 def _fail(field: str, message: str):
     raise BundleError(f"invalid bundle: {field}: {message}", [Problem("bundle", field, message)])
 
@@ -161,7 +167,7 @@ def read(data: bytes, trusted_keys=None, *, allow_unsigned: bool = False) -> Bun
             name = raw.decode()
         except UnicodeDecodeError:
             _fail(f"payload[{i}] name", "not UTF-8")
-        if not _PAYLOAD.match(name):
+        if not _PAYLOAD.fullmatch(name):
             _fail(f"payload[{i}] name", f"{name!r} is not a valid payload name")
         if name in payloads:
             _fail(f"payload[{i}] name", f"duplicate payload {name!r}")
@@ -201,6 +207,10 @@ def _check_signature(body: bytes, sig_raw: bytes, trusted_keys, allow_unsigned: 
     if not isinstance(sig, dict) or set(sig) != {"algorithm", "key_id", "signature"} \
             or sig["algorithm"] != "ed25519" or not all(isinstance(v, str) for v in sig.values()):
         _fail("signature", "expected {algorithm: ed25519, key_id, signature}")
+    from .signing import form_problem
+    problem = form_problem(sig)
+    if problem is not None:  # checked even where the signature is not (development mode)
+        _fail("signature", problem)
     if not isinstance(trusted_keys, dict):
         trusted_keys = load_trusted(trusted_keys)
     if not trusted_keys:
@@ -248,7 +258,7 @@ def _text(limit=MAX_TEXT, pattern=None, optional=False):
             _fail(field, f"expected a string, got {type(value).__name__}")
         if len(value) > limit:
             _fail(field, f"longer than {limit} characters")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):  # whole: "$" alone lets a final newline by
             _fail(field, f"{value[:80]!r} is not valid here")
     return check
 
@@ -317,7 +327,7 @@ def _object(spec: dict, optional=()):
 def _target_name(value, field):
     _text(512)(value, field)
     module, sep, qualname = value.partition(":")
-    if not sep or not _MODULE.match(module) or not _QUALNAME.match(qualname):
+    if not sep or not _MODULE.fullmatch(module) or not _QUALNAME.fullmatch(qualname):
         _fail(field, f"{value[:80]!r} is not module:qualname")
 
 

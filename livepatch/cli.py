@@ -31,10 +31,21 @@ class CliError(Exception):
 
 # ---------------------------------------------------------------- output
 
+def printable(text, keep: str = "") -> str:
+    """`text` safe to put on a terminal: control and format characters (ANSI
+    escapes, carriage returns, bidi overrides) and lone surrogates, except
+    those in `keep`, shown as Python escapes. For anything an agent or a
+    bundle said."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in keep else ascii(ch)[1:-1] for ch in text)
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     if not rows:
         return "(none)"
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[printable(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
@@ -45,7 +56,7 @@ def _emit(args, data, human) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
-        print(human(data) if callable(human) else human)
+        print(printable(human(data) if callable(human) else human, keep="\n"))
 
 
 def _problems_text(problems) -> str:
@@ -296,9 +307,9 @@ def main(argv=None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "exit_code": exc.code, **exc.details}, indent=2, default=str))
         else:
-            print(f"livepatch {args.command}: {exc}", file=sys.stderr)
+            print(printable(f"livepatch {args.command}: {exc}"), file=sys.stderr)
             if exc.details.get("problems"):
-                print(_problems_text(exc.details["problems"]), file=sys.stderr)
+                print(printable(_problems_text(exc.details["problems"]), keep="\n"), file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130

@@ -155,7 +155,10 @@ def request(pid: int, op: str, wait: float = 60.0, **fields) -> dict:
     """Send one request; returns the response dict ({"ok": ..., ...})."""
     sock, _ = connect(pid, wait)
     try:
-        protocol.send(sock, {"v": protocol.VERSION, "op": op, **fields})
+        try:
+            protocol.send(sock, {"v": protocol.VERSION, "op": op, **fields})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused from its header (too large, busy): the agent's answer is waiting to be read
         try:
             return protocol.recv(sock)
         except protocol.ProtocolError as exc:

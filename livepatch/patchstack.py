@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import linecache
 import platform
 import sys
@@ -85,6 +86,7 @@ class AppliedPatch:
     parts: dict = field(default_factory=dict)  # module -> ModulePart, kept for imports and reloads
     pending: frozenset = frozenset()  # modules whose part waits for their import
     refused: dict = field(default_factory=dict)  # module -> why its part was refused at import
+    sources: dict = field(default_factory=dict)  # filename -> its linecache entry, there while in effect
 
     @property
     def targets(self) -> list[str]:
@@ -154,6 +156,8 @@ def _rewrite_nested(code, mapping: dict, out: list):
 class Engine:
     #: how long an import waits for a safe point to commit its module's part
     import_timeout = 2.0
+    #: rejected requests recorded in history; later ones are counted only
+    MAX_REJECTIONS = 1000
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -167,6 +171,7 @@ class Engine:
         self._deferred: list = []  # modules executed while this thread held the lock
         self._settle: list = []  # modules that became pending: an import may already be under way
         self._imports = ImportCommits(self)
+        self._rejections = itertools.count()
         forksafe.track(self)
 
     @property
@@ -251,7 +256,8 @@ class Engine:
                 stack = self._stack + [applied]
             # one statement: a fork sees the commit either finished or undone (forksafe)
             self._stack, self._in_flight = stack, None
-            self._register_sources(patch)
+            applied.sources = self._register_sources(patch)
+            self._release_sources(applied.replaced if patch.cumulative else ())
             self._imports.watch()
             self._settle += sorted(pending)
             self._record("apply", patch.id, "ok", "", result=result, pending=result.pending or None)
@@ -495,6 +501,7 @@ class Engine:
             stack = self._stack[:index] + restored + self._stack[index + 1:]
             # one statement: a fork sees the commit either finished or undone (forksafe)
             self._stack, self._in_flight = stack, None
+            self._release_sources([target], back=restored)
             self._imports.watch()
             # parts of the patches a cumulative one replaced whose module was imported meanwhile
             self._settle += sorted({m for p in restored for m in p.pending})
@@ -711,11 +718,40 @@ class Engine:
 
     # --------------------------------------------------------------- reports
     @staticmethod
-    def _register_sources(patch: Patch) -> None:
+    def _register_sources(patch: Patch) -> dict:
+        entries = {}
         for filename, text in (patch.sources or {}).items():
             lines = text.splitlines(keepends=True)
-            # mtime None: linecache.checkcache never evicts it
-            linecache.cache[filename] = (len(text), None, lines, filename)
+            # mtime None: linecache.checkcache never evicts it (_release_sources does)
+            entries[filename] = linecache.cache[filename] = (len(text), None, lines, filename)
+        return entries
+
+    def _release_sources(self, gone, back=()) -> None:
+        """linecache holds the sources of the patches in effect only: those
+        of `gone` that no patch in effect uses leave it (a cumulative patch
+        keeps what it replaced, outside linecache), those of `back` return."""
+        for p in back:
+            linecache.cache.update(p.sources)
+        used = {f for p in self._stack for f in p.sources}
+        for p in gone:
+            for filename, entry in p.sources.items():
+                if filename not in used and linecache.cache.get(filename) is entry:
+                    del linecache.cache[filename]
+
+    def record_rejection(self, action: str, patch_id: str, exc: Exception, **extra) -> None:
+        """A request refused before the engine saw a patch (a bundle that did
+        not verify or load): `"outcome": "rejected"`, handed to listeners on
+        this thread. No engine lock: an apply waiting for a safe point does
+        not hold it up. Past MAX_REJECTIONS they are only counted, so junk
+        sent in a loop cannot grow the history without bound."""
+        count = next(self._rejections)
+        if count == self.MAX_REJECTIONS:
+            self._warnings.append(f"over {self.MAX_REJECTIONS} rejected requests: later ones are not recorded")
+        if count >= self.MAX_REJECTIONS:
+            return
+        self._log.record(action, patch_id, "rejected", str(exc).splitlines()[0][:500] if str(exc) else "",
+                         exc=exc, **extra)
+        self._log.flush()
 
     def status(self) -> dict:
         """Answers at once, also while an apply or rollback waits for a safe

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 
 from .errors import PatchError, Problem
 
 MAX_KEY_FILE = 4096
 MAX_TRUSTED_KEYS = 256
+# One spelling per signature: lower-case hex of the exact length (an Ed25519
+# signature is 64 bytes, a key id 8), nothing around it.
+_SIGNATURE_HEX = re.compile(r"[0-9a-f]{128}")
+_KEY_ID_HEX = re.compile(r"[0-9a-f]{16}")
 
 
 class SignatureError(PatchError):
@@ -119,10 +124,24 @@ def sign(private_key, message: bytes) -> dict:
             "signature": private_key.sign(message).hex()}
 
 
+def form_problem(signature: dict) -> str | None:
+    """Why `signature`'s key_id or signature is not in canonical form (None
+    if both are)."""
+    kid, sig = signature.get("key_id"), signature.get("signature")
+    if not isinstance(kid, str) or not _KEY_ID_HEX.fullmatch(kid):
+        return "key_id must be 16 lower-case hex digits"
+    if not isinstance(sig, str) or not _SIGNATURE_HEX.fullmatch(sig):
+        return "signature must be 128 lower-case hex digits"
+    return None
+
+
 def verify(signature: dict, message: bytes, trusted: dict) -> str:
     """Check `signature` over `message` with one of the trusted keys;
     returns the key id or raises SignatureError."""
     _, _, InvalidSignature = _crypto()
+    problem = form_problem(signature)
+    if problem is not None:
+        raise SignatureError(f"bundle signature is not in canonical form: {problem}", [Problem("signature", "", problem)])
     kid = signature.get("key_id")
     public = trusted.get(kid)
     if public is None:
