@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from . import ordering, protocol
+from . import hangup, ordering, protocol
 
 # An apply or rollback waits this long for another one to finish, then the
 # client gets a clear "busy" answer.
@@ -30,6 +30,7 @@ class Agent:
         self.socket_path = socket_path
         self.started = time.time()
         self._exclusive = threading.Lock()
+        self._doing = None  # the apply or rollback under way, for status
 
     # ------------------------------------------------------------ dispatch
     def handle(self, request: dict, peer) -> dict:
@@ -38,6 +39,7 @@ class Agent:
             return self._error("ProtocolError", f"unsupported protocol version {request.get('v')!r} (agent speaks {protocol.VERSION})")
         if op not in protocol.OPS:
             return self._error("ProtocolError", f"unknown request {str(op)[:40]!r}; known: {', '.join(protocol.OPS)}")
+        _served.peer = peer
         try:
             with ordering.request_context(peer):
                 return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op)(request)}
@@ -67,6 +69,7 @@ class Agent:
             "argv": sys.argv[:8], "trusted_keys": sorted(self.trusted),
             "development_mode_unsigned_bundles": self.allow_unsigned,
             "busy": self._exclusive.locked(),
+            "in_progress": dict(self._doing) if self._doing else None,
         }
         baselines = [p["metadata"].get("baseline") for p in status["applied"] if p["metadata"].get("baseline")]
         status["baseline"] = baselines[-1] if baselines else None
@@ -82,26 +85,31 @@ class Agent:
 
     def op_assess(self, request):
         import livepatch
+        from livepatch.busynow import verdict
         out = []
         for i, blob in enumerate(_list(request, "bundles")):
             try:
-                patch = self._patch(blob, f"bundles[{i}]")
+                patch = self._patch(blob, f"bundles[{i}]", action="assess")
             except Exception as exc:
                 out.append(_refusal(exc))
                 continue
-            out.append(ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self))
+            out.append(verdict(ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self)))
         return out
 
     def op_apply(self, request):
         import livepatch
-        patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True)
+        from livepatch.busynow import verdict
+        patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True,
+                                          action="assess" if request.get("dry_run") else "apply")
         timeout, force = _timeout(request), bool(request.get("force", False))
         if request.get("dry_run"):
-            return {"dry_run": True, **ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self)}
-        with self._exclusively(), ordering.recorded(livepatch.engine, "apply"):
+            return {"dry_run": True, **verdict(ordering.assess(patch, request, livepatch.engine.assess(patch), agent=self),
+                                               force)}
+        cancelled = hangup.cancelled()
+        with self._exclusively("apply", patch.id, timeout, cancelled), ordering.recorded(livepatch.engine, "apply"):
             ordering.check_apply(self, patch, request)
             started = time.perf_counter_ns()
-            result = livepatch.engine.apply(patch, timeout=timeout, force=force)
+            result = livepatch.engine.apply(patch, timeout=timeout, force=force, cancelled=cancelled)
             from .state import on_applied
             on_applied(self, data, bundle)
         return {"patch_id": result.patch_id, "pause_ns": result.pause_ns, "attempts": result.attempts,
@@ -112,48 +120,87 @@ class Agent:
     def op_rollback(self, request):
         import livepatch
         timeout, force = _timeout(request), bool(request.get("force", False))
-        with self._exclusively(), ordering.recorded(livepatch.engine, "rollback"):
+        cancelled = hangup.cancelled()
+        patch_id = request.get("patch_id")
+        from livepatch.bundle import valid_id
+        if patch_id is not None and not valid_id(patch_id):
+            # never stored or echoed: what is refused here could be escapes or lone surrogates
+            raise _RequestError("BadRequest", "patch_id must be a patch id (letters, digits, '.', '_', '-'; "
+                                              "at most 128 characters)")
+        what = "every patch" if request.get("all") else patch_id or "the latest patch"
+        with self._exclusively("rollback", what, timeout, cancelled), ordering.recorded(livepatch.engine, "rollback"):
             ordering.check_rollback(self, request)
             if request.get("all"):
-                results = livepatch.engine.rollback_all(timeout=timeout, force=force)
+                results = livepatch.engine.rollback_all(timeout=timeout, force=force, cancelled=cancelled)
             else:
-                patch_id = request.get("patch_id")
-                if patch_id is not None and not isinstance(patch_id, str):
-                    raise _RequestError("BadRequest", "patch_id must be a string")
-                results = [livepatch.engine.rollback(patch_id, timeout=timeout, force=force)]
+                results = [livepatch.engine.rollback(patch_id, timeout=timeout, force=force, cancelled=cancelled)]
             from .state import on_rolled_back
             on_rolled_back(self, [r.patch_id for r in results])
         return [{"patch_id": r.patch_id, "pause_ns": r.pause_ns, "attempts": r.attempts,
                  "functions": r.functions, "targets": r.targets} for r in results]
 
     # ------------------------------------------------------------ helpers
-    def _patch(self, blob, field, raw=False):
-        """The verified Patch; with `raw`, (patch, bundle bytes, verified Bundle)."""
+    def _patch(self, blob, field, raw=False, action="apply"):
+        """The verified Patch; with `raw`, (patch, bundle bytes, verified
+        Bundle). A bundle refused here is recorded in the history."""
         from livepatch.bundle import read, to_patch
-        if not isinstance(blob, str):
-            raise _RequestError("BadRequest", f"{field} must be a base64 string")
+        data = bundle = None
         try:
-            data = base64.b64decode(blob, validate=True)
-        except (binascii.Error, ValueError):
-            raise _RequestError("BadRequest", f"{field} is not valid base64") from None
-        bundle = read(data, self.trusted, allow_unsigned=self.allow_unsigned)
-        patch = to_patch(bundle)
+            if not isinstance(blob, str):
+                raise _RequestError("BadRequest", f"{field} must be a base64 string")
+            try:
+                data = base64.b64decode(blob, validate=True)
+            except (binascii.Error, ValueError):
+                raise _RequestError("BadRequest", f"{field} is not valid base64") from None
+            bundle = read(data, self.trusted, allow_unsigned=self.allow_unsigned)
+            patch = to_patch(bundle)
+        except Exception as exc:
+            _record_rejection(action, field, data, bundle, exc)
+            raise
         return (patch, data, bundle) if raw else patch
 
     @contextlib.contextmanager
-    def _exclusively(self):
-        if not self._exclusive.acquire(timeout=EXCLUSIVE_WAIT):
-            raise _RequestError("Busy", f"another apply or rollback has been running for over {EXCLUSIVE_WAIT:g}s; retry later")
+    def _exclusively(self, action: str, what: str, timeout: float, cancelled=None):
+        """One apply or rollback at a time; waiting for another one ends
+        early if this request's client goes away (see agent/hangup.py)."""
+        deadline = time.monotonic() + EXCLUSIVE_WAIT
+        while not self._exclusive.acquire(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+            if cancelled is not None and cancelled():
+                from livepatch.errors import Cancelled
+                raise Cancelled(f"{action} of {what!r} cancelled by its client while another one ran; nothing was changed")
+            if time.monotonic() >= deadline:
+                raise _RequestError("Busy", f"another apply or rollback has been running for over {EXCLUSIVE_WAIT:g}s; retry later")
+        peer = getattr(_served, "peer", None)
+        self._doing = {"action": action, "patch": what, "timeout": timeout, "client_pid": peer[0] if peer else None,
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             yield
         finally:
+            self._doing = None
             self._exclusive.release()
+
+
+_served = threading.local()  # the peer (pid, uid, gid) of the request this thread serves
 
 
 class _RequestError(Exception):
     def __init__(self, kind, message, details=None):
         super().__init__(message)
         self.kind, self.details = kind, details or {}
+
+
+def _record_rejection(action, field, data, bundle, exc) -> None:
+    """What identifies a rejected bundle, never its contents: its digest and
+    size, and its id only once its signature has vouched for it."""
+    import hashlib
+
+    import livepatch
+    extra = {"field": field, "peer": ordering.record_fields().get("peer")}
+    if data is not None:
+        extra.update(bundle_sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    if isinstance(exc, _RequestError):
+        extra["error"] = exc.kind
+    livepatch.engine.record_rejection(action, bundle.id if bundle is not None else "", exc, **extra)
 
 
 def _list(request, key):

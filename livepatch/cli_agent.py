@@ -49,10 +49,18 @@ class Progress:
                 sys.stderr.flush()
 
 
-def _call(pid: int, op: str, wait: float = 60.0, **fields):
+EXIT_INTERRUPTED = 130
+
+
+def _call(pid: int, op: str, wait: float = 60.0, cancellable: bool = False, **fields):
+    """One request; with `cancellable`, Ctrl-C cancels it in the agent
+    (livepatch/cancel.py) and this says what became of it."""
+    from .cancel import Interrupted, request as cancellable_request
     from .client import AgentUnavailable, request
     try:
-        response = request(pid, op, wait=wait, **fields)
+        response = (cancellable_request if cancellable else request)(pid, op, wait=wait, **fields)
+    except Interrupted as exc:
+        raise interrupted(op, pid, exc.response) from None
     except AgentUnavailable as exc:
         raise CliError(str(exc), EXIT_NO_AGENT) from None
     except TimeoutError:
@@ -65,6 +73,23 @@ def _call(pid: int, op: str, wait: float = 60.0, **fields):
             EXIT_REFUSED if kind in _REFUSALS else EXIT_ERROR
         raise CliError(f"{kind}: {error.get('message', '')}", code, error)
     return response["result"]
+
+
+def interrupted(op: str, pid: int, response) -> CliError:
+    """What to say after Ctrl-C, from the agent's answer to the hang-up."""
+    from .cancel import CONFIRM_WAIT, was_cancelled
+    if response is None:
+        text = (f"interrupted; process {pid} did not confirm the cancel within {CONFIRM_WAIT:g}s: "
+                f"see `livepatch status {pid}` and `livepatch history {pid}`")
+    elif was_cancelled(response):
+        text = f"cancelled; nothing was changed in process {pid}"
+    elif response.get("ok"):
+        done = "applied" if op == "apply" else "rolled back"
+        text = f"interrupted too late: the {op} was {done} in process {pid} before the cancel arrived"
+    else:
+        error = response.get("error") or {}
+        text = f"interrupted; process {pid} answered {error.get('error')}: {error.get('message', '')}; nothing was changed"
+    return CliError(text, EXIT_INTERRUPTED, {"interrupted": True, "response": response})
 
 
 _REFUSALS = {"BaselineMismatch", "IncompatibleChange", "TargetBusy", "TargetNotFound", "RollbackRefused",
@@ -122,7 +147,13 @@ def cmd_status(args):
         lines = [f"process {a['pid']} ({a['name']}), Python {s['python']['version']}, agent {a['version']} on {a['socket']}",
                  f"trusted keys: {', '.join(a['trusted_keys']) or 'none'}"
                  + ("; DEVELOPMENT MODE: unsigned bundles accepted" if a["development_mode_unsigned_bundles"] else ""),
-                 f"state: {'FORCED' if s['forced'] else 'normal'}", ""]
+                 f"state: {'FORCED' if s['forced'] else 'normal'}"]
+        doing = a.get("in_progress") or s.get("in_progress")
+        if doing:
+            lines.append(f"in progress: {doing.get('action')} of {doing.get('patch')} since {doing.get('since')}, "
+                         f"waiting for a safe point (up to {doing.get('timeout', 0):g}s)"
+                         + (f", for process {doing['client_pid']}" if doing.get("client_pid") else ""))
+        lines.append("")
         rows = [{"id": p["id"], "applied": p["applied_at"], "targets": len(p["targets"]), "pause": _ns(p["pause_ns"]),
                  "attempts": p["attempts"], "forced": p["forced"], "old frames": p["frames_on_old_code"],
                  "class": p["metadata"].get("classification", "-")} for p in s["applied"]]
@@ -161,10 +192,18 @@ def cmd_assess(args):
         for r in rs:
             if r.get("problems"):
                 lines.append(f"{r['bundle']}:\n{_problems_text(r['problems'])}")
+            held = busy_sentence(r)
+            if held:
+                lines.append(f"{r['bundle']}: {r['verdict']}, but {held}")
         return "\n".join(lines)
     _emit(args, results, human)
-    if any(r["verdict"] == "refused" for r in results):
+    if any(r["verdict"] in ("refused", "blocked") for r in results):
         raise SystemExit(EXIT_REFUSED)
+
+
+def busy_sentence(r: dict, timeout: float | None = None) -> str:
+    from .busynow import sentence
+    return sentence(r.get("patch_id") or "?", r.get("busy_now"), timeout)
 
 
 def cmd_apply(args):
@@ -175,14 +214,18 @@ def cmd_apply(args):
     blob = encode_bundle(read_bundle_bytes(args.bundle))
     started = time.perf_counter()
     with Progress(f"waiting for a safe point in process {args.pid} (up to {args.timeout:g}s)...", not args.json):
-        result = _call(args.pid, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
+        result = _call(args.pid, "apply", wait=args.timeout + 60, cancellable=True, bundle=blob, timeout=args.timeout,
                        force=args.force, dry_run=args.dry_run, **order_fields(args))
     result["wall_ms"] = round((time.perf_counter() - started) * 1000, 1)
 
     def human(r):
         if r.get("dry_run"):
+            held = busy_sentence(r, args.timeout)
             if r["verdict"] == "applies":
-                return f"dry run: {r['patch_id']} would apply now ({len(r['targets'])} targets, {r['functions']} functions)"
+                return (f"dry run: {r['patch_id']} would apply now ({len(r['targets'])} targets, {r['functions']} functions)"
+                        + (f"\nbut {held}" if held else ""))
+            if r["verdict"] == "blocked":
+                return f"dry run: {r['patch_id']} is blocked: {held}"
             return f"dry run: {r['patch_id']} {r['verdict']}\n{_problems_text(r.get('problems', []))}"
         lines = [f"applied {r['patch_id']} to process {args.pid}: {len(r['targets'])} targets, {r['functions']} functions",
                  f"commit pause {_ns(r['pause_ns'])} after {r['attempts']} attempt(s); whole apply {r['wall_ms']} ms"
@@ -192,7 +235,7 @@ def cmd_apply(args):
             lines.append(f"WARNING: other threads ran during the commit: {r['interrupted_by']}")
         return "\n".join(lines)
     _emit(args, result, human)
-    if result.get("dry_run") and result["verdict"] == "refused":
+    if result.get("dry_run") and result["verdict"] in ("refused", "blocked"):
         raise SystemExit(EXIT_REFUSED)
 
 
@@ -207,7 +250,7 @@ def cmd_rollback(args):
         fields["patch_id"] = args.patch_id
     fields.update(order_fields(args))
     with Progress(f"waiting for a safe point in process {args.pid}...", not args.json):
-        results = _call(args.pid, "rollback", wait=args.timeout + 60, **fields)
+        results = _call(args.pid, "rollback", wait=args.timeout + 60, cancellable=True, **fields)
     _emit(args, results, lambda rs: "\n".join(
         f"rolled back {r['patch_id']} in process {args.pid}: {r['functions']} functions, pause {_ns(r['pause_ns'])}, "
         f"{r['attempts']} attempt(s)" for r in rs) or "nothing to roll back")
