@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 
-from . import protocol, runtime_dir
+from . import hangup, protocol, runtime_dir
 
 REQUEST_DEADLINE = 10.0
 IDLE_LIMIT = 10.0
@@ -371,7 +371,8 @@ class Server:
                 response, close_after = _error("ProtocolError", str(exc)), True
             else:
                 del body
-                response = self.handle(request, conn.peer)
+                with hangup.watching(conn.sock):  # an apply or rollback is cancelled if the client goes
+                    response = self.handle(request, conn.peer)
                 del request
             try:
                 frame = protocol.encode(response)
