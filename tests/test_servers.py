@@ -10,13 +10,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
 from servers_harness import (BENIGN, EXPLOIT, FIXED, SERVERS, VULNERABLE, Keys, Load, Servers, cli, cli_json,
-                             free_port, get, history_events, process_status)
+                             env, free_port, get, history_events, process_status)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pre-fork servers on Linux")
 
@@ -52,8 +53,36 @@ def gunicorn(port, *options, app="shop.wsgi:app"):
     return ["gunicorn", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "3", *NO_CONTROL_SOCKET, *options, app]
 
 
+def _uvicorn_has(parameter):
+    import inspect
+    from uvicorn.config import Config
+    return parameter in inspect.signature(Config).parameters
+
+
+# on a loaded machine a freshly spawned worker can take longer than uvicorn's
+# default 5 s to report ready, and uvicorn then kills it and aborts a restart
+SLOW_START = ["--timeout-worker-healthcheck", "30"] if _uvicorn_has("timeout_worker_healthcheck") else []
+
+
+def uvicorn(port, *options, app="shop.asgi:app"):
+    return ["uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *SLOW_START, *options, app]
+
+
 def locations(replies):
     return sorted({r.location for r in replies})
+
+
+def served(replies, expected):
+    """Assert that every reply redirected to `expected`; say which processes did not."""
+    wrong = [r for r in replies if r.location != expected]
+    if wrong:
+        culprits = {r.pid for r in wrong}
+        try:
+            events = [e for e in history_events("shop") if e.get("pid") in culprits]
+        except AssertionError as exc:
+            events = [str(exc)]
+        raise AssertionError(f"{len(wrong)} of {len(replies)} replies not {expected!r}, from {sorted(culprits)} "
+                             f"(first at {wrong[0].started:.2f}); their history: {events}")
 
 
 def pids(replies):
@@ -75,19 +104,19 @@ def test_gunicorn_gthread(servers, bundle):
     srv = servers.start(gunicorn(port, "--workers", "2", "--worker-class", "gthread", "--threads", "4"), port=port)
     srv.wait_ready()
     srv.wait_agents(3)
-    with Load(port, threads=3) as load:
+    with Load(port, threads=3, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
         report = apply("shop", bundle)
         applied = time.monotonic()
         assert report["serving"] == 2 and report["serving_patched"] == 2, report["summary"]
         load.wait_for(lambda: len(load.since(applied)) >= 50)
-        assert locations(load.since(applied)) == [FIXED]
+        served(load.since(applied), FIXED)
         assert len(pids(load.since(applied))) == 2  # both workers serve, both fixed
         rollback("shop")
         rolled = time.monotonic()
         load.wait_for(lambda: len(load.since(rolled)) >= 20)
-        assert locations(load.since(rolled)) == [VULNERABLE]
-    assert not load.failures, load.failures[:5]
+        served(load.since(rolled), VULNERABLE)
+    assert not load.failures, (load.failures[:5], srv.log())
 
 
 def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(servers, bundle):
@@ -95,7 +124,7 @@ def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(ser
     srv = servers.start(gunicorn(port, "--workers", "2", "--preload"), port=port)
     srv.wait_ready()
     srv.wait_agents(3)
-    with Load(port) as load:
+    with Load(port, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
         report = apply("shop", bundle)
         applied = time.monotonic()
@@ -112,33 +141,43 @@ def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(ser
         os.kill(victim, signal.SIGTERM)
         stopped = time.monotonic()
         load.wait_for(lambda: pids(load.since(stopped)) - set(roles), timeout=60, what="a new worker serving")
-        assert locations(load.since(applied)) == [FIXED]
-    assert not load.failures, load.failures[:5]
+        served(load.since(applied), FIXED)
+    assert not load.failures, (load.failures[:5], srv.log())
 
 
 # ---------------------------------------------------------------- uvicorn
 
-def test_uvicorn_spawned_workers(servers, bundle):
+def test_uvicorn_spawned_workers_and_the_ones_it_restarts(servers, bundle):
     port = free_port()
-    srv = servers.start(["uvicorn", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-                         "--no-access-log", "shop.asgi:app"], port=port)
+    srv = servers.start(uvicorn(port, "--workers", "2"), port=port)
     srv.wait_ready()
-    srv.wait_agents(3)
-    with Load(port) as load:
+    with Load(port, log=srv.log) as load:
         load.wait_for(lambda: len(pids(load.since(0))) == 2, what="both workers serving")
-        assert locations(load.since(0)) == [VULNERABLE]
+        served(load.since(0), VULNERABLE)
         workers = pids(load.since(0))
+        srv.wait_agents(3)
         report = apply("shop", bundle)
         applied = time.monotonic()
         outcome = {p["pid"]: p["outcome"] for p in report["processes"]}
         assert all(outcome[w] == "patched" for w in workers), report["processes"]
         load.wait_for(lambda: len(pids(load.since(applied))) == 2 and len(load.since(applied)) >= 40)
-        assert locations(load.since(applied)) == [FIXED]
+        served(load.since(applied), FIXED)
+
+        # SIGHUP: uvicorn replaces its workers with freshly spawned interpreters,
+        # which re-apply the recorded fix as they import the app
+        os.kill(srv.pid, signal.SIGHUP)
+        load.wait_for(lambda: len(pids(load.since(applied)) - workers) == 2, timeout=60, what="two new workers")
+        served(load.since(applied), FIXED)
+
         rollback("shop")
         rolled = time.monotonic()
         load.wait_for(lambda: len(pids(load.since(rolled))) == 2 and len(load.since(rolled)) >= 40)
-        assert locations(load.since(rolled)) == [VULNERABLE]
-    assert not load.failures, load.failures[:5]
+        served(load.since(rolled), VULNERABLE)
+        restarted = pids(load.since(rolled))
+        os.kill(srv.pid, signal.SIGHUP)  # and after the rollback, new workers stay on the release
+        load.wait_for(lambda: len(pids(load.since(rolled)) - restarted) == 2, timeout=60, what="two new workers")
+        served(load.since(rolled), VULNERABLE)
+    assert not load.failures, (load.failures[:5], srv.log())
 
 
 # ---------------------------------------------------------------- Django
@@ -177,22 +216,22 @@ def test_multiprocessing_pool_workers_run_the_patched_function(servers, bundle, 
     srv = servers.start([sys.executable, "-m", "shop.jobs", "--context", context, "--workers", "2",
                          "--max-tasks", "5", "--port", str(port)], port=port)
     srv.wait_ready()
-    with Load(port, threads=2) as load:
+    with Load(port, threads=2, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
-        assert locations(load.since(0)) == [VULNERABLE]
+        served(load.since(0), VULNERABLE)
         before = set(srv.processes())
         apply("shop", bundle)
         applied = time.monotonic()
         # --max-tasks 5: the pool replaces its workers; the new ones run the fix too
         load.wait_for(lambda: len(pids(load.since(applied)) - before) >= 4, timeout=90,
                       what="4 pool workers started after the apply")
-        assert locations(load.since(applied)) == [FIXED]
+        served(load.since(applied), FIXED)
         rollback("shop")
         rolled = time.monotonic()
         after = set(srv.processes())
         load.wait_for(lambda: len(pids(load.since(rolled)) - after) >= 2, timeout=90)
-        assert locations(load.since(rolled)) == [VULNERABLE]
-    assert not load.failures, load.failures[:5]
+        served(load.since(rolled), VULNERABLE)
+    assert not load.failures, (load.failures[:5], srv.log())
 
 
 # ---------------------------------------------------------------- os.fork
@@ -210,46 +249,32 @@ def answer():
 '''
 
 
-def test_plain_fork_during_an_apply_leaves_a_usable_child(servers, keys, tmp_path):
+def _forker(servers, keys, tmp_path, *options):
     base, new, out = tmp_path / "base", tmp_path / "new", tmp_path / "out"
     for d in (base, new, out):
-        d.mkdir()
+        d.mkdir(parents=True)
     (base / "held.py").write_text(HELD.format(nap=0.05, answer="old"))
     (new / "held.py").write_text(HELD.format(nap=0.02, answer="new"))
     held = keys.build(tmp_path / "held.lpb", baseline=base, patched=new, patch_id="HP-HELD-1")
     program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "servers_forker.py")
-    srv = servers.start([sys.executable, program, str(out)], name="forker", extra_env={"PYTHONPATH": str(base)})
+    srv = servers.start([sys.executable, program, str(out), *options], name="forker", state_dir=tmp_path / "state",
+                        extra_env={"PYTHONPATH": str(base)})
     deadline = time.monotonic() + 30
     while not (out / "ready").exists():
         assert srv.proc.poll() is None and time.monotonic() < deadline, srv.log()
         time.sleep(0.05)
     srv.wait_agents(1)
-    # held.hold never leaves its thread's stack: the apply waits for a safe point until its timeout
-    import subprocess
-    from servers_harness import env
-    applying = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", str(srv.pid), held, "--timeout", "4"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    try:
-        time.sleep(1.0)
-        (out / "fork").touch()  # the service forks every 0.3 s from now on
-        window = (time.monotonic(), None)
-        stdout, stderr = applying.communicate(timeout=60)
-        window = (window[0], time.monotonic())
-    finally:
-        if applying.poll() is None:
-            applying.kill()
-        (out / "fork").unlink(missing_ok=True)
-    assert applying.returncode == 3 and "TargetBusy" in stderr, (applying.returncode, stderr)
-    time.sleep(1.0)
-    children = [json.loads(p.read_text()) for p in sorted(out.glob("child-*.json"))]
-    during = [c for c in children if window[0] <= c["forked_at"] <= window[1] - 0.5]
-    assert len(during) >= 3, children
-    for c in during:
-        assert c["gc_enabled"] and c["applied"] == [] and c["answer"] == "old"
-        assert process_status(c["pid"])["agent"]["pid"] == c["pid"]
-    # the child is usable: the patch applies there (its holding thread did not survive the fork)
-    child = during[0]["pid"]
-    r = cli("apply", child, held, "--timeout", "5")
+    return srv, held, out
+
+
+def _children(out):
+    return [json.loads(p.read_text()) for p in sorted(out.glob("child-*.json"))]
+
+
+def _usable(child, held, out):
+    """The child's agent answers, and a patch applies there and runs."""
+    assert process_status(child)["agent"]["pid"] == child
+    r = cli("apply", child, held, "--timeout", "5", timeout=30)
     assert r.returncode == 0, r.stderr
     report = out / f"child-{child}.json"
     deadline = time.monotonic() + 10
@@ -257,6 +282,33 @@ def test_plain_fork_during_an_apply_leaves_a_usable_child(servers, keys, tmp_pat
         assert time.monotonic() < deadline, report.read_text()
         time.sleep(0.1)
     assert json.loads(report.read_text())["applied"] == ["HP-HELD-1"]
+
+
+def test_plain_fork_during_an_apply_leaves_a_usable_child(servers, keys, tmp_path):
+    srv, held, out = _forker(servers, keys, tmp_path)
+    # held.hold never leaves its thread's stack: the apply waits for a safe point until its timeout
+    applying = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", str(srv.pid), held, "--timeout", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        time.sleep(1.0)
+        (out / "fork").touch()  # the service forks every 0.3 s from now on
+        opened = time.monotonic()
+        _, stderr = applying.communicate(timeout=60)
+        closed = time.monotonic()
+    finally:
+        if applying.poll() is None:
+            applying.kill()
+            applying.wait()
+        (out / "fork").unlink(missing_ok=True)
+    assert applying.returncode == 3 and "TargetBusy" in stderr, (applying.returncode, stderr)
+    time.sleep(1.0)
+    during = [c for c in _children(out) if opened <= c["forked_at"] <= closed - 0.5]
+    assert len(during) >= 3, _children(out)
+    for c in during:
+        assert c["gc_enabled"] and c["applied"] == [] and c["answer"] == "old", c
+        assert process_status(c["pid"])["agent"]["pid"] == c["pid"]
+    # usable: the patch applies in a child (its holding thread did not survive the fork)
+    _usable(during[0]["pid"], held, out)
 
 
 # ---------------------------------------------------------------- restarts
@@ -292,10 +344,10 @@ def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_re
     srv, port = start()  # same release: the recorded fix re-applies as the workers import the app
     first = srv.wait_ready(EXPLOIT)
     assert first.status == 302 and first.location == FIXED
-    with Load(port) as load:
+    with Load(port, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 20)
-        assert locations(load.since(0)) == [FIXED]
-    assert not load.failures
+        served(load.since(0), FIXED)
+    assert not load.failures, (load.failures[:5], srv.log())
     assert [p["id"] for p in process_status(first.pid)["applied"]] == ["HP-SHOP-1"]
     reapplied = {e["pid"] for e in history_events("shop") if e["action"] in ("reapply", "import")
                  and e["outcome"] == "ok" and e["patch"] == "HP-SHOP-1"}
