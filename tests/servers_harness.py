@@ -129,8 +129,8 @@ class Load:
     fast as they are answered. Every reply is kept; an exception or a 5xx is
     a failed request."""
 
-    def __init__(self, port, threads=2, paths=(EXPLOIT, BENIGN)):
-        self.port, self.paths = port, paths
+    def __init__(self, port, threads=2, paths=(EXPLOIT, BENIGN), log=lambda: ""):
+        self.port, self.paths, self.log = port, paths, log
         self.replies: list[tuple[str, Reply]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -143,10 +143,10 @@ class Load:
                 try:
                     reply = get(self.port, path)
                 except Exception as exc:  # every failed request counts
-                    self.failures.append(f"{time.monotonic() - started:.2f}s {path}: {exc!r}")
+                    self.failures.append(f"at {started:.2f} after {time.monotonic() - started:.2f}s {path}: {exc!r}")
                     continue
                 if reply.status >= 500:
-                    self.failures.append(f"{path}: HTTP {reply.status} {reply.body}")
+                    self.failures.append(f"at {started:.2f} {path}: HTTP {reply.status} {reply.body}")
                 else:
                     self.replies.append((path, reply))
 
@@ -171,7 +171,7 @@ class Load:
     def wait_for(self, predicate, timeout=60.0, what="the load"):
         deadline = time.monotonic() + timeout
         while not predicate():
-            assert not self.failures, self.failures[:5]
+            assert not self.failures, (self.failures[:5], self.log())
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.05)
 
