@@ -77,8 +77,9 @@ def request(pid: int, op: str, wait: float = 60.0, group: Group | None = None, *
     try:
         try:
             protocol.send(sock, {"v": protocol.VERSION, "op": op, **fields})
-        except KeyboardInterrupt:
-            raise Interrupted(pid, None) from None  # the request never arrived whole: nothing to cancel
+        except KeyboardInterrupt:  # the request never arrived whole: the agent handles nothing
+            raise Interrupted(pid, {"ok": False, "error": {"error": "Cancelled",
+                                                           "message": "interrupted before the request was sent"}}) from None
         except OSError:
             if group is not None and group.cancelling:
                 return {"ok": False, "error": {"error": "Cancelled", "message": "cancelled before it was sent"}}

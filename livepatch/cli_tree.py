@@ -22,6 +22,7 @@ VERIFY_ERRORS = ("BundleError", "SignatureError")
 # outcomes that leave the patch in effect in a process, and those plus waiting for an import
 PATCHED = ("patched", "already applied", "inherited", "re-applied")
 IN_EFFECT = (*PATCHED, "pending")
+EXIT_INTERRUPTED = 130  # Ctrl-C, as for any command
 
 
 def find(args) -> tree.Service:
@@ -49,6 +50,15 @@ def _gone(pid: int) -> bool:
 
 # ---------------------------------------------------------------- ps / status / history
 
+def _doing(m: tree.Member) -> str:
+    """' (applying X)' while the process waits for a safe point for an apply or rollback."""
+    doing = ((m.status or {}).get("agent") or {}).get("in_progress") or (m.status or {}).get("in_progress")
+    if not doing:
+        return ""
+    verb = {"apply": "applying", "rollback": "rolling back", "import": "patching on import"}.get(doing.get("action"), "busy with")
+    return f" ({verb} {doing.get('patch')})"
+
+
 def ps(args):
     services = tree.everything()
     rows = [{"service": s.label, **m.row()} for s in services for m in s.members]
@@ -61,7 +71,7 @@ def ps(args):
                          f"{workers} serving")
             cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role, "python": m.row()["python"] or "?",
                       "patches": ",".join(m.applied) or "-",
-                      "state": m.state + (f" ({', '.join(m.pending)})" if m.pending else "")
+                      "state": m.state + (f" ({', '.join(m.pending)})" if m.pending else "") + _doing(m)
                       + (" (dev: unsigned allowed)" if m.row()["development_mode_unsigned_bundles"] else ""),
                       "command": m.command[:60]} for m in s.members]
             lines += ["  " + line for line in table(cells, ["pid", "role", "python", "patches", "state", "command"]).splitlines()]
@@ -78,7 +88,7 @@ def status(args):
     def human(d):
         lines = [f"service {svc.label}: {len(svc.members)} processes, {len(svc.workers)} serving"]
         cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role + (" (serves)" if m.serves else ""),
-                  "state": m.state, "patches": ",".join(m.applied) or "-",
+                  "state": m.state + _doing(m), "patches": ",".join(m.applied) or "-",
                   "pending": ",".join(m.pending) or "-", "python": m.row()["python"] or "?",
                   "baseline": " ".join(str(v) for v in (m.row()["baseline"] or {}).values()) or "-"} for m in svc.members]
         lines.append(table(cells, ["pid", "role", "state", "patches", "pending", "python", "baseline"]))
@@ -214,10 +224,15 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
     keeps each one's undo token (it lets this client roll that application
     back without an authorisation)."""
     done = []
-    outcomes = fanout.request_all(pids, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
-                                  force=args.force, **_order_fields(args))
+    try:
+        outcomes, interrupted = fanout.request_all(pids, "apply", wait=args.timeout + 60, bundle=blob, timeout=args.timeout,
+                                                   force=args.force, **_order_fields(args)), False
+    except fanout.Interrupted as exc:
+        outcomes, interrupted = exc.outcomes, True
     for pid, o in outcomes.items():
-        if o.ok:
+        if o.error == fanout.CANCELLED:
+            rep.procs[pid].update(outcome="cancelled", detail="cancelled (Ctrl-C) before any store")
+        elif o.ok:
             r = o.result
             if r.get("undo_token"):
                 tokens[pid] = r["undo_token"]
@@ -228,7 +243,34 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
             done.append(pid)
         else:
             rep.from_outcome(o)
+    if interrupted:
+        raise _Cancelled(done)
     return done
+
+
+class _Cancelled(Exception):
+    """Ctrl-C during the commit phase; `done` committed before the cancel arrived."""
+
+    def __init__(self, done):
+        super().__init__("cancelled")
+        self.done = done
+
+
+def _cancelled(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens, finish, name):
+    """After Ctrl-C in the commit phase: undo what committed first, then say
+    whether anything is left changed (exit 130 either way)."""
+    undone = _back_out(rep, svc, committed, patch_id, args, tokens, "the apply was cancelled (Ctrl-C)") if committed else True
+    unknown = [pid for pid, r in rep.procs.items() if r["outcome"] == "failed" and r.get("error") == fanout.TIMEOUT]
+    if not undone:
+        summary = (f"cancelled, but NOT fully rolled back: {len(rep.with_outcome('rollback failed'))} processes still run "
+                   "the patch. " + _summary(rep.counts()))
+    elif unknown:
+        summary = (f"cancelled; {len(unknown)} processes did not confirm the cancel "
+                   f"({', '.join(map(str, unknown))}): see `livepatch status`")
+    else:
+        summary = f"cancelled; nothing was changed in service {svc.label}" + (
+            f" (the {len(committed)} processes that had committed first were rolled back)" if committed else "")
+    finish(EXIT_INTERRUPTED, f"{name} on service {svc.label}: cancelled", summary)
 
 
 def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict, how: str = "committed") -> bool:
@@ -279,7 +321,11 @@ def apply(args):
     # phase 1: verify and check everywhere, changing nothing
     patch_id, ready = None, []
     tokens: dict[int, str] = {}
-    for pid, o in fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob], **_order_fields(args)).items():
+    try:
+        assessed = fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob], **_order_fields(args))
+    except KeyboardInterrupt:
+        raise CliError("interrupted while checking the service; nothing was changed", EXIT_INTERRUPTED) from None
+    for pid, o in assessed.items():
         if not o.ok:
             rep.from_outcome(o)
             continue
@@ -321,8 +367,11 @@ def apply(args):
                f"refused by {len(blockers)} of {len(svc.members)} processes; nothing was changed. " + _summary(rep.counts()))
         return
 
-    # phase 2: commit everywhere at once
-    committed = _commit(rep, ready, blob, args, tokens)
+    # phase 2: commit everywhere at once (Ctrl-C cancels it everywhere)
+    try:
+        committed = _commit(rep, ready, blob, args, tokens)
+    except _Cancelled as exc:
+        return _cancelled(rep, svc, exc.done, patch_id, args, tokens, finish, name)
     failed = rep.with_outcome("refused", "failed")
     failed_now = [p for p in failed if p not in blockers]
     if failed_now and not args.keep_going:
@@ -359,7 +408,10 @@ def apply(args):
         else:
             fresh.append(m.pid)
     if fresh:
-        more = _commit(rep, fresh, blob, args, tokens)
+        try:
+            more = _commit(rep, fresh, blob, args, tokens)
+        except _Cancelled as exc:
+            return _cancelled(rep, svc, committed + exc.done, patch_id, args, tokens, finish, name)
         committed += more
         failed_new = [p for p in fresh if p not in more and rep.procs[p]["outcome"] in ("refused", "failed")]
         if failed_new and not args.keep_going:
@@ -410,10 +462,21 @@ def rollback(args):
     fields = {"all": True} if args.all else {"patch_id": args.patch_id} if args.patch_id else {}
     fields.update(_order_fields(args))
 
+    interrupted = []
+
     def run(pids):
-        outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, timeout=args.timeout, force=args.force, **fields)
+        if interrupted:
+            return
+        try:
+            outcomes = fanout.request_all(pids, "rollback", wait=args.timeout + 60, timeout=args.timeout,
+                                          force=args.force, **fields)
+        except fanout.Interrupted as exc:
+            outcomes = exc.outcomes
+            interrupted.append(True)
         for pid, o in outcomes.items():
-            if o.ok:
+            if o.error == fanout.CANCELLED:
+                rep.procs[pid].update(outcome="cancelled", detail="cancelled (Ctrl-C) before any store")
+            elif o.ok:
                 rep.procs[pid].update(outcome="rolled back", rolled_back=[r["patch_id"] for r in o.result],
                                       detail=", ".join(f"{r['patch_id']}" + (f" (pause {_ns(r['pause_ns'])})" if r.get("functions") else "")
                                                        for r in o.result))
@@ -434,6 +497,11 @@ def rollback(args):
     summary = (f"rolled back {what} in {len(done)} processes; {serving_clean} of {len(serving)} serving processes "
                f"no longer run it" + (f"; failed in {len(failed)}" if failed else ""))
     code = 0 if not failed else EXIT_PARTIAL if done else EXIT_REFUSED
+    if interrupted:
+        code = EXIT_INTERRUPTED
+        summary = (f"cancelled; nothing was changed in service {svc.label}" if not done and not failed else
+                   f"cancelled after it had rolled back {what} in {len(done)} processes") + (
+                       f"; failed or unconfirmed in {len(failed)}" if failed else "")
     out = {"service": svc.label, "exit_code": code, "wall_ms": round((time.perf_counter() - started) * 1000, 1),
            "processes": [{k: v for k, v in r.items() if k != "depth"} for r in rep.ordered()], "summary": summary}
     _emit(args, out, lambda o: _render(rep, f"rollback of {what} on service {svc.label}", f"{summary} ({o['wall_ms']} ms)"))

@@ -324,21 +324,30 @@ def test_interrupting_the_cli_cancels_the_pending_apply(service, bundles, how):
     assert entries[0]["action"] == "apply"
 
 
-def test_interrupting_a_service_apply_cancels_it_everywhere(service, bundles):
-    svc = service(name="dryrun-svc")
-    t = threading.Thread(target=svc.get, args=("/report?seconds=5",), daemon=True)
-    t.start()
+@pytest.mark.parametrize("processes", [1, 2])
+def test_interrupting_a_service_apply_cancels_it_everywhere(service, bundles, processes):
+    svcs = [service(name=f"dryrun-svc{processes}") for _ in range(processes)]
+    holds = [threading.Thread(target=s.get, args=("/report?seconds=5",), daemon=True) for s in svcs]
+    for t in holds:
+        t.start()
     time.sleep(0.5)
-    cli_proc = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", "dryrun-svc", bundles["busy"],
+    cli_proc = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", f"dryrun-svc{processes}", bundles["busy"],
                                  "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_in_progress(svc.pid)
+    for s in svcs:
+        _wait_in_progress(s.pid)
+    ps = cli("ps")
+    assert ps.stdout.count("(applying HP-BUSY)") == processes, ps.stdout
     cli_proc.send_signal(signal.SIGINT)
     out, err = cli_proc.communicate(timeout=30)
     assert cli_proc.returncode == 130, out + err
-    assert "cancelled; nothing was changed" in out + err
+    assert f"cancelled; nothing was changed in service dryrun-svc{processes}" in out, out + err
     assert "Traceback" not in err
-    t.join()
+    for t in holds:
+        t.join()
     time.sleep(1.0)
-    assert svc.get(SECRET)[0] == 200
-    assert _status(svc.pid)["applied"] == []
-    assert [e["outcome"] for e in _history(svc.pid) if e.get("patch") == "HP-BUSY"] == ["cancelled"]
+    for s in svcs:
+        assert s.get(SECRET)[0] == 200
+        assert _status(s.pid)["applied"] == []
+        # the processes of one service share its persisted history: each entry names its pid
+        assert [e["outcome"] for e in _history(s.pid)
+                if e.get("patch") == "HP-BUSY" and e.get("pid") == s.pid] == ["cancelled"]
