@@ -39,6 +39,40 @@ def patched_filename(filename: str, patch_id: str) -> str:
     return f"{filename} [livepatch {patch_id}]"
 
 
+class SourceError(PatchError):
+    """A source Python itself would not compile: a syntax error, or nesting
+    too deep for the parser or the compiler. `side` is "baseline" or
+    "patched", `line` None where Python does not say."""
+
+    category = "refused:syntax"
+
+    def __init__(self, side: str, line: int | None, detail: str):
+        self.side, self.line, self.detail = side, line, detail
+        super().__init__(f"{side} source{'' if line is None else f', line {line}'}: {detail}")
+
+
+def compile_error(exc: BaseException) -> tuple[int | None, str]:
+    """(line, message) of why compiling failed, for one line of output."""
+    if isinstance(exc, SyntaxError):
+        return exc.lineno, exc.msg or type(exc).__name__
+    if isinstance(exc, RecursionError):
+        return None, f"nested too deeply to compile ({exc})"
+    if isinstance(exc, MemoryError):  # the parser's stack limit, in 3.11 with no message
+        return None, f"too complex to parse ({exc or 'the parser ran out of stack'})"
+    return None, str(exc) or type(exc).__name__  # ValueError: null bytes (3.11)
+
+
+_COMPILE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
+
+
+def _parse(source: str, filename: str, side: str):
+    try:
+        tree = ast.parse(source, filename)
+        return tree, compile(tree, filename, "exec", dont_inherit=True)
+    except _COMPILE_ERRORS as exc:
+        raise SourceError(side, *compile_error(exc)) from None
+
+
 @dataclass
 class ModuleDiff:
     module: str
@@ -185,10 +219,18 @@ def _module_level(tree: ast.Module) -> dict:
 
 
 def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, new_filename: str) -> ModuleDiff:
+    """Compare two versions of a module; SourceError if either does not
+    compile (or is too deep to compare), never another exception for them."""
+    base_tree, base_code = _parse(base_src, base_filename, "baseline")
+    new_tree, new_code = _parse(new_src, new_filename, "patched")
+    try:
+        return _diff(module, base_tree, new_tree, code_tree(base_code), code_tree(new_code))
+    except (RecursionError, MemoryError) as exc:  # the walks below recurse with the syntax tree's depth
+        raise SourceError("patched", None, f"nested too deeply to compare with the baseline ({exc})") from None
+
+
+def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: dict, new_codes: dict) -> ModuleDiff:
     diff = ModuleDiff(module)
-    base_tree, new_tree = ast.parse(base_src), ast.parse(new_src)
-    base_codes = code_tree(compile(base_tree, base_filename, "exec", dont_inherit=True))
-    new_codes = code_tree(compile(new_tree, new_filename, "exec", dont_inherit=True))
     base_defs, new_defs = _definitions(base_tree), _definitions(new_tree)
 
     for qualname, news in new_codes.items():

@@ -1,12 +1,17 @@
 """The bundle builder: two source trees (baseline and patched) -> a bundle.
 
-Each module present in both trees is diffed (build.diff_sources) by every
-target interpreter in a worker subprocess (`python -m livepatch.builder
---worker`), because code objects, and so fingerprints and marshalled
-payloads, are specific to a Python minor version. The host merges the
-workers' answers into one manifest, applies `--allow` overrides, and refuses
-the build, listing every reason with file:line, if anything cannot be
-hotpatched safely."""
+The trees are read through sourcetree (regular files inside the tree only,
+bounded, decoded as import decodes them); nothing in them is ever executed,
+only parsed and compiled. Each module present in both trees is diffed
+(build.diff_sources) by every target interpreter, because code objects, and
+so fingerprints and marshalled payloads, are specific to a Python minor
+version: this interpreter does it in process, another one in an isolated
+worker (`-I -P -S`, working directory `/`, an empty environment, a time
+limit) that is sent the source of the livepatch modules it needs, so that
+nothing of the current directory, the trees or that interpreter's
+site-packages is imported. The host merges the workers' answers into one
+manifest, applies `--allow` overrides, and refuses the build, listing every
+reason with file:line, if anything cannot be hotpatched safely."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import json
 import marshal
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,67 +32,67 @@ from .patch import PYTHON_TAG
 # Refusal categories an operator may override because skipping them is sound:
 # the hotpatch simply does not re-run a decorator or a module statement.
 OVERRIDABLE = ("decorator", "statement")
-_SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".venv"}
+WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
+PROBE_TIMEOUT = 30.0
+# what the isolated worker is sent, in import order (stdlib imports only)
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "build", "builder")
 
 
 class BuildRefused(PatchError):
+    """The build is refused: a change that cannot be hotpatched, a source
+    that does not compile, an entry of a tree that is not read."""
     category = "refused"
+
+
+class BuildError(BuildRefused):
+    """Not a refusal of the change: a tree that cannot be read, a worker
+    that failed or ran out of time."""
+    category = "error"
+
+
+class UnknownInterpreter(BuildError):
+    """A --python that is not a usable Python interpreter."""
+    category = "usage"
+
+
+def _tree(path: str, label: str, **kw):
+    from . import sourcetree
+    try:
+        tree = sourcetree.SourceTree(path, label, **kw)
+    except sourcetree.Unreadable as exc:
+        raise BuildError(str(exc)) from None
+    except sourcetree.UnsafeEntry as exc:
+        raise BuildRefused(f"cannot read the {label} tree: {exc}") from None
+    return tree
 
 
 def discover(root: str) -> dict[str, str]:
     """module name -> path relative to `root`, for a package directory (has
     __init__.py: its name prefixes every module) or a directory of modules
     and packages such as an unpacked wheel (dist-info and data dirs skipped)."""
-    root = os.path.abspath(root)
-    if not os.path.isdir(root):
-        raise BuildRefused(f"{root} is not a directory")
-    is_package = os.path.exists(os.path.join(root, "__init__.py"))
-    base = os.path.dirname(root) if is_package else root
-    out = {}
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # a baseline may link to the live tree
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.endswith((".dist-info", ".data", ".egg-info")))
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            rel = os.path.relpath(os.path.join(dirpath, name), base)
-            parts = rel[:-3].split(os.sep)
-            if parts[-1] == "__init__":
-                parts.pop()
-            if parts and all(p.isidentifier() for p in parts):
-                out[".".join(parts)] = os.path.relpath(os.path.join(dirpath, name), root)
-    return out
+    return _tree(root, "source").modules
 
 
 def distribution_info(root: str) -> tuple[str, str] | None:
     """(name, version) from an unpacked wheel's *.dist-info/METADATA."""
-    for entry in sorted(os.listdir(root)):
-        meta = os.path.join(root, entry, "METADATA")
-        if entry.endswith(".dist-info") and os.path.isfile(meta):
-            fields = {}
-            with open(meta, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if not line.strip():
-                        break
-                    key, _, value = line.partition(":")
-                    fields[key.strip().lower()] = value.strip()
-            if "name" in fields and "version" in fields:
-                return fields["name"], fields["version"]
-    return None
+    from . import sourcetree
+    try:
+        return _tree(root, "source").distribution_info()
+    except (sourcetree.Unreadable, sourcetree.UnsafeEntry) as exc:
+        raise BuildError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- worker
 
 def _worker(request: dict) -> dict:
-    """Runs inside the target interpreter."""
-    from .build import diff_sources, patched_filename
+    """Runs inside the target interpreter: compiles and diffs, never runs."""
+    from .build import SourceError, compile_error, diff_sources, patched_filename
     from .checks import code_kind
     from .fingerprint import fingerprint
+    from .patch import UNCHANGED
+
+    def lit(value):
+        return None if value is UNCHANGED or value is None else repr(value)
 
     out = {"tag": PYTHON_TAG, "modules": {}}
     for item in request["modules"]:
@@ -95,40 +101,113 @@ def _worker(request: dict) -> dict:
         try:
             diff = diff_sources(module, item["base"], item["new"], rel, new_file)
             new_code = compile(item["new"], new_file, "exec", dont_inherit=True)
-        except SyntaxError as exc:
-            out["modules"][module] = {"refused": [Problem("refused:syntax", f"{module}:<module>", f"line {exc.lineno}: {exc.msg}").to_dict()]}
-            continue
-        def lit(value):
-            from .patch import UNCHANGED
-            return None if value is UNCHANGED or value is None else repr(value)
-
-        out["modules"][module] = {
-            "changes": [{"qualname": q, "baseline": fp, "patched": fingerprint(c), "kind": code_kind(c),
-                         "defaults": lit(d), "kwdefaults": lit(kw), "line": c.co_firstlineno}
-                        for q, fp, c, d, kw in diff.changes],
-            "functions": [{"qualname": q, "patched": fingerprint(c), "defaults": lit(d), "kwdefaults": lit(kw),
-                           "line": c.co_firstlineno} for q, c, d, kw in diff.new_functions],
-            "imports": [{"name": name, "statement": __import__("ast").unparse(node)} for name, node in diff.new_imports],
-            "constants": {name: repr(value) for name, value in diff.constants.items()},
-            "refused": [p.to_dict() for p in diff.refused],
-            "code": base64.b64encode(marshal.dumps(new_code)).decode(),
-        }
+            out["modules"][module] = {
+                "changes": [{"qualname": q, "baseline": fp, "patched": fingerprint(c), "kind": code_kind(c),
+                             "defaults": lit(d), "kwdefaults": lit(kw), "line": c.co_firstlineno}
+                            for q, fp, c, d, kw in diff.changes],
+                "functions": [{"qualname": q, "patched": fingerprint(c), "defaults": lit(d), "kwdefaults": lit(kw),
+                               "line": c.co_firstlineno} for q, c, d, kw in diff.new_functions],
+                "imports": [{"name": name, "statement": __import__("ast").unparse(node)} for name, node in diff.new_imports],
+                "constants": {name: repr(value) for name, value in diff.constants.items()},
+                "refused": [p.to_dict() for p in diff.refused],
+                "code": base64.b64encode(marshal.dumps(new_code)).decode(),
+            }
+        except SourceError as exc:
+            out["modules"][module] = {"error": {"side": exc.side, "line": exc.line, "message": exc.detail}}
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            # deep code that parsed but is too deep to fingerprint or marshal
+            line, message = compile_error(exc)
+            out["modules"][module] = {"error": {"side": "patched", "line": line, "message": message}}
     return out
 
 
-def _run_worker(python: str, request: dict) -> dict:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+# The isolated worker's whole program: it builds the livepatch modules it
+# needs from the sources it is sent (so it imports nothing from disk but the
+# standard library) and answers one request on stdin.
+_BOOTSTRAP = r"""
+import json, sys, types
+data = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+package = types.ModuleType("livepatch")
+package.__path__, package.__version__ = [], data["version"]
+sys.modules["livepatch"] = package
+for name, filename, source in data["modules"]:
+    module = types.ModuleType("livepatch." + name)
+    module.__file__, module.__package__ = filename, "livepatch"
+    sys.modules[module.__name__] = module
+    setattr(package, name, module)
+    exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+answer = sys.modules["livepatch.builder"]._worker(data["request"])
+sys.stdout.buffer.write(json.dumps(answer).encode("utf-8"))
+"""
+_PROBE = ("import sys; print('livepatch-probe %s %d %d %s' % (sys.implementation.name, sys.version_info[0], "
+          "sys.version_info[1], sys.implementation.cache_tag))")
+
+
+def _isolated(python: str, code: str, *, safe_path: bool = True) -> list[str]:
+    # -I: no PYTHON* variables, no user site, no script or current directory
+    # on sys.path (-P, implied by -I from 3.11, said again for clarity; the
+    # probe leaves it out so that an older Python can still say its version);
+    # -S: no site-packages and no .pth files of that interpreter
+    return [python, "-I"] + (["-P"] if safe_path else []) + ["-S", "-c", code]
+
+
+_WORKER_ENV = {"PATH": os.defpath}
+
+
+def interpreter(python: str) -> tuple[str | None, str]:
+    """(absolute path, cache tag) of a --python, or (None, tag) when it is
+    this interpreter; UnknownInterpreter when it cannot be used."""
+    found = shutil.which(python)
+    if found is None:
+        where = "" if os.sep in python else " on PATH"
+        raise UnknownInterpreter(f"--python {python}: no such interpreter{where}")
+    path = os.path.abspath(found)  # the worker runs in /: a relative path would not resolve there
+    if os.path.realpath(path) == os.path.realpath(sys.executable):
+        return None, PYTHON_TAG
     try:
-        proc = subprocess.run([python, "-m", "livepatch.builder", "--worker"], input=json.dumps(request),
-                              capture_output=True, text=True, env=env, timeout=600)
-    except FileNotFoundError:
-        raise BuildRefused(f"Python interpreter {python!r} not found") from None
+        proc = subprocess.run(_isolated(path, _PROBE, safe_path=False), stdin=subprocess.DEVNULL, capture_output=True, cwd="/",
+                              env=_WORKER_ENV, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UnknownInterpreter(f"--python {python}: {path} did not answer within {PROBE_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise UnknownInterpreter(f"--python {python}: cannot run {path}: {exc.strerror}") from None
+    words = proc.stdout.decode("utf-8", "replace").split()
+    if proc.returncode != 0 or len(words) != 5 or words[0] != "livepatch-probe":
+        raise UnknownInterpreter(f"--python {python}: {path} is not a Python interpreter livepatch can use")
+    impl, major, minor, tag = words[1], int(words[2]), int(words[3]), words[4]
+    if impl != "cpython" or (major, minor) < (3, 11):
+        raise UnknownInterpreter(f"--python {python}: livepatch needs CPython 3.11 or newer; "
+                                 f"{path} is {impl} {major}.{minor}")
+    return path, tag
+
+
+def _run_worker(python: str, request: dict) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    modules = []
+    for name in _WORKER_MODULES:
+        filename = os.path.join(here, name + ".py")
+        with open(filename, encoding="utf-8") as fh:
+            modules.append([name, filename, fh.read()])
+    payload = json.dumps({"version": __version__, "modules": modules, "request": request}).encode("utf-8")
+    try:
+        proc = subprocess.run(_isolated(python, _BOOTSTRAP), input=payload, capture_output=True, cwd="/",
+                              env=_WORKER_ENV, timeout=WORKER_TIMEOUT)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        raise BuildError(f"compiling with {python} took longer than {WORKER_TIMEOUT:g} s; it was stopped") from None
+    except OSError as exc:
+        raise BuildError(f"cannot run {python}: {exc.strerror}") from None
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise BuildRefused(f"compiling with {python} failed: {tail[0]} (it needs livepatch's dependencies, "
-                           f"e.g. `{python} -m pip install bytecode psutil`)")
-    return json.loads(proc.stdout)
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1] if lines else (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                                          else f"exit status {proc.returncode}")
+        raise BuildError(f"compiling with {python} failed: {reason[:300]}")
+    try:
+        answer = json.loads(proc.stdout)
+        if not isinstance(answer, dict) or not isinstance(answer.get("modules"), dict):
+            raise ValueError("not a worker answer")
+    except ValueError:
+        raise BuildError(f"compiling with {python} failed: its answer could not be read") from None
+    return answer
 
 
 # ---------------------------------------------------------------- host
@@ -161,25 +240,61 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
         raise BuildRefused(f"--allow {bad[0]}: only {', '.join(OVERRIDABLE)} can be overridden")
     if cumulative and requires:
         raise BuildRefused("--requires and --cumulative exclude each other")
-    base_mods, new_mods = discover(baseline), discover(patched)
-    refused, modules = [], []
-    for module, rel in new_mods.items():
-        with open(os.path.join(patched, rel), encoding="utf-8") as fh:
-            new_src = fh.read()
-        if module not in base_mods:
-            refused.append(Problem("refused:new-module", f"{module}:<module>", f"{rel}: module is not in the baseline"))
-            continue
-        with open(os.path.join(baseline, base_mods[module]), encoding="utf-8") as fh:
-            base_src = fh.read()
-        if base_src != new_src:
-            modules.append({"module": module, "file": rel, "base": base_src, "new": new_src})
-    files = {m["module"]: m["file"] for m in modules}
-    request = {"id": patch_id, "modules": modules}
-    answers = [_worker(request) if p in (None, sys.executable) else _run_worker(p, request)
-               for p in (list(pythons) or [None])]
-    tags = [a["tag"] for a in answers]
+    from . import sourcetree
+    base_tree = _tree(baseline, "baseline", follow_top_packages=True)  # may link to the deployed release
+    new_tree = _tree(patched, "patched")
+    runners = [interpreter(p) for p in pythons] or [(None, PYTHON_TAG)]
+    tags = [tag for _, tag in runners]
     if len(set(tags)) != len(tags):
         raise BuildRefused(f"two --python interpreters are the same version ({', '.join(tags)})")
+    unsafe = base_tree.refused + new_tree.refused
+    refused, modules, source_errors = [], [], []
+    for module, rel in new_tree.modules.items():
+        if module not in base_tree.modules:
+            refused.append(Problem("refused:new-module", f"{module}:<module>", f"{rel}: module is not in the baseline"))
+            continue
+        base_rel = base_tree.modules[module]
+        sides = {}
+        for side, tree, path in (("baseline", base_tree, base_rel), ("patched", new_tree, rel)):
+            try:
+                sides[side] = tree.read_bytes(path)
+            except sourcetree.UnsafeEntry as exc:
+                unsafe.append(str(exc))
+            except sourcetree.Unreadable as exc:
+                raise BuildError(str(exc)) from None
+        if len(sides) < 2 or sides["baseline"] == sides["patched"]:
+            continue
+        for side, tree, path in (("baseline", base_tree, base_rel), ("patched", new_tree, rel)):
+            try:
+                sides[side] = sourcetree.decode_source(sides[side])
+            except sourcetree.DecodeFailed as exc:
+                where = tree.shown(path) + ("" if exc.line is None else f":{exc.line}")
+                source_errors.append(Problem("refused:encoding", f"{module}:<module>", f"{where}: {exc}"))
+        if not all(isinstance(v, str) for v in sides.values()):
+            continue
+        if sides["baseline"] != sides["patched"]:
+            modules.append({"module": module, "file": rel, "base": sides["baseline"], "new": sides["patched"],
+                            "shown": {"baseline": base_tree.shown(base_rel), "patched": new_tree.shown(rel)}})
+    if unsafe:
+        raise _one_or_list(patch_id, [Problem("refused:unsafe-file", "", u) for u in dict.fromkeys(unsafe)],
+                           "entries of the trees are not regular files inside them")
+    if source_errors:
+        raise _one_or_list(patch_id, source_errors, "source files cannot be read as Python reads them")
+    files = {m["module"]: m["file"] for m in modules}
+    request = {"id": patch_id, "modules": [{k: m[k] for k in ("module", "file", "base", "new")} for m in modules]}
+    answers = [_worker(request) if path is None else _run_worker(path, request) for path, _ in runners]
+    failed: dict = {}  # (module, where, message) -> tags of the interpreters that said so
+    for answer in answers:
+        for module, res in answer["modules"].items():
+            if "error" in res:
+                err, item = res["error"], next(m for m in modules if m["module"] == module)
+                where = item["shown"][err.get("side") or "patched"] + ("" if err["line"] is None else f":{err['line']}")
+                failed.setdefault((module, where, err["message"]), []).append(answer["tag"])
+    for (module, where, message), by in failed.items():
+        suffix = f" ({', '.join(by)})" if len(by) < len(answers) else ""  # valid for another version
+        source_errors.append(Problem("refused:syntax", f"{module}:<module>", f"{where}: {message}{suffix}"))
+    if source_errors:
+        raise _one_or_list(patch_id, list(dict.fromkeys(source_errors)), "source files do not compile")
 
     targets, globals_, payloads, module_entries, overrides = {}, {}, {}, {}, []
     for answer in answers:
@@ -234,7 +349,12 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if not targets and not globals_:
         raise BuildRefused(f"cannot build {patch_id}: the trees differ in no function, import or constant")
     if name is None or version is None:
-        dist = distribution_info(os.path.abspath(baseline))
+        try:
+            dist = base_tree.distribution_info()
+        except sourcetree.UnsafeEntry as exc:
+            raise BuildRefused(f"cannot build {patch_id}: {exc}") from None
+        except sourcetree.Unreadable as exc:
+            raise BuildError(str(exc)) from None
         name = name or (dist[0] if dist else os.path.basename(os.path.abspath(baseline)))
         version = version or (dist[1] if dist else "unversioned")
     manifest = {
@@ -247,9 +367,21 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     }
     if lineage is not None:
         manifest["lineage"] = lineage
-    data = fmt.write(manifest, payloads, private_key)
-    fmt.validate(fmt.read(data, allow_unsigned=True).manifest)  # the builder never emits what the loader refuses
-    return data, summary(manifest)
+    try:  # the builder never emits what the loader refuses
+        data = fmt.write(manifest, payloads, private_key)
+        fmt.validate(fmt.read(data, allow_unsigned=True).manifest)
+    except fmt.BundleError as exc:
+        raise BuildRefused(f"cannot build {patch_id}: the bundle would not load: {str(exc).splitlines()[0]}") from None
+    out = summary(manifest)
+    out["skipped"] = base_tree.skipped + new_tree.skipped
+    return data, out
+
+
+def _one_or_list(patch_id: str, problems: list, what: str) -> BuildRefused:
+    # one problem is one line (its message names the file); several, a list
+    if len(problems) == 1:
+        return BuildRefused(f"cannot build {patch_id}: {problems[0].message}")
+    return BuildRefused(f"cannot build {patch_id}: {len(problems)} {what}", problems)
 
 
 def check_sequence(value) -> int:
@@ -280,6 +412,3 @@ def summary(manifest: dict) -> dict:
         "overridden": manifest["overrides"],
     }
 
-
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    json.dump(_worker(json.load(sys.stdin)), sys.stdout)

@@ -80,10 +80,24 @@ def cmd_keygen(args):
 
 
 def cmd_build(args):
-    from .builder import build
+    import stat
+    from .builder import BuildError, UnknownInterpreter, build
     from .errors import PatchError
-    from .signing import load_private
-    key = load_private(args.key) if args.key else None
+    from .signing import SignatureError, load_private
+    # everything the operator named is checked before any work: nothing is written on an error
+    out_dir = os.path.dirname(args.output) or "."
+    if not os.path.isdir(out_dir):
+        raise CliError(f"cannot write {args.output}: there is no directory {out_dir}")
+    if os.path.isdir(args.output):
+        raise CliError(f"cannot write {args.output}: it is a directory")
+    try:
+        if args.key and not stat.S_ISREG(os.stat(args.key).st_mode):  # a FIFO would block the read
+            raise CliError(f"cannot read the key {args.key}: not a regular file")
+        key = load_private(args.key) if args.key else None
+    except OSError as exc:
+        raise CliError(f"cannot read the key {args.key}: {exc.strerror}") from None
+    except SignatureError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
     try:
         data, summary = build(args.baseline, args.patched, patch_id=args.id, pythons=args.python or (),
                               title=args.title or "", description=args.description or "", references=args.ref or (),
@@ -91,14 +105,25 @@ def cmd_build(args):
                               cumulative=args.cumulative, name=args.name, version=args.version,
                               allow=args.allow or (), allow_active=args.allow_active or (), private_key=key,
                               sequence=args.sequence or 1, lineage=args.lineage)
+    except UnknownInterpreter as exc:
+        raise CliError(str(exc).splitlines()[0], EXIT_USAGE, exc.to_dict()) from None
+    except BuildError as exc:
+        raise CliError(str(exc).splitlines()[0], EXIT_ERROR, exc.to_dict()) from None
     except PatchError as exc:
         raise _patch_error(exc) from None
     # write via a temp file in the same directory: never a half-written bundle
     tmp = f"{args.output}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, args.output)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, args.output)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
     summary.update(output=args.output, size=len(data), signed=key is not None)
 
     def human(s):
@@ -114,6 +139,8 @@ def cmd_build(args):
             lines.append(f"  new globals: {', '.join(s['new globals'])}")
         for o in s["overridden"]:
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        for skipped in s.get("skipped", ()):
+            lines.append(f"  skipped {skipped}")
         return "\n".join(lines)
     _emit(args, summary, human)
 
