@@ -51,7 +51,8 @@ class BuildError(BuildRefused):
 
 
 class UnknownInterpreter(BuildError):
-    """A --python that is not a usable Python interpreter."""
+    """A --python that is not a usable Python interpreter (or the same
+    version as another one)."""
     category = "usage"
 
 
@@ -78,7 +79,9 @@ def distribution_info(root: str) -> tuple[str, str] | None:
     from . import sourcetree
     try:
         return _tree(root, "source").distribution_info()
-    except (sourcetree.Unreadable, sourcetree.UnsafeEntry) as exc:
+    except sourcetree.UnsafeEntry as exc:
+        raise BuildRefused(str(exc)) from None
+    except sourcetree.Unreadable as exc:
         raise BuildError(str(exc)) from None
 
 
@@ -231,7 +234,7 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     listing every refused change (nothing is written then). `sequence`
     orders the bundles of one baseline (a later bundle needs a higher one),
     `lineage` names the family of successive versions of one fix."""
-    from . import bundle as fmt
+    from . import bundle as fmt, sourcetree
     check_sequence(sequence)
     if lineage is not None:
         check_lineage(lineage)
@@ -240,13 +243,12 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
         raise BuildRefused(f"--allow {bad[0]}: only {', '.join(OVERRIDABLE)} can be overridden")
     if cumulative and requires:
         raise BuildRefused("--requires and --cumulative exclude each other")
-    from . import sourcetree
     base_tree = _tree(baseline, "baseline", follow_top_packages=True)  # may link to the deployed release
     new_tree = _tree(patched, "patched")
     runners = [interpreter(p) for p in pythons] or [(None, PYTHON_TAG)]
     tags = [tag for _, tag in runners]
     if len(set(tags)) != len(tags):
-        raise BuildRefused(f"two --python interpreters are the same version ({', '.join(tags)})")
+        raise UnknownInterpreter(f"two --python interpreters are the same version ({', '.join(tags)})")
     unsafe = base_tree.refused + new_tree.refused
     refused, modules, source_errors = [], [], []
     for module, rel in new_tree.modules.items():
@@ -381,7 +383,13 @@ def _one_or_list(patch_id: str, problems: list, what: str) -> BuildRefused:
     # one problem is one line (its message names the file); several, a list
     if len(problems) == 1:
         return BuildRefused(f"cannot build {patch_id}: {problems[0].message}")
-    return BuildRefused(f"cannot build {patch_id}: {len(problems)} {what}", problems)
+    shown = problems[:_MAX_LISTED]
+    if len(problems) > _MAX_LISTED:
+        shown.append(Problem(problems[0].category, "", f"and {len(problems) - _MAX_LISTED} more"))
+    return BuildRefused(f"cannot build {patch_id}: {len(problems)} {what}", shown)
+
+
+_MAX_LISTED = 50
 
 
 def check_sequence(value) -> int:

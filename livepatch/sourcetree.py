@@ -119,16 +119,19 @@ class SourceTree:
         stack = [("", self.real)]
         while stack:
             rel_dir, base = stack.pop()
+            listing = []
             try:
                 with os.scandir(os.path.join(self.abs, rel_dir)) as it:
-                    listing = sorted(it, key=lambda e: e.name)
+                    for entry in it:  # counted as they come: a huge directory is never held whole
+                        entries += 1
+                        if entries > MAX_TREE_ENTRIES:
+                            raise UnsafeEntry(f"{self.path}: more than {MAX_TREE_ENTRIES} directory entries; "
+                                              f"give the builder the application's tree, not a whole filesystem")
+                        listing.append(entry)
             except OSError as exc:
                 raise Unreadable(f"cannot read {self.shown(rel_dir) if rel_dir else self.path}: "
                                  f"{exc.strerror}") from None
-            entries += len(listing)
-            if entries > MAX_TREE_ENTRIES:
-                raise UnsafeEntry(f"{self.path}: more than {MAX_TREE_ENTRIES} directory entries; "
-                                  f"give the builder the application's tree, not a whole filesystem")
+            listing.sort(key=lambda e: e.name)
             subdirs = []
             for entry in listing:
                 name, rel = entry.name, os.path.join(rel_dir, entry.name)

@@ -452,6 +452,7 @@ def test_cli_errors_are_one_line_with_their_exit_code_and_write_nothing(tmp_path
         (["--python", "python2.4-not-here"], 2, "--python python2.4-not-here: no such interpreter on PATH"),
         (["--python", "/bin/sh"], 2, "is not a Python interpreter livepatch can use"),
         (["--python", str(tmp_path / "nope" / "python")], 2, "no such interpreter"),
+        (["--python", sys.executable, "--python", sys.executable], 2, "two --python interpreters are the same version"),
     ]
     for extra, code, text in cases:
         r = run_cli("build", base, new, "-o", str(out), "--id", "HP-CLI", *extra)
