@@ -4,12 +4,12 @@ From Python 3.12, `os.fork()` in a process with more than one OS thread
 emits `DeprecationWarning: This process (pid=N) is multi-threaded, use of
 fork() may lead to deadlocks in the child`. With an agent, a program that
 forks from `__main__` (or runs under `-X dev`, `-W default` or pytest) would
-see it only because of the agent's accept thread, which holds nothing a
-child needs while it waits in accept() (the child starts its own agent).
+see it only because of the agent's socket thread, which holds nothing a
+child needs while it waits for connections (the child starts its own agent).
 
 So the agent puts one filter first in `warnings.filters`: it ignores that
 warning only for a fork at which every thread besides the forking one is
-one of ours and idle (the accept thread, the engine's handoff helper), as
+one of ours and idle (the socket thread, the engine's handoff helper), as
 checked by a before-fork hook (3.13 warns after the fork hooks have run, so
 the filter cannot just be added and removed around the fork). With any
 other thread (the program's, a native library's, an agent thread serving a
