@@ -118,10 +118,11 @@ def request_all(pids, op: str, wait: float, fields_for=None, **fields) -> dict[i
                             Outcome(exc.pid, False, error=TIMEOUT, message="did not confirm the cancel"))
         elif not threads:  # while connecting, in this thread: nothing was sent
             out[pids[0]] = Outcome(pids[0], False, error=CANCELLED, message="interrupted before the request was sent")
+        # polled, not joined: a join that Ctrl-C interrupted may not wait again
         deadline = time.monotonic() + cancel.CONFIRM_WAIT
         try:
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
+            while threads and time.monotonic() < deadline and not all(pid in out for pid in pids):
+                time.sleep(0.02)
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting for confirmations
         raise Interrupted({pid: out.get(pid) or Outcome(pid, False, error=TIMEOUT, message="did not confirm the cancel")

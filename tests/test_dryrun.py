@@ -275,79 +275,121 @@ def test_a_suspended_coroutine_holding_a_target_is_reported_blocked(tmp_path):
 
 # ---------------------------------------------------------------- cancel
 
-def _wait_in_progress(pid, seconds=15):
+# Seconds a slow request holds the target: long enough for the CLI to start
+# and be interrupted on a loaded machine; after it the apply would land.
+HOLD = 15
+
+
+class _Hold:
+    """A request holding inventory.pricing:build_report for `seconds` on a
+    thread of the service (the client may give up earlier: the service goes
+    on with the report)."""
+
+    def __init__(self, svc, seconds=HOLD):
+        self.until = time.monotonic() + seconds
+        self._t = threading.Thread(target=self._run, args=(svc, seconds), daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def _run(svc, seconds):
+        try:
+            svc.get(f"/report?seconds={seconds}")
+        except OSError:
+            pass  # Service.get's read timeout, or the service stopped
+
+    @property
+    def holding(self) -> bool:
+        return time.monotonic() < self.until - 0.5
+
+    def wait(self):
+        """Until the target is free again, and a moment more."""
+        time.sleep(max(0.0, self.until - time.monotonic()) + 1.0)
+
+
+def _wait_in_progress(pid, seconds=HOLD):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         s = _status(pid)
+        assert s["applied"] == [], "the apply landed before it could be interrupted (a hold too short for this machine)"
         if s["agent"]["busy"]:
             return s
         time.sleep(0.1)
     raise AssertionError("the apply never showed as in progress")
 
 
-def _apply_in_background(pid, bundle, *extra):
-    return subprocess.Popen([sys.executable, "-m", "livepatch", "apply", str(pid), bundle, "--timeout", "30", *extra],
+def _apply_in_background(target, bundle, *extra):
+    return subprocess.Popen([sys.executable, "-m", "livepatch", "apply", str(target), bundle, "--timeout", "60", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _not_patched(svc):
+    assert svc.get(SECRET)[0] == 200  # still vulnerable: nothing was stored
+    s = _status(svc.pid)
+    assert s["applied"] == [] and not s["agent"]["busy"] and s["agent"]["in_progress"] is None
+    # the processes of one service share its persisted history: each entry names its pid
+    entries = [e for e in _history(svc.pid) if e.get("patch") == "HP-BUSY" and e.get("pid", svc.pid) == svc.pid]
+    assert [(e["action"], e["outcome"]) for e in entries] == [("apply", "cancelled")], entries
 
 
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_interrupting_the_cli_cancels_the_pending_apply(service, bundles, how):
     svc = service()
-    t = threading.Thread(target=svc.get, args=("/report?seconds=5",), daemon=True)
-    t.start()
+    hold = _Hold(svc)
     time.sleep(0.5)
-    started = time.monotonic()
     cli_proc = _apply_in_background(svc.pid, bundles["busy"])
     s = _wait_in_progress(svc.pid)
     # status answers during the wait and says what is under way
     assert s["agent"]["in_progress"]["action"] == "apply" and s["agent"]["in_progress"]["patch"] == "HP-BUSY"
     assert s["agent"]["in_progress"]["client_pid"] == cli_proc.pid
     assert s["in_progress"]["patch"] == "HP-BUSY"
-    text = cli("status", str(svc.pid)).stdout
-    assert "in progress: apply of HP-BUSY" in text
+    assert "in progress: apply of HP-BUSY" in cli("status", str(svc.pid)).stdout
     cli_proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
-    out, err = cli_proc.communicate(timeout=20)
+    out, err = cli_proc.communicate(timeout=30)
     if how == "sigint":
         assert cli_proc.returncode == 130, err
         assert f"livepatch apply: cancelled; nothing was changed in process {svc.pid}" in err
         assert "Traceback" not in err
     else:
         assert cli_proc.returncode == -signal.SIGKILL
-    assert time.monotonic() - started < 5  # cancelled long before the target was free
-    t.join()
-    time.sleep(1.0)  # the target is free now: a pending apply would have landed
-    assert svc.get(SECRET)[0] == 200  # still vulnerable: nothing was stored
-    s = _status(svc.pid)
-    assert s["applied"] == [] and not s["agent"]["busy"] and s["agent"]["in_progress"] is None
-    entries = [e for e in _history(svc.pid) if e.get("patch") == "HP-BUSY"]
-    assert [e["outcome"] for e in entries] == ["cancelled"]
-    assert entries[0]["action"] == "apply"
+    assert hold.holding  # cancelled while the target was still held
+    hold.wait()  # the target is free now: an apply still pending would land
+    _not_patched(svc)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_interrupting_a_service_apply_cancels_it_everywhere(service, bundles, processes):
-    svcs = [service(name=f"dryrun-svc{processes}") for _ in range(processes)]
-    holds = [threading.Thread(target=s.get, args=("/report?seconds=5",), daemon=True) for s in svcs]
-    for t in holds:
-        t.start()
+    name = f"dryrun-svc{processes}"
+    svcs = [service(name=name) for _ in range(processes)]
+    holds = [_Hold(s) for s in svcs]
     time.sleep(0.5)
-    cli_proc = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", f"dryrun-svc{processes}", bundles["busy"],
-                                 "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli_proc = _apply_in_background(name, bundles["busy"])
     for s in svcs:
         _wait_in_progress(s.pid)
-    ps = cli("ps")
-    assert ps.stdout.count("(applying HP-BUSY)") == processes, ps.stdout
     cli_proc.send_signal(signal.SIGINT)
     out, err = cli_proc.communicate(timeout=30)
     assert cli_proc.returncode == 130, out + err
-    assert f"cancelled; nothing was changed in service dryrun-svc{processes}" in out, out + err
+    assert f"cancelled; nothing was changed in service {name}" in out, out + err
     assert "Traceback" not in err
-    for t in holds:
-        t.join()
-    time.sleep(1.0)
+    assert all(h.holding for h in holds)
+    for h in holds:
+        h.wait()
     for s in svcs:
-        assert s.get(SECRET)[0] == 200
-        assert _status(s.pid)["applied"] == []
-        # the processes of one service share its persisted history: each entry names its pid
-        assert [e["outcome"] for e in _history(s.pid)
-                if e.get("patch") == "HP-BUSY" and e.get("pid") == s.pid] == ["cancelled"]
+        _not_patched(s)
+
+
+def test_ps_and_service_status_show_an_apply_in_progress(service, bundles):
+    svc = service(name="dryrun-ps")
+    hold = _Hold(svc, 25)
+    time.sleep(0.5)
+    cli_proc = _apply_in_background("dryrun-ps", bundles["busy"])
+    try:
+        _wait_in_progress(svc.pid)
+        status = cli("status", "dryrun-ps")
+        ps = cli("ps")
+        assert hold.holding, "the hold ended before ps answered: too loaded a machine for this test"
+        assert "(applying HP-BUSY)" in status.stdout, status.stdout
+        assert next(line for line in ps.stdout.splitlines() if line.split()[:1] == [str(svc.pid)]).count(
+            "(applying HP-BUSY)") == 1, ps.stdout
+    finally:
+        cli_proc.send_signal(signal.SIGINT)
+        cli_proc.communicate(timeout=30)
