@@ -214,6 +214,11 @@ def _render(rep: _Report, headline: str, summary: str) -> str:
     return "\n".join(lines)
 
 
+def busy_sentence(v: dict, timeout) -> str:
+    from .cli_agent import busy_sentence
+    return busy_sentence(v, timeout)
+
+
 def _order_fields(args) -> dict:
     from .cli_agent import order_fields
     return order_fields(args)
@@ -336,7 +341,12 @@ def apply(args):
         elif v["verdict"] == "already-applied":
             rep.procs[pid].update(outcome="already applied", detail="")
         else:
-            rep.procs[pid].update(outcome="ready", detail=", ".join(v.get("targets", []))[:90])
+            # a suspended coroutine holding a target: the apply is still tried (it
+            # waits up to --timeout), but a dry run does not promise it
+            held = busy_sentence(v, args.timeout)
+            blocked = v["verdict"] == "blocked" and not args.force
+            rep.procs[pid].update(outcome="blocked" if blocked else "ready",
+                                  detail=held or ", ".join(v.get("targets", []))[:90])
             ready.append(pid)
     blockers = rep.with_outcome("refused", "failed", "not answering")
     name = patch_id or args.bundle
@@ -353,11 +363,14 @@ def apply(args):
 
     verify_failed = any(rep.procs[p].get("error") in VERIFY_ERRORS for p in blockers)
     if args.dry_run:
+        held = rep.with_outcome("blocked")
         for pid in ready:
-            rep.procs[pid]["outcome"] = "would apply"
-        finish(EXIT_VERIFY if verify_failed else EXIT_REFUSED if blockers else 0,
+            if pid not in held:
+                rep.procs[pid]["outcome"] = "would apply"
+        finish(EXIT_VERIFY if verify_failed else EXIT_REFUSED if blockers or held else 0,
                f"dry run of {name} on service {svc.label}: nothing was changed",
-               f"{len(ready)} of {len(svc.members)} processes would apply it now" + (
+               f"{len(ready) - len(held)} of {len(svc.members)} processes would apply it now" + (
+                   f", {len(held)} blocked by a suspended coroutine or generator" if held else "") + (
                    f", {len(rep.with_outcome('already applied'))} already have it" if rep.with_outcome("already applied") else ""))
         return
     if blockers and not args.keep_going:

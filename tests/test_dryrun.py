@@ -221,7 +221,7 @@ import livepatch.agent
 import lp_coro_target
 
 async def main():
-    livepatch.agent.start(name="coro", allow_unsigned=True, state_dir=sys.argv[2])
+    livepatch.agent.start(name=sys.argv[3], allow_unsigned=True, state_dir=sys.argv[2])
     task = asyncio.ensure_future(lp_coro_target.hold(asyncio.Event()))
     await asyncio.sleep(0.1)
     open(sys.argv[1] + ".tmp", "w").close()
@@ -245,7 +245,8 @@ def test_a_suspended_coroutine_holding_a_target_is_reported_blocked(tmp_path):
     r = cli("build", str(tmp_path / "base"), str(tmp_path / "new"), "-o", bundle, "--id", "HP-CORO")
     assert r.returncode == 0, r.stderr
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, str(app / "main.py"), str(ready), str(tmp_path / "state")],
+    name = f"dryrun-coro-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, str(app / "main.py"), str(ready), str(tmp_path / "state"), name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -266,6 +267,8 @@ def test_a_suspended_coroutine_holding_a_target_is_reported_blocked(tmp_path):
         assert r.returncode == 3 and "is blocked" in r.stdout
         r = cli("apply", str(proc.pid), bundle, "--dry-run", "--force", "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["verdict"] == "applies"
+        r = cli("apply", name, bundle, "--dry-run")  # the service form says so too
+        assert r.returncode == 3 and "blocked" in r.stdout and "1 blocked by a suspended coroutine" in r.stdout, r.stdout
         r = cli("status", str(proc.pid), "--json")
         assert json.loads(r.stdout)["applied"] == []
     finally:
