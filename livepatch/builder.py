@@ -6,7 +6,7 @@ only parsed and compiled. Each module present in both trees is diffed
 (build.diff_sources) by every target interpreter, because code objects, and
 so fingerprints and marshalled payloads, are specific to a Python minor
 version: this interpreter does it in process, another one in an isolated
-worker (`-I -P -S`, working directory `/`, an empty environment, a time
+worker (`-I -P -S`, working directory `/`, only PATH in its environment, a time
 limit) that is sent the source of the livepatch modules it needs, so that
 nothing of the current directory, the trees or that interpreter's
 site-packages is imported. The host merges the workers' answers into one
@@ -203,6 +203,8 @@ def _run_worker(python: str, request: dict) -> dict:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         reason = lines[-1] if lines else (f"killed by signal {-proc.returncode}" if proc.returncode < 0
                                           else f"exit status {proc.returncode}")
+        if "No module named" in reason:
+            reason += " (the isolated worker has the standard library only)"
         raise BuildError(f"compiling with {python} failed: {reason[:300]}")
     try:
         answer = json.loads(proc.stdout)
