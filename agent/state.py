@@ -550,7 +550,8 @@ def _classification(patch_id):
     return None
 
 
-_KEEP = ("reason", "error", "module", "targets", "pending", "pause_ns", "attempts", "functions", "forced", "commit")
+_KEEP = ("reason", "error", "module", "targets", "pending", "pause_ns", "attempts", "functions", "forced", "commit",
+         "peer", "allow_downgrade", "downgrade", "authorization")
 
 
 def _on_entry(entry: dict) -> None:
@@ -562,6 +563,10 @@ def _on_entry(entry: dict) -> None:
     patch_id = entry.get("patch")
     out = {"time": entry.get("time") or _now_iso(), "pid": os.getpid(), "action": action, "patch": patch_id,
            "classification": _classification(patch_id), "outcome": entry.get("outcome")}
+    if action in ("apply", "rollback"):
+        # who asked, and what they overrode: listeners run on the request's thread
+        from .ordering import record_fields
+        entry = {**record_fields(), **entry}
     for key in _KEEP:
         if entry.get(key) not in (None, "", [], {}):
             out[key] = entry[key]

@@ -400,8 +400,12 @@ def test_cli_authorize_rollback_validates_and_never_overwrites(keys, bundles, tm
 
 # ---------------------------------------------------------------- against real services
 
-def test_older_signed_cumulative_bundle_is_refused_and_an_allowed_one_is_recorded(service, bundles):
-    svc = service().start_load()
+@pytest.mark.parametrize("history_on_disk", [False, True], ids=["in-memory", "state-dir"])
+def test_older_signed_cumulative_bundle_is_refused_and_an_allowed_one_is_recorded(service, bundles, tmp_path,
+                                                                                   history_on_disk):
+    # with a state directory `history` answers the persisted entries: they must say who did what too
+    env = {"LIVEPATCH_STATE_DIR": str(tmp_path / "state"), "LIVEPATCH_NAME": "inventory"} if history_on_disk else None
+    svc = service(extra_env=env).start_load()
     assert svc.get(SECRET)[0] == 200
     r = cli("apply", str(svc.pid), bundles["HP-X-2"], "--json")
     assert r.returncode == 0, r.stderr
