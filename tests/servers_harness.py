@@ -126,29 +126,39 @@ def get(port, path, timeout=10.0) -> Reply:
 
 class Load:
     """Client threads sending the exploit and an ordinary request in turn, as
-    fast as they are answered. Every reply is kept; an exception or a 5xx is
-    a failed request."""
+    fast as they are answered (or paused). Every reply is kept; an exception
+    or a 5xx is a failed request."""
 
     def __init__(self, port, threads=2, paths=(EXPLOIT, BENIGN), log=lambda: ""):
         self.port, self.paths, self.log = port, paths, log
         self.replies: list[tuple[str, Reply]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._busy = threading.Semaphore(threads)
+        self._count = threads
         self._threads = [threading.Thread(target=self._drive, daemon=True, name=f"load-{i}") for i in range(threads)]
 
     def _drive(self):
         while not self._stop.is_set():
-            for path in self.paths:
-                started = time.monotonic()
-                try:
-                    reply = get(self.port, path)
-                except Exception as exc:  # every failed request counts
-                    self.failures.append(f"at {started:.2f} after {time.monotonic() - started:.2f}s {path}: {exc!r}")
-                    continue
-                if reply.status >= 500:
-                    self.failures.append(f"at {started:.2f} {path}: HTTP {reply.status} {reply.body}")
-                else:
-                    self.replies.append((path, reply))
+            self._running.wait()
+            with self._busy:
+                if self._running.is_set():  # not paused meanwhile
+                    self._round()
+
+    def _round(self):
+        for path in self.paths:
+            started = time.monotonic()
+            try:
+                reply = get(self.port, path)
+            except Exception as exc:  # every failed request counts
+                self.failures.append(f"at {started:.2f} after {time.monotonic() - started:.2f}s {path}: {exc!r}")
+                continue
+            if reply.status >= 500:
+                self.failures.append(f"at {started:.2f} {path}: HTTP {reply.status} {reply.body}")
+            else:
+                self.replies.append((path, reply))
 
     def __enter__(self):
         for t in self._threads:
@@ -158,8 +168,20 @@ class Load:
     def __exit__(self, *exc):
         self.stop()
 
+    def pause(self):
+        """No new requests, and none in flight, until resume()."""
+        self._running.clear()
+        for _ in range(self._count):
+            self._busy.acquire()
+        for _ in range(self._count):
+            self._busy.release()
+
+    def resume(self):
+        self._running.set()
+
     def stop(self):
         self._stop.set()
+        self._running.set()
         for t in self._threads:
             if t.is_alive():
                 t.join(30)
@@ -245,6 +267,20 @@ class Server:
             assert time.monotonic() < deadline, f"only {found} of {count} agents listening:\n{self.log()}"
             time.sleep(0.05)
         return found
+
+    def settle(self, quiet=0.5, timeout=30.0) -> list[int]:
+        """Wait until no process of the server has started or ended, and no
+        agent has come or gone, for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while True:
+            now = (self.processes(), self.agents())
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return now[0]
+            assert time.monotonic() < deadline, f"{self.name} did not settle: {now}"
+            time.sleep(0.05)
 
     def stop(self, timeout=15.0) -> int | None:
         """SIGTERM to the master, SIGKILL after `timeout`, then SIGKILL to any

@@ -219,16 +219,22 @@ def test_multiprocessing_pool_workers_run_the_patched_function(servers, bundle, 
     with Load(port, threads=2, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
         served(load.since(0), VULNERABLE)
-        before = set(srv.processes())
+        # the apply and the rollback reach the workers as they are; replacing
+        # workers during a service apply is the gunicorn --max-requests case
+        load.pause()
+        before = set(srv.settle())
         apply("shop", bundle)
         applied = time.monotonic()
+        load.resume()
         # --max-tasks 5: the pool replaces its workers; the new ones run the fix too
         load.wait_for(lambda: len(pids(load.since(applied)) - before) >= 4, timeout=90,
                       what="4 pool workers started after the apply")
         served(load.since(applied), FIXED)
+        load.pause()
+        after = set(srv.settle())
         rollback("shop")
         rolled = time.monotonic()
-        after = set(srv.processes())
+        load.resume()
         load.wait_for(lambda: len(pids(load.since(rolled)) - after) >= 2, timeout=90)
         served(load.since(rolled), VULNERABLE)
     assert not load.failures, (load.failures[:5], srv.log())
