@@ -99,6 +99,51 @@ def rollback(target, *options):
 
 # ---------------------------------------------------------------- gunicorn
 
+def gunicorn_recycling(servers, bundle, pause):
+    """gunicorn sync workers replaced every 10 requests under load: the fix
+    and then its rollback reach every worker, including the ones started
+    after each. With `pause`, no request is sent while the apply and the
+    rollback run (so no worker is replaced meanwhile)."""
+    port = free_port()
+    srv = servers.start(gunicorn(port, "--workers", "3", "--max-requests", "10", "--max-requests-jitter", "0"),
+                        port=port)
+    srv.wait_ready()
+    with Load(port, log=srv.log) as load:
+        load.wait_for(lambda: len(load.since(0)) >= 10, what="requests before the apply")
+        served(load.since(0), VULNERABLE)  # the bug, in every worker
+        if pause:
+            load.pause()
+            srv.settle()
+        before = set(srv.processes())
+        report = apply("shop", bundle)
+        applied = time.monotonic()
+        load.resume()
+        assert report["serving"] >= 1 and report["serving_patched"] + report["serving_pending"] == report["serving"]
+        # a worker is replaced every 10 requests: wait for 20 workers forked after the apply
+        load.wait_for(lambda: len(pids(load.since(applied)) - before) >= 20, timeout=120,
+                      what="20 workers started after the apply")
+        served(load.since(applied), FIXED)
+        assert locations(load.since(applied, BENIGN)) == ["/orders/7"]
+
+        if pause:
+            load.pause()
+            srv.settle()
+        after_apply = set(srv.processes()) - before  # started after the apply, alive now
+        rollback("shop")
+        rolled = time.monotonic()
+        load.resume()
+        load.wait_for(lambda: len(pids(load.since(rolled)) - after_apply - before) >= 5, timeout=120,
+                      what="5 workers started after the rollback")
+        back = load.since(rolled)
+        served(back, VULNERABLE)
+        assert pids(back) & after_apply, "no worker started after the apply served after the rollback"
+    assert not load.failures, (load.failures[:5], srv.log())
+
+
+def test_gunicorn_sync_workers_recycled_by_max_requests(servers, bundle):
+    gunicorn_recycling(servers, bundle, pause=True)
+
+
 def test_gunicorn_gthread(servers, bundle):
     port = free_port()
     srv = servers.start(gunicorn(port, "--workers", "2", "--worker-class", "gthread", "--threads", "4"), port=port)
