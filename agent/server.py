@@ -21,8 +21,8 @@ service whatever they send:
   connection being accepted (or of its previous answer), and its first
   byte within IDLE_LIMIT; an answer must be taken within WRITE_DEADLINE;
 * at most MAX_CONNECTIONS connections are open; when full, the connection
-  that has been waiting longest for its request is dropped for the new one
-  (a client sending its request promptly is never the longest waiting);
+  that has waited longest for its request (or to take its answer) is
+  dropped for the new one (a prompt client is never the longest waiting);
 * frames over the request limit (protocol.max_request) are refused from
   their header; frames over SMALL_FRAME need room in a budget shared by
   every connection (BUFFER_BUDGET_FRAMES request limits, held until the
@@ -295,11 +295,14 @@ class Server:
     def _evict(self, now: float) -> bool:
         """Make room: drop the connection that has waited longest for its
         request, if it has waited a while (a prompt client sends at once)."""
-        waiting = [c for c in self._conns.values() if c.state == _READING and now - c.since > 0.5]
+        waiting = [c for c in self._conns.values() if c.state != _HANDLING and now - c.since > 0.5]
         if not waiting:
             return False
         oldest = min(waiting, key=lambda c: c.since)
-        self._refuse(oldest, "Busy", "request not received while other clients waited to connect; retry")
+        if oldest.state == _WRITING:
+            self._drop(oldest)  # mid-answer: nothing more can be said on it
+        else:
+            self._refuse(oldest, "Busy", "request not received while other clients waited to connect; retry")
         return True
 
     def _read(self, conn: _Conn, now: float) -> None:
@@ -406,7 +409,7 @@ class Server:
             if self._conns.get(conn.fd) is not conn:
                 continue  # gone meanwhile (the server closed)
             conn.state, conn.out, conn.sent, conn.close_after = _WRITING, memoryview(frame), 0, close_after
-            conn.deadline = now + WRITE_DEADLINE
+            conn.since, conn.deadline = now, now + WRITE_DEADLINE
             self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
             conn.registered = True
             self._write(conn, now)

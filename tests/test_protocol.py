@@ -425,3 +425,15 @@ def test_fuzzed_frames_change_nothing_and_never_raise(fuzz_agent, payload):
     # only refusals: bundles rejected, rollbacks refused with nothing applied
     assert all(e["outcome"] in ("rejected", "refused") for e in fuzz_agent.request("history")["result"])
     assert "Traceback" not in fuzz_agent.stderr()
+
+
+def test_protocol_fuzz_benchmark_runs():
+    """The benchmark-style run (10^5 cases by default) in its quick form."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "protocol_fuzz.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(out.stdout.strip().splitlines()[-1].split("results: ", 1)[1]) as fh:
+        data = json.load(fh)
+    assert data["fuzz"]["cases"] == 3000 and data["fuzz"]["tracebacks"] == 0 and data["fuzz"]["agent_still_answers"]
+    assert data["memory"]["answers"] == {"ok": 8}  # 8 x 1 MiB: within the budget of two 16 MiB frames
