@@ -47,6 +47,9 @@ def describe(entry: dict, classification: str | None = None) -> str:
     outcome = entry.get("outcome", "?")
     label = f"{patch} ({classification})" if classification else patch
     module = entry.get("module")
+    if action == "trust":
+        from .trust import describe as trust_line
+        return trust_line(entry)
     if action == "retire":
         return f"livepatch: retired {label}: {_first_line(entry.get('reason'))}; it will not be applied again"
     if outcome == "ok":

@@ -14,6 +14,7 @@ import threading
 import time
 
 from . import hangup, ordering, protocol
+from . import trust as trust_module
 
 # An apply or rollback waits this long for another one to finish, then the
 # client gets a clear "busy" answer.
@@ -22,11 +23,10 @@ EXCLUSIVE_WAIT = 30.0
 
 class Agent:
     def __init__(self, *, name: str, trust, allow_unsigned: bool, socket_path: str):
-        from livepatch.signing import load_trusted
         self.name = name
         self.trust_source = trust
-        self.trusted = load_trusted(trust) if trust else {}
         self.allow_unsigned = allow_unsigned
+        trust_module.initial(self)  # sets self.trusted; a bad store is logged, never fatal
         self.socket_path = socket_path
         self.started = time.time()
         self._exclusive = threading.Lock()
@@ -42,7 +42,7 @@ class Agent:
         _served.peer = peer
         try:
             with ordering.request_context(peer):
-                return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op)(request)}
+                return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op.replace("-", "_"))(request)}
         except _RequestError as exc:
             return self._error(exc.kind, str(exc), exc.details)
         except Exception as exc:  # a PatchError, or a bug: reported, never fatal to the agent
@@ -66,7 +66,8 @@ class Agent:
         status["agent"] = {
             "pid": os.getpid(), "name": self.name, "version": _version(), "socket": self.socket_path,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-            "argv": sys.argv[:8], "trusted_keys": sorted(self.trusted),
+            "argv": sys.argv[:8], "trusted_keys": sorted(self.trusted), "trust": self.trust_source,
+            "trust_problem": self.trust_problem,
             "development_mode_unsigned_bundles": self.allow_unsigned,
             "busy": self._exclusive.locked(),
             "in_progress": dict(self._doing) if self._doing else None,
@@ -138,6 +139,12 @@ class Agent:
             on_rolled_back(self, [r.patch_id for r in results])
         return [{"patch_id": r.patch_id, "pause_ns": r.pause_ns, "attempts": r.attempts,
                  "functions": r.functions, "targets": r.targets} for r in results]
+
+    def op_reload_trust(self, request):
+        try:
+            return trust_module.reload(self, request)
+        except trust_module.Refused as exc:
+            raise _RequestError(exc.kind, str(exc)) from None
 
     # ------------------------------------------------------------ helpers
     def _patch(self, blob, field, raw=False, action="apply"):

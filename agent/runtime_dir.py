@@ -239,3 +239,78 @@ def _temp_roots(env) -> list[str]:
     out = [os.path.abspath(env[var]) for var in ("TMPDIR", "TEMP", "TMP")
            if env.get(var) and os.path.isabs(env[var]) and os.path.isdir(env[var])]
     return list(dict.fromkeys(out + ["/tmp"]))
+
+
+# ---------------------------------------------------------------- files read through a path
+
+def resolve_checked(path: str, uid: int | None = None, limit: int = 40) -> tuple[str, os.stat_result]:
+    """Follow `path` one component at a time, as the kernel does, checking
+    every lookup on the way (symlinks included, so a Kubernetes secret's
+    `key.pub -> ..data/key.pub -> ..2026_.../key.pub` works when each hop
+    is safe): each directory a name is looked up in must be owned by root
+    or `uid` and writable by nobody else, unless it is sticky and the entry
+    is root's or `uid`'s, or it sits on a read-only mount; every symlink
+    must be root's or `uid`'s. Returns the resolved path and its lstat.
+    Raises UnsafeDirectory naming the place and the problem (a link loop
+    too), or OSError (a missing component)."""
+    uid = os.getuid() if uid is None else uid
+    path = os.path.abspath(path)
+    todo = path.split("/")[::-1]
+    here, st, hops = "/", os.lstat("/"), 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            st = os.lstat(here)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeDirectory(f"{here} (on the way to {path}) is not a directory")
+        where = os.path.join(here, name)
+        entry = os.lstat(where)
+        _check_lookup(here, st, where, entry, uid, path)
+        if stat.S_ISLNK(entry.st_mode):
+            hops += 1
+            if hops > limit:
+                raise UnsafeDirectory(f"too many levels of symbolic links on the way to {path} (a loop at {where})")
+            target = os.readlink(where)
+            if target.startswith("/"):
+                here, st = "/", os.lstat("/")
+            todo.extend(target.split("/")[::-1])
+            continue
+        here, st = where, entry
+    return here, st
+
+
+def check_owned(path: str, st: os.stat_result, uid: int | None = None) -> None:
+    """What `path` (its lstat `st`) itself must be to be relied on: root's
+    or `uid`'s, and writable by nobody else (a sticky directory may be, its
+    entries are checked one by one; a read-only mount may be)."""
+    uid = os.getuid() if uid is None else uid
+    if st.st_uid not in (0, uid):
+        raise UnsafeDirectory(f"{path} is owned by uid {st.st_uid}, not {uid} or root")
+    if _others_may_write(path, st) and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        raise UnsafeDirectory(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _check_lookup(directory: str, dir_st, where: str, entry, uid: int, path: str) -> None:
+    place = "above" if path.startswith(directory.rstrip("/") + "/") else "on the way to"
+    if dir_st.st_uid not in (0, uid):
+        raise UnsafeDirectory(f"{directory} ({place} {path}) is owned by uid {dir_st.st_uid}")
+    # sticky: others may add entries, not replace ours
+    if _others_may_write(directory, dir_st) and not (dir_st.st_mode & stat.S_ISVTX and entry.st_uid in (0, uid)):
+        raise UnsafeDirectory(f"{directory} ({place} {path}) is writable by others "
+                              f"(mode {stat.S_IMODE(dir_st.st_mode):o})"
+                              + (f" and {where} is uid {entry.st_uid}'s" if dir_st.st_mode & stat.S_ISVTX else ""))
+    if stat.S_ISLNK(entry.st_mode) and entry.st_uid not in (0, uid):
+        raise UnsafeDirectory(f"{where} ({place} {path}) is a symlink owned by uid {entry.st_uid}")
+
+
+def _others_may_write(path: str, st) -> bool:
+    if not st.st_mode & 0o022:
+        return False
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY  # a read-only mount: nobody writes, whatever the bits
+    except OSError:
+        return True

@@ -551,7 +551,7 @@ def _classification(patch_id):
 
 
 _KEEP = ("reason", "error", "module", "targets", "pending", "pause_ns", "attempts", "functions", "forced", "commit",
-         "peer", "allow_downgrade", "downgrade", "authorization")
+         "peer", "allow_downgrade", "downgrade", "authorization", "trust", "keys", "replaced")
 
 
 def _on_entry(entry: dict) -> None:

@@ -145,7 +145,7 @@ def cmd_status(args):
     def human(s):
         a = s["agent"]
         lines = [f"process {a['pid']} ({a['name']}), Python {s['python']['version']}, agent {a['version']} on {a['socket']}",
-                 f"trusted keys: {', '.join(a['trusted_keys']) or 'none'}"
+                 _trust_line(a)
                  + ("; DEVELOPMENT MODE: unsigned bundles accepted" if a["development_mode_unsigned_bundles"] else ""),
                  f"state: {'FORCED' if s['forced'] else 'normal'}"]
         doing = a.get("in_progress") or s.get("in_progress")
@@ -266,8 +266,67 @@ def cmd_attach(args):
     except AttachError as exc:
         code = EXIT_NO_AGENT if "no process" in str(exc) or "not a CPython" in str(exc) else EXIT_ERROR
         raise CliError(str(exc), code) from None
+    if info["method"] == "already attached":
+        return _already_attached(args, info)
     _emit(args, info, lambda i: f"agent listening in process {args.pid} on {i['socket']} "
           f"(via {i['method']}; target stopped {i['stop_ms']} ms; attach took {i['elapsed_ms']} ms)")
+
+
+def _trust_line(a: dict) -> str:
+    where = f" from {a['trust']}" if a.get("trust") else ""
+    if a["trusted_keys"]:
+        return f"trusted keys{where}: {', '.join(a['trusted_keys'])}"
+    why = f" ({a['trust_problem']})" if a.get("trust_problem") else ""
+    return "no trusted keys" + why + ("" if a["development_mode_unsigned_bundles"] else ": every signed bundle is refused")
+
+
+def _already_attached(args, info):
+    """An agent runs there already: the options it started with stay, except
+    the trusted keys, which are reloaded from --trust when it is given."""
+    kept = [o for o, given in (("--name", args.name), ("--allow-unsigned", args.allow_unsigned)) if given]
+    note = f"; {' and '.join(kept)} apply only when an agent starts: unchanged" if kept else ""
+    if not args.trust:
+        _emit(args, info, lambda i: f"process {args.pid} already has an agent on {i['socket']}: nothing changed"
+              + (note or " (to change its trusted keys: --trust KEYFILE_OR_DIR)"))
+        return
+    result = _call(args.pid, "reload-trust", trust=os.path.abspath(args.trust))
+    _emit(args, {**info, "reloaded": result}, lambda i: f"process {args.pid} already has an agent on {i['socket']}: "
+          + _reloaded_line(result) + note)
+
+
+def _reloaded_line(r: dict) -> str:
+    keys = r["trusted_keys"]
+    shown = f" ({', '.join(k[:4] + '...' for k in keys)})" if keys else ": no trusted keys, every signed bundle will be refused"
+    changes = [f"{len(r[k])} {k}" for k in ("added", "removed") if r.get(k)]
+    return (f"trusted keys reloaded from {r['trust']}: {len(keys)} key{'s' * (len(keys) != 1)}{shown}"
+            + (f" [{', '.join(changes)}]" if changes else " [unchanged]"))
+
+
+def cmd_trust_reload(args):
+    """Reload the trusted keys of one process, or of every process of a service."""
+    from .tree import NoSuchService, find, is_pid
+    fields = {"trust": os.path.abspath(args.trust)} if args.trust else {}
+    if is_pid(args.target) and not args.tree:
+        pids = [int(args.target)]
+    else:
+        try:
+            pids = find(args.target, args.tree).pids
+        except NoSuchService as exc:
+            raise CliError(str(exc), EXIT_NO_AGENT) from None
+    results, failed = {}, []
+    for pid in pids:
+        try:
+            results[pid] = _call(pid, "reload-trust", **fields)
+        except CliError as exc:
+            if len(pids) == 1:
+                raise
+            failed.append((pid, exc))
+    _emit(args, {"reloaded": {str(p): r for p, r in results.items()},
+                 "failed": {str(p): str(e) for p, e in failed}},
+          lambda d: "\n".join([f"process {p}: {_reloaded_line(r)}" for p, r in results.items()]
+                              + [f"process {p}: not reloaded: {e}" for p, e in failed]))
+    if failed:
+        raise CliError(f"trusted keys not reloaded in {len(failed)} of {len(pids)} processes", failed[0][1].code)
 
 
 def add_commands(command) -> None:
@@ -311,5 +370,16 @@ def add_commands(command) -> None:
     p.add_argument("--name", help="a name for the service in `livepatch ps`")
     p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
     p.add_argument("--timeout", type=float, default=15.0)
+    p = command("trust", None, "the trusted keys of running agents")
+    sub = p.add_subparsers(dest="trust_command", required=True)
+    p = sub.add_parser("reload", help="reload the trusted keys of a process or of every process of a service, "
+                                      "without a restart", description="reload the trusted keys of a process or of "
+                                      "every process of a service, without a restart (checked as at start; a store "
+                                      "that fails the checks changes nothing)")
+    p.add_argument("target", metavar="SERVICE|PID", help="a PID (one process), or a service: its name, or a PID with --tree")
+    p.add_argument("--tree", action="store_true", help="the PID and all its descendants that have an agent")
+    p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="load from here from now on (default: the store in use)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_trust_reload)
     from .cli_run import add_arguments, cmd_run
     add_arguments(command("run", cmd_run, "run a Python program (any command line) with the agent in it"))

@@ -62,8 +62,15 @@ def generate(path_prefix: str) -> tuple[str, str, str]:
     return key_path, pub_path, key_id(_public_raw(private.public_key()))
 
 
-def _read_small(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def _read_small(path: str, expect: os.stat_result | None = None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+        os.close(fd)
+        raise SignatureError(f"{path} changed while it was being checked")
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SignatureError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(MAX_KEY_FILE + 1)
     if len(data) > MAX_KEY_FILE:
@@ -73,11 +80,16 @@ def _read_small(path: str) -> bytes:
 
 def load_private(path: str):
     ed25519, serialization, _ = _crypto()
+    data = _read_small(path)
+    if b"-----BEGIN PUBLIC KEY-----" in data:
+        # the usual mix-up: the .pub given where the .key belongs
+        hint = f" (its private key is {path[:-4]}.key)" if path.endswith(".pub") and os.path.exists(path[:-4] + ".key") else ""
+        raise SignatureError(f"{path} is a public key; signing needs the private key{hint}")
     st = os.stat(path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SignatureError(f"{path}: private key is readable by others (mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
     try:
-        key = serialization.load_pem_private_key(_read_small(path), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path}: not a PEM private key ({exc})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -85,38 +97,81 @@ def load_private(path: str):
     return key
 
 
-def load_public(path: str):
+def load_public(path: str, expect: os.stat_result | None = None, shown: str | None = None):
+    """The public key in `path`; with `expect` (its lstat when checked), only
+    if the file opened is that one (not swapped meanwhile)."""
     ed25519, serialization, _ = _crypto()
+    shown = shown or path
     try:
-        key = serialization.load_pem_public_key(_read_small(path))
+        key = serialization.load_pem_public_key(_read_small(path, expect))
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
+        raise SignatureError(f"{shown}: not a PEM public key ({exc})") from None
+    except OSError as exc:
+        raise SignatureError(f"{shown}: cannot read it: {exc.strerror or exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SignatureError(f"{path}: not an Ed25519 public key")
+        raise SignatureError(f"{shown}: not an Ed25519 public key")
     return key
 
 
-def load_trusted(source) -> dict:
+class UnsafeTrustStore(SignatureError):
+    """A trust store (or a key in it) that someone else could change."""
+
+
+def load_trusted(source, uid: int | None = None) -> dict:
     """Trusted public keys from a `.pub` file, a directory of them, or a
-    list of either; returns {key id: public key}."""
+    list of either; returns {key id: public key}.
+
+    A trust store is checked like the socket directory (agent/runtime_dir.py),
+    since whoever can write to it decides which bundles run: the store, each
+    key and every directory and symlink on the way to them must be root's or
+    `uid`'s (default: ours) and writable by nobody else (a sticky directory
+    holding only such entries, or a read-only mount, is fine). Symlinks are
+    followed hop by hop under the same checks. Anything else raises
+    UnsafeTrustStore naming the path and the problem; nothing is trusted."""
     if source is None:
         return {}
-    paths = []
+    uid = os.getuid() if uid is None else uid
+    files = []
     for item in ([source] if isinstance(source, (str, os.PathLike)) else list(source)):
         item = os.fspath(item)
-        if os.path.isdir(item):
-            paths += sorted(os.path.join(item, n) for n in os.listdir(item) if n.endswith(".pub"))
-        elif os.path.exists(item):
-            paths.append(item)
+        resolved, st = _checked(item, item, uid)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                names = sorted(n for n in os.listdir(resolved) if n.endswith(".pub"))
+            except OSError as exc:
+                raise UnsafeTrustStore(f"trust store {item}: cannot list it: {exc.strerror}") from None
+            if len(names) > MAX_TRUSTED_KEYS:
+                raise SignatureError(f"too many trusted keys in {item} ({len(names)} > {MAX_TRUSTED_KEYS})")
+            for name in names:
+                files.append((os.path.join(item, name), *_checked(os.path.join(resolved, name), item, uid)))
         else:
-            raise SignatureError(f"trusted key {item!r} does not exist")
-    if len(paths) > MAX_TRUSTED_KEYS:
-        raise SignatureError(f"too many trusted keys ({len(paths)} > {MAX_TRUSTED_KEYS})")
+            files.append((item, resolved, st))
+    if len(files) > MAX_TRUSTED_KEYS:
+        raise SignatureError(f"too many trusted keys ({len(files)} > {MAX_TRUSTED_KEYS})")
     keys = {}
-    for path in paths:
-        public = load_public(path)
+    for shown, resolved, st in files:
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeTrustStore(f"trusted key {shown}: not a regular file")
+        public = load_public(resolved, expect=st, shown=shown)
         keys[key_id(_public_raw(public))] = public
     return keys
+
+
+def _checked(path: str, store: str, uid: int):
+    """(resolved path, lstat) of `path` after every check, or UnsafeTrustStore."""
+    from .agent.runtime_dir import UnsafeDirectory, check_owned, resolve_checked
+    try:
+        resolved, st = resolve_checked(path, uid)
+        check_owned(resolved if resolved == os.path.abspath(path) else f"{resolved} (where {path} leads)", st, uid)
+    except UnsafeDirectory as exc:
+        raise UnsafeTrustStore(f"unsafe trust store {store}: {exc}") from None
+    except FileNotFoundError as exc:
+        what = "does not exist" if os.path.abspath(exc.filename or "") == os.path.abspath(path) \
+            else f"leads to {exc.filename}, which does not exist"
+        raise SignatureError(f"trusted key {path!r} {what}") from None
+    except OSError as exc:
+        raise UnsafeTrustStore(f"trust store {store}: {exc.filename or path}: {exc.strerror or exc}") from None
+    return resolved, st
 
 
 def sign(private_key, message: bytes) -> dict:
