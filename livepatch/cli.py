@@ -74,7 +74,21 @@ def _patch_error(exc) -> CliError:
 
 def cmd_keygen(args):
     from .signing import generate
-    key, pub, kid = generate(args.output)
+    prefix = args.output
+    directory = os.path.dirname(prefix) or "."
+    if prefix.endswith("/") or os.path.isdir(prefix):
+        raise CliError(f"{prefix} is a directory: give a prefix for the two files, such as {os.path.join(prefix, 'ops')}")
+    if not os.path.isdir(directory):
+        raise CliError(f"cannot write {prefix}.key: there is no directory {directory}")
+    for path in (prefix + ".key", prefix + ".pub"):
+        if os.path.lexists(path):
+            raise CliError(f"{path} already exists: not overwriting a key (remove it first, or choose another PREFIX)")
+    try:
+        key, pub, kid = generate(prefix)
+    except FileExistsError as exc:  # made meanwhile
+        raise CliError(f"{exc.filename} already exists: not overwriting a key") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {exc.filename or prefix}: {exc.strerror or exc}") from None
     _emit(args, {"private": key, "public": pub, "key_id": kid},
           lambda d: f"private key {d['private']} (keep it secret)\npublic key  {d['public']} (give to agents: --trust)\nkey id      {d['key_id']}")
 

@@ -54,11 +54,18 @@ def generate(path_prefix: str) -> tuple[str, str, str]:
     pub_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     key_path, pub_path = path_prefix + ".key", path_prefix + ".pub"
-    for path, data, mode in ((key_path, priv_pem, 0o600), (pub_path, pub_pem, 0o644)):
-        # O_EXCL|O_NOFOLLOW: never overwrite a key, never follow a planted symlink
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+    written = []
+    try:
+        for path, data, mode in ((key_path, priv_pem, 0o600), (pub_path, pub_pem, 0o644)):
+            # O_EXCL|O_NOFOLLOW: never overwrite a key, never follow a planted symlink
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            written.append(path)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    except BaseException:
+        for path in written:  # half a key pair is no use: leave nothing behind
+            os.unlink(path)
+        raise
     return key_path, pub_path, key_id(_public_raw(private.public_key()))
 
 
