@@ -72,7 +72,9 @@ def ps(args):
             cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role, "python": m.row()["python"] or "?",
                       "patches": ",".join(m.applied) or "-",
                       "state": m.state + (f" ({', '.join(m.pending)})" if m.pending else "") + _doing(m)
-                      + (" (dev: unsigned allowed)" if m.row()["development_mode_unsigned_bundles"] else ""),
+                      + (" (dev: unsigned allowed)" if m.row()["development_mode_unsigned_bundles"]
+                         else " (no trusted keys)" if m.answering and not m.status.get("agent", {}).get("trusted_keys")
+                         else ""),
                       "command": m.command[:60]} for m in s.members]
             lines += ["  " + line for line in table(cells, ["pid", "role", "python", "patches", "state", "command"]).splitlines()]
         lines.append("workers serve requests; a master only starts and watches its workers" if services
