@@ -81,7 +81,7 @@ class Gunicorn:
             cmd = [sys.executable, "-m", "livepatch", "run", "--name", self.name, "--trust", trust,
                    "--state-dir", state, "--", *cmd]
         self.proc = subprocess.Popen(cmd, cwd=SERVERS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine starts 16 workers slowly
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.proc.stderr.read().decode()[-2000:]}")

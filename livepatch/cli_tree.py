@@ -311,6 +311,9 @@ def _back_out(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens
             carriers.append(m.pid)
             if m.parent in tokens:  # a forked child holds its parent's undo token too
                 tokens[m.pid] = tokens[m.parent]
+        elif m.answering:
+            # e.g. forked in the middle of its parent's commit: the child's engine undid it
+            rep.procs[m.pid].update(outcome="unchanged", detail="started during the apply, without the patch")
     if now.members:
         rep.svc = now
         rep.relayout(now)
@@ -320,14 +323,15 @@ def _back_out(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens
 def apply(args):
     from .client import encode_bundle
     blob = encode_bundle(read_bundle_bytes(args.bundle))  # read and encoded once for every process
-    svc = find(args)
     started = time.perf_counter()
+    svc = find(args)
     rep = _Report(svc)
     answering = [m.pid for m in svc.members if m.answering]
 
     # phase 1: verify and check everywhere, changing nothing
     patch_id, ready = None, []
     tokens: dict[int, str] = {}
+    waits = set()  # processes where part of the patch would wait for an import
     try:
         assessed = fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob], **_order_fields(args))
     except KeyboardInterrupt:
@@ -338,6 +342,8 @@ def apply(args):
             continue
         v = o.result[0]
         patch_id = patch_id or v.get("patch_id")
+        if v.get("pending"):
+            waits.add(pid)
         if v["verdict"] == "refused":
             rep.fail(pid, "refused", f"{v.get('error')}: {v.get('message', '')}", v.get("error", ""), v.get("problems", ()))
         elif v["verdict"] == "already-applied":
@@ -403,7 +409,8 @@ def apply(args):
         return
 
     # processes that appeared meanwhile, and where the patch waits for an import
-    now, newcomers = tree.rediscover(svc)
+    # (asked again only where the check said part of it would)
+    now, newcomers = tree.rediscover(svc, ask=waits)
     rep.svc = now if now.members else svc
     rep.relayout(now)
     fresh = []

@@ -233,10 +233,12 @@ def find(target: str, tree: bool) -> Service:
     return by_name(target)
 
 
-def rediscover(service: Service) -> tuple[Service, list[Member]]:
+def rediscover(service: Service, ask=None) -> tuple[Service, list[Member]]:
     """The service as it is now, and the members that were not in it
     before: processes started since it was found, under one of its members
-    (forked or spawned workers), which get a moment to start listening."""
+    (forked or spawned workers), which get a moment to start listening.
+    `ask`: the known members whose status is asked again (default: all);
+    the others keep the status they had, if they are still alive."""
     from .client import AgentUnavailable, socket_for
     known = set(service.pids)
     roots = [service.root] if service.root is not None else service.pids
@@ -255,7 +257,9 @@ def rediscover(service: Service) -> tuple[Service, list[Member]]:
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.02)
-    members = [m for p, o in _statuses(sorted(known | listening)).items() if (m := _member(p, o))]
+    asked = known if ask is None else known & set(ask)
+    members = [m for p, o in _statuses(sorted(asked | listening)).items() if (m := _member(p, o))]
+    members += [m for m in service.members if m.pid not in asked and m.pid in ppids]
     # a newcomer listening under another name is not part of a service found by name
     members = [m for m in members if m.pid in known or service.name is None or m.name == service.name]
     if listening:

@@ -381,9 +381,10 @@ def test_a_refusal_at_commit_also_rolls_back_a_worker_forked_with_the_patch_mean
     assert r.returncode == 3, r.stdout + r.stderr
     out = _json(r)
     new = [p for p in out["processes"] if p["newcomer"]]
-    assert len(new) == 1 and new[0]["outcome"] == "rolled back", out["processes"]
-    assert "started during the apply with the patch" in new[0]["detail"]
-    outcomes = {p["pid"]: p["outcome"] for p in out["processes"]}
+    # forked with the patch, or in the middle of the parent's commit (the child's engine then undid it)
+    assert len(new) == 1 and (new[0]["outcome"], new[0]["detail"][:38]) in \
+        {("rolled back", "started during the apply with the patc"), ("unchanged", "started during the apply, without the ")}, new
+    outcomes = {p["pid"]: p["outcome"] for p in out["processes"] if not p["newcomer"]}
     assert outcomes.pop(busy) == "refused" and set(outcomes.values()) == {"rolled back"}
     svc.wait_for(5)
     assert set(svc.answers().values()) == {"old"} and len(svc.answers()) == 5
