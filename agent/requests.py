@@ -4,16 +4,15 @@ unmarshalled; apply and rollback run one at a time."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import os
-import platform
 import sys
 import threading
 import time
 
-from . import hangup, ordering, protocol
+# ordering (errors, hmac, secrets), base64 and platform are imported by the
+# requests that use them: an agent waiting for its first request has none
+from . import hangup, protocol
 from . import trust as trust_module
 
 # An apply or rollback waits this long for another one to finish, then the
@@ -41,6 +40,7 @@ class Agent:
             return self._error("ProtocolError", f"unknown request {str(op)[:40]!r}; known: {', '.join(protocol.OPS)}")
         _served.peer = peer
         try:
+            from . import ordering
             with ordering.request_context(peer):
                 return {"v": protocol.VERSION, "ok": True, "result": getattr(self, "op_" + op.replace("-", "_"))(request)}
         except _RequestError as exc:
@@ -58,6 +58,7 @@ class Agent:
 
     # ------------------------------------------------------------ requests
     def op_ping(self, request):
+        import platform
         return {"pid": os.getpid(), "python": platform.python_version(), "agent": _version()}
 
     def op_status(self, request):
@@ -86,6 +87,7 @@ class Agent:
 
     def op_assess(self, request):
         import livepatch
+        from . import ordering
         from livepatch.busynow import verdict
         out = []
         for i, blob in enumerate(_list(request, "bundles")):
@@ -99,6 +101,7 @@ class Agent:
 
     def op_apply(self, request):
         import livepatch
+        from . import ordering
         from livepatch.busynow import verdict
         patch, data, bundle = self._patch(request.get("bundle"), "bundle", raw=True,
                                           action="assess" if request.get("dry_run") else "apply")
@@ -120,6 +123,7 @@ class Agent:
 
     def op_rollback(self, request):
         import livepatch
+        from . import ordering
         timeout, force = _timeout(request), bool(request.get("force", False))
         cancelled = hangup.cancelled()
         patch_id = request.get("patch_id")
@@ -150,6 +154,9 @@ class Agent:
     def _patch(self, blob, field, raw=False, action="apply"):
         """The verified Patch; with `raw`, (patch, bundle bytes, verified
         Bundle). A bundle refused here is recorded in the history."""
+        import base64
+        import binascii
+
         from livepatch.bundle import read, to_patch
         data = bundle = None
         try:
@@ -202,6 +209,7 @@ def _record_rejection(action, field, data, bundle, exc) -> None:
     import hashlib
 
     import livepatch
+    from . import ordering
     extra = {"field": field, "peer": ordering.record_fields().get("peer")}
     if data is not None:
         extra.update(bundle_sha256=hashlib.sha256(data).hexdigest(), size=len(data))

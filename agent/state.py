@@ -41,10 +41,7 @@ not share records."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
-import fcntl
-import hashlib
 import json
 import os
 import re
@@ -53,6 +50,8 @@ import sys
 import threading
 import time
 
+# datetime, fcntl and hashlib are imported where used: an agent whose state
+# directory holds nothing may never need them
 from . import log as _log
 from . import runtime_dir
 
@@ -94,11 +93,13 @@ def location(name: str, root: str | None = None) -> str:
 
 
 def _now_iso(ts: float | None = None) -> str:
+    import datetime
     ts = time.time() if ts is None else ts
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _parse_time(text) -> float | None:
+    import datetime
     try:
         return datetime.datetime.fromisoformat(str(text)).timestamp()
     except (TypeError, ValueError):
@@ -222,6 +223,7 @@ class State:
     # -------------------------------------------------------------- files
     @contextlib.contextmanager
     def locked(self):
+        import fcntl
         _forget_inherited_locks()
         self._create()
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -311,6 +313,7 @@ class State:
         """Keep the bundle bytes and append its record (idempotent: the same
         bytes are recorded once; a new build of the same id replaces the
         older one in place)."""
+        import hashlib
         digest = hashlib.sha256(data).hexdigest()
         patch_id = manifest["id"]
         rec = {"id": patch_id, "file": f"{patch_id}-{digest[:16]}.lpb", "sha256": digest,
@@ -375,6 +378,8 @@ class State:
 
     def read_bundle(self, rec: dict) -> bytes:
         """The recorded bytes, checked against the recorded digest."""
+        import hashlib
+
         from livepatch.bundle import MAX_BUNDLE_BYTES
         name = os.path.join("bundles", rec["file"])
         try:
@@ -517,7 +522,7 @@ def on_agent_start(agent, state_dir: str | None = None) -> None:
         state = open_for(agent, state_dir)
         agent.state = state
         _current.update(state=state, agent=agent)
-        _listen(livepatch.engine)
+        livepatch.on_engine(_listen)  # without making it: an idle agent needs no engine
         if state is not None:
             state.prune()
             for rec in state.records():
@@ -614,9 +619,12 @@ def _held(engine) -> set:
 
 
 def _reapply(agent, state: State) -> None:
+    records = state.records()
+    if not records:
+        return  # nothing recorded: the engine is left to the first request that needs it
     import livepatch
     held = _held(livepatch.engine)
-    for rec in state.records():
+    for rec in records:
         if rec["id"] in held:
             continue  # inherited through fork, or applied already
         try:

@@ -21,6 +21,7 @@ _installed = False
 
 def track(engine) -> None:
     _engines.add(engine)
+    install()  # whoever creates an engine: the package creates its own only on first use
 
 
 def install() -> None:
