@@ -337,3 +337,119 @@ def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_e
     out = subprocess.run([sys.executable, "-c", AGENT_FOOTPRINT], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]
+
+
+# What an agent waiting for its first request (started as under `livepatch
+# run`, nothing recorded in its state directory) adds to a service: the
+# socket server, the protocol, the runtime and state directories, trust and
+# logging. The engine, the bundle reader, signing and cryptography come with
+# the first request that needs them.
+IDLE_AGENT_MODULES = {
+    "livepatch", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart", "livepatch.agent.hangup",
+    "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.requests",
+    "livepatch.agent.runtime_dir", "livepatch.agent.server", "livepatch.agent.state", "livepatch.agent.trust",
+}
+# the standard library those need (3.11 to 3.13: json, socket, selectors, logging and what they import)
+IDLE_AGENT_STDLIB = {
+    "_colorize", "_json", "_socket", "_string", "_struct", "_tokenize", "_weakrefset", "array", "atexit",
+    "collections.abc", "contextlib", "json", "json.decoder", "json.encoder", "json.scanner", "linecache",
+    "logging", "math", "re", "select", "selectors", "socket", "string", "struct", "textwrap", "threading",
+    "token", "tokenize", "traceback", "weakref",
+}
+# named so that a failure says what came back
+NOT_IN_AN_IDLE_AGENT = ("livepatch.patchstack", "livepatch.bundle", "livepatch.signing", "livepatch.errors",
+                        "livepatch.fingerprint", "livepatch.agent.ordering", "cryptography", "dataclasses",
+                        "inspect", "typing", "ast", "dis", "hashlib", "hmac", "secrets", "random", "datetime",
+                        "platform", "base64", "tempfile", "shutil", "subprocess", "argparse")
+SNAPSHOTS = """
+import sys
+print(" ".join(sorted(sys.modules)), flush=True)
+sys.stdin.readline()
+print(" ".join(sorted(sys.modules)), flush=True)
+"""
+
+
+def _idle_and_after_requests(env, requests_then=None):
+    """The modules of a process at its first statement, and after
+    `requests_then(pid)` ran (the process waits for it)."""
+    proc = subprocess.Popen([sys.executable, "-c", SNAPSHOTS], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        idle = set(proc.stdout.readline().split())
+        if requests_then is not None:
+            requests_then(proc.pid)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        after = set(proc.stdout.readline().split())
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return idle, after
+
+
+def test_an_idle_agent_imports_only_what_waiting_for_requests_needs(tmp_path):
+    """Every process of a service run under `livepatch run` (every worker)
+    starts an agent: until a request needs more, it costs the modules listed
+    above and nothing else; the first request that needs the engine loads it,
+    and the state layer then hears of its events (a rejected bundle lands in
+    the history on disk)."""
+    from livepatch.client import request
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_")}
+    plain, _ = _idle_and_after_requests(base)
+    state = tmp_path / "state"
+    env = dict(base, LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="footprint", LIVEPATCH_STATE_DIR=str(state),
+               LIVEPATCH_ALLOW_UNSIGNED="1")
+    served = {}
+
+    def requests_then(pid):
+        served["ping"] = request(pid, "ping")
+        served["bad"] = request(pid, "apply", bundle="not base64!")
+
+    for _ in range(3):
+        idle, after = _idle_and_after_requests(env, requests_then)
+        # every request imports ordering: seen at the first statement, some
+        # other process's `livepatch ps` got an answer from this one first
+        if "livepatch.agent.ordering" not in idle:
+            break
+    added = idle - plain
+    ours = {m for m in added if m.split(".")[0] == "livepatch"}
+    assert ours == IDLE_AGENT_MODULES, (sorted(ours - IDLE_AGENT_MODULES), sorted(IDLE_AGENT_MODULES - ours))
+    assert sorted(m for m in NOT_IN_AN_IDLE_AGENT if m in added) == []
+    assert sorted(added - ours - IDLE_AGENT_STDLIB) == []
+    # the engine came with the request that needed it, and was listened to
+    assert served["ping"]["ok"] and not served["bad"]["ok"] and "base64" in served["bad"]["error"]["message"]
+    assert {"livepatch.patchstack", "livepatch.agent.ordering"} <= after
+    history = [json.loads(line) for line in (state / "footprint" / "history.jsonl").read_text().splitlines()]
+    assert [(e["action"], e["outcome"]) for e in history] == [("apply", "rejected")]
+
+
+PACKAGE_API = """
+import os, sys
+import livepatch
+assert "livepatch.patchstack" not in sys.modules and "engine" not in vars(livepatch)
+from livepatch import fingerprint, Patch, Change, UNCHANGED, AtImport, Engine, Result, PatchError, Problem
+from livepatch import BaselineMismatch, CommitFailed, IncompatibleChange, RollbackRefused, TargetBusy
+from livepatch import TargetNotFound, UnsupportedRuntime, apply, rollback, rollback_all, status, load_bundle
+import livepatch.fingerprint
+assert callable(fingerprint) and livepatch.fingerprint is fingerprint  # the function, not its submodule
+assert livepatch.engine is livepatch.engine and isinstance(livepatch.engine, Engine)
+from livepatch import engine, forksafe
+assert engine is livepatch.engine and forksafe._installed and livepatch.commit.__name__ == "livepatch.commit"
+assert livepatch.status()["applied"] == [] and livepatch.status() == engine.status()
+try:
+    livepatch.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc)
+pid = os.fork()
+if pid == 0:  # the child has the same engine, usable
+    os._exit(0 if livepatch.engine is engine and livepatch.status()["applied"] == [] else 1)
+assert os.waitpid(pid, 0)[1] == 0
+print("ok")
+"""
+
+
+def test_the_package_api_is_the_same_and_its_engine_one_per_process():
+    out = subprocess.run([sys.executable, "-c", PACKAGE_API], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "ok\n", "")
