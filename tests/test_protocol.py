@@ -254,11 +254,12 @@ HOSTILE_IDS = ["\x1b[31mHP-1\x1b[0m", "HP-\ud800", "HP-1\n", "../HP-1", "x" * 20
 
 def test_hostile_patch_ids_are_refused_and_never_stored(agents):
     agent = agents()
+    before = agent.request("history")["result"]
     for patch_id in HOSTILE_IDS:
         answer = agent.raw(protocol.encode({"v": 1, "op": "rollback", "patch_id": patch_id}))
         # a lone surrogate is refused as soon as the frame is decoded, the rest as ids
         assert answer["ok"] is False and answer["error"]["error"] in ("BadRequest", "ProtocolError"), (patch_id, answer)
-    assert agent.request("history")["result"] == []
+    assert agent.request("history")["result"] == before
     r = cli("history", str(agent.pid))
     assert r.returncode == 0, r.stderr
     assert_no_traceback(agent)
@@ -321,7 +322,7 @@ def test_rejected_bundles_are_recorded_without_their_contents(agents, signed):
                agent.request("assess", bundles=[tampered]), agent.request("apply", bundle="!!")]
     assert [a["ok"] for a in answers[:2] + answers[3:]] == [False, False, False]
     assert agent.request("status")["result"]["applied"] == []
-    history = agent.request("history")["result"]
+    history = [e for e in agent.request("history")["result"] if e["action"] in ("apply", "assess")]
     assert [(e["action"], e["outcome"]) for e in history] == [("apply", "rejected")] * 2 + [
         ("assess", "rejected"), ("apply", "rejected")]
     assert [e["error"] for e in history] == ["BundleError", "SignatureError", "BundleError", "BadRequest"]
@@ -370,7 +371,7 @@ def test_a_cumulative_patch_takes_over_linecache_and_gives_it_back(engine, make_
 OPS = list(protocol.OPS)
 _fields = st.dictionaries(
     st.sampled_from(["v", "op", "bundle", "bundles", "patch_id", "timeout", "force", "all", "dry_run",
-                     "allow_downgrade", "authorizations", "undo_token"]),
+                     "allow_downgrade", "authorizations", "undo_token", "trust"]),
     st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
                  | st.sampled_from(OPS),
                  lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
@@ -387,6 +388,9 @@ def frames(draw):
         request.setdefault("op", draw(st.sampled_from(OPS + ["nope"])))
         if request["op"] == "apply":
             request["dry_run"] = True  # never a real apply of what the fuzzer found
+        if request["op"] == "reload-trust" and "trust" in request:
+            # never a real store (a safe directory without keys is a legitimate change): junk and missing paths
+            request["trust"] = draw(st.sampled_from(["relative/dir", "/nonexistent/trust", "", "/\x00", 7, None]))
         return frame(json.dumps(request))
     if kind == "json":
         return frame(json.dumps(draw(st.recursive(st.integers() | st.text(max_size=10),
@@ -402,6 +406,8 @@ def frames(draw):
 @pytest.fixture(scope="module")
 def fuzz_agent(tmp_path_factory, signed):
     agent = Agent(tmp_path_factory.mktemp("fuzz"), trust=signed["trust"])
+    agent.history_at_start = len(agent.request("history")["result"])
+    agent.keys_at_start = agent.request("status")["result"]["agent"]["trusted_keys"]
     yield agent
     agent.stop()
 
@@ -423,7 +429,11 @@ def test_fuzzed_frames_change_nothing_and_never_raise(fuzz_agent, payload):
     status = fuzz_agent.request("status")["result"]
     assert status["applied"] == [] and status["forced"] is False
     # only refusals: bundles rejected, rollbacks refused with nothing applied
-    assert all(e["outcome"] in ("rejected", "refused") for e in fuzz_agent.request("history")["result"])
+    assert status["agent"]["trusted_keys"] == fuzz_agent.keys_at_start
+    history = fuzz_agent.request("history")["result"][fuzz_agent.history_at_start:]
+    # refusals only, and reloads of the trust store that left the same keys
+    assert [e for e in history if e["outcome"] not in ("rejected", "refused")
+            and not (e["action"] == "trust" and e["keys"] == fuzz_agent.keys_at_start)] == []
     assert "Traceback" not in fuzz_agent.stderr()
 
 
