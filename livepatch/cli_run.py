@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 
+# shutil, signal and subprocess are imported by the functions of `run`:
+# every other command builds this parser too
 from . import pyargs
 from .cli import EXIT_USAGE, CliError
 
@@ -49,6 +48,7 @@ def add_arguments(p) -> None:
 
 
 def cmd_run(args):
+    import signal
     command = list(args.program)
     if command and command[0] == "--":
         command = command[1:]
@@ -98,7 +98,7 @@ def cmd_run(args):
 
 
 def _check_trust(source: str, what: str) -> None:
-    if not os.path.exists(source):
+    if not os.path.lexists(source):  # a link loop or a dangling link: load_trusted says which
         raise CliError(f"{what} {source}: no such file or directory")
     from .signing import load_trusted
     try:
@@ -108,6 +108,7 @@ def _check_trust(source: str, what: str) -> None:
 
 
 def _find(name: str, env: dict) -> str:
+    import shutil
     if "/" in name:
         path = os.path.abspath(name)
         if not os.path.exists(path):
@@ -149,6 +150,7 @@ def _is_python_binary(path: str) -> bool:
 def _python_of(path: str, command: list, env: dict, depth: int = 0):
     """(interpreter, its options, program args) for running `command`,
     or a CliError saying why it is not a Python program."""
+    import shutil
     head = _head(path)
     if head.startswith(b"\x7fELF"):
         if not _is_python_binary(path):
@@ -201,6 +203,7 @@ def _python_of(path: str, command: list, env: dict, depth: int = 0):
 
 
 def _pyenv_which(pyenv: str, name: str, env: dict) -> str | None:
+    import subprocess
     try:
         r = subprocess.run([pyenv, "which", name], env=env, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -233,6 +236,7 @@ def _environment_of(python: str) -> str:
 def _check_interpreter(python: str, env: dict) -> None:
     """livepatch importable there, with its autostart file in a site-packages
     that interpreter reads. Known without a subprocess for this environment."""
+    import subprocess
     if _environment_of(python) == _environment_of(sys.executable):
         import site
         dirs = site.getsitepackages() + [site.getusersitepackages()]
