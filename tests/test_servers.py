@@ -192,10 +192,28 @@ def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(ser
 
 # ---------------------------------------------------------------- uvicorn
 
-def test_uvicorn_spawned_workers_and_the_ones_it_restarts(servers, bundle):
+def uvicorn_restarts(servers, bundle, pause):
+    """uvicorn's spawned workers get the fix, and so do the ones SIGHUP starts
+    in their place; after the rollback, new workers run the release. With
+    `pause`, no request is in flight while uvicorn replaces its workers."""
     port = free_port()
     srv = servers.start(uvicorn(port, "--workers", "2"), port=port)
     srv.wait_ready()
+
+    def restart(workers):
+        """SIGHUP; returns once every worker in `workers` has been replaced."""
+        if pause:
+            load.pause()
+        os.kill(srv.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not (workers.isdisjoint(srv.processes()) and len(srv.agents()) == 3):
+            assert time.monotonic() < deadline, f"uvicorn did not replace {workers}:\n{srv.log()}"
+            time.sleep(0.05)
+        restarted = time.monotonic()
+        load.resume()
+        load.wait_for(lambda: len(pids(load.since(restarted)) - workers) == 2, what="two new workers serving")
+        return restarted
+
     with Load(port, log=srv.log) as load:
         load.wait_for(lambda: len(pids(load.since(0))) == 2, what="both workers serving")
         served(load.since(0), VULNERABLE)
@@ -206,23 +224,21 @@ def test_uvicorn_spawned_workers_and_the_ones_it_restarts(servers, bundle):
         outcome = {p["pid"]: p["outcome"] for p in report["processes"]}
         assert all(outcome[w] == "patched" for w in workers), report["processes"]
         load.wait_for(lambda: len(pids(load.since(applied))) == 2 and len(load.since(applied)) >= 40)
-        served(load.since(applied), FIXED)
-
-        # SIGHUP: uvicorn replaces its workers with freshly spawned interpreters,
-        # which re-apply the recorded fix as they import the app
-        os.kill(srv.pid, signal.SIGHUP)
-        load.wait_for(lambda: len(pids(load.since(applied)) - workers) == 2, timeout=60, what="two new workers")
+        # new interpreters: they re-apply the recorded fix as they import the app
+        restarted = restart(workers)
         served(load.since(applied), FIXED)
 
         rollback("shop")
         rolled = time.monotonic()
         load.wait_for(lambda: len(pids(load.since(rolled))) == 2 and len(load.since(rolled)) >= 40)
         served(load.since(rolled), VULNERABLE)
-        restarted = pids(load.since(rolled))
-        os.kill(srv.pid, signal.SIGHUP)  # and after the rollback, new workers stay on the release
-        load.wait_for(lambda: len(pids(load.since(rolled)) - restarted) == 2, timeout=60, what="two new workers")
+        restart(pids(load.since(restarted)))  # the record is gone: new workers run the release
         served(load.since(rolled), VULNERABLE)
     assert not load.failures, (load.failures[:5], srv.log())
+
+
+def test_uvicorn_spawned_workers_and_the_ones_sighup_starts(servers, bundle):
+    uvicorn_restarts(servers, bundle, pause=True)
 
 
 # ---------------------------------------------------------------- Django
