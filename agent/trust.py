@@ -46,7 +46,9 @@ def reload(agent, request) -> dict:
     store in use). Returns the source and the key ids now trusted."""
     import livepatch
     from livepatch.signing import load_trusted
-    source = request.get("trust", agent.trust_source)
+    source = request.get("trust")
+    if source is None:
+        source = agent.trust_source
     if source is None:
         raise Refused("BadRequest", "this agent has no trust store to reload; give one (--trust KEYFILE_OR_DIR)")
     if not isinstance(source, str) or not source or len(source) > 4096 or "\0" in source:
