@@ -472,6 +472,7 @@ class Engine:
                  cancelled=None) -> Result:
         require_supported_runtime()
         with self._exclusive():
+            target = None
             try:
                 if not self._stack:
                     raise RollbackRefused("no patch is applied")
@@ -495,7 +496,9 @@ class Engine:
                 else:
                     result, _ = self._nothing_committed("rollback", target.id, force)
             except Exception as exc:
-                self._record("rollback", patch_id or "", outcome_of(exc), str(exc), exc=exc)
+                # the patch it was about, once known (a rollback of "the latest" names it)
+                self._record("rollback", target.id if target is not None else patch_id or "", outcome_of(exc),
+                             str(exc), exc=exc)
                 raise
             restored = target.replaced if target.cumulative else []
             stack = self._stack[:index] + restored + self._stack[index + 1:]

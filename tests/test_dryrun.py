@@ -52,9 +52,9 @@ def _edit(tree, relpath, old, new):
     f.write_text(text.replace(old, new, 1))
 
 
-def _build(keys, base, new, out, patch_id):
+def _build(keys, base, new, out, patch_id, classification="security"):
     r = cli("build", str(base), str(new), "-o", str(out), "--id", patch_id, "--key", keys["key"],
-            "--name", "inventory", "--version", "1.0", "--classification", "security")
+            "--name", "inventory", "--version", "1.0", "--classification", classification)
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -74,6 +74,7 @@ def bundles(keys, tmp_path_factory):
     new = _tree(d, "new-busy", "fix-path-traversal")
     _edit(new, "inventory/pricing.py", "lines += 1", "lines += 2")
     out["busy"] = _build(keys, base, new, d / "busy.lpb", "HP-BUSY")
+    out["busy-bugfix"] = _build(keys, base, new, d / "busy-bugfix.lpb", "HP-BUSYFIX", "bugfix")
     return out
 
 
@@ -359,6 +360,29 @@ def test_interrupting_the_cli_cancels_the_pending_apply(service, bundles, how):
     _not_patched(svc)
 
 
+def test_interrupting_a_rollback_cancels_it(service, bundles):
+    svc = service()
+    assert cli("apply", str(svc.pid), bundles["busy-bugfix"]).returncode == 0
+    assert svc.get(SECRET)[0] == 404
+    hold = _Hold(svc)
+    time.sleep(0.5)
+    cli_proc = subprocess.Popen([sys.executable, "-m", "livepatch", "rollback", str(svc.pid), "--timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + HOLD
+    while not _status(svc.pid)["agent"]["busy"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cli_proc.send_signal(signal.SIGINT)
+    out, err = cli_proc.communicate(timeout=30)
+    assert cli_proc.returncode == 130 and f"livepatch rollback: cancelled; nothing was changed in process {svc.pid}" in err, err
+    assert hold.holding
+    hold.wait()
+    assert svc.get(SECRET)[0] == 404  # still patched
+    assert [p["id"] for p in _status(svc.pid)["applied"]] == ["HP-BUSYFIX"]
+    entries = [(e["action"], e["outcome"]) for e in _history(svc.pid) if e.get("patch") == "HP-BUSYFIX"]
+    assert entries == [("apply", "ok"), ("rollback", "cancelled")], entries
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_interrupting_a_service_apply_cancels_it_everywhere(service, bundles, processes):
     name = f"dryrun-svc{processes}"
@@ -396,3 +420,56 @@ def test_ps_and_service_status_show_an_apply_in_progress(service, bundles):
     finally:
         cli_proc.send_signal(signal.SIGINT)
         cli_proc.communicate(timeout=30)
+
+
+# ---------------------------------------------------------------- engine: cancelled()
+
+BUSY_SOURCE = """\
+import threading
+
+def hold(event):
+    event.wait()
+    return "old"
+"""
+
+
+def test_engine_cancelled_between_attempts_changes_nothing_and_is_recorded(make_module, engine):
+    from conftest import patch_of
+
+    from livepatch.errors import Cancelled
+    m, source = make_module(BUSY_SOURCE)
+    patch = patch_of(m, source, BUSY_SOURCE.replace('"old"', '"new"'))
+    release = threading.Event()
+    t = threading.Thread(target=m.hold, args=(release,), daemon=True)
+    t.start()
+    asked = []
+
+    def cancelled():
+        asked.append(time.monotonic())
+        return len(asked) > 3  # the client goes away while the engine waits
+    old_code = m.hold.__code__
+    try:
+        with pytest.raises(Cancelled, match="cancelled by its client"):
+            engine.apply(patch, timeout=30, cancelled=cancelled)
+    finally:
+        release.set()
+        t.join()
+    assert asked[-1] - asked[0] < 5  # well inside the timeout
+    assert m.hold.__code__ is old_code and engine.applied_ids() == []
+    assert engine.status()["in_progress"] is None
+    last = engine.history()[-1]
+    assert (last["action"], last["patch"], last["outcome"]) == ("apply", "HP-1", "cancelled")
+    # the target is free now: the same patch applies, and a rollback can be cancelled too
+    engine.apply(patch)
+    assert m.hold(_set_event()) == "new"
+    with pytest.raises(Cancelled):
+        engine.rollback(cancelled=lambda: True)
+    assert engine.applied_ids() == ["HP-1"] and engine.history()[-1]["outcome"] == "cancelled"
+    engine.rollback()
+    assert m.hold.__code__ is old_code
+
+
+def _set_event():
+    e = threading.Event()
+    e.set()
+    return e
