@@ -24,6 +24,11 @@ class Refused(Exception):
         self.kind = kind
 
 
+# What this process (or the parent it was forked from) has warned about:
+# twenty forked workers of one service say it once, in the master.
+_warned: set = set()
+
+
 def initial(agent) -> None:
     """Set agent.trusted (and agent.trust_problem) from agent.trust_source."""
     agent.trust_problem = None
@@ -31,14 +36,20 @@ def initial(agent) -> None:
     if not agent.trust_source:
         if not agent.allow_unsigned:
             agent.trust_problem = "no trust store given (--trust)"
-            _logger().warning("livepatch: agent in process %d started without --trust: %s", os.getpid(), NO_KEYS)
+            _warn_once("livepatch: agent in process %d started without --trust: %s", NO_KEYS)
         return
     from livepatch.signing import load_trusted
     try:
         agent.trusted = load_trusted(agent.trust_source)
     except Exception as exc:  # missing, unsafe, unreadable: never fatal to the service
         agent.trust_problem = _line(exc)
-        _logger().warning("livepatch: agent in process %d: %s; %s", os.getpid(), agent.trust_problem, NO_KEYS)
+        _warn_once("livepatch: agent in process %d: %s", f"{agent.trust_problem}; {NO_KEYS}")
+
+
+def _warn_once(template: str, text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        _logger().warning(template, os.getpid(), text)
 
 
 def reload(agent, request) -> dict:
@@ -48,12 +59,12 @@ def reload(agent, request) -> dict:
     from livepatch.signing import load_trusted
     source = request.get("trust")
     if source is None:
-        source = agent.trust_source
-    if source is None:
-        raise Refused("BadRequest", "this agent has no trust store to reload; give one (--trust KEYFILE_OR_DIR)")
-    if not isinstance(source, str) or not source or len(source) > 4096 or "\0" in source:
+        source = agent.trust_source  # what start() was given: a path, or a list of them
+        if not source:
+            raise Refused("BadRequest", "this agent has no trust store to reload; give one (--trust KEYFILE_OR_DIR)")
+    elif not isinstance(source, str) or not source or len(source) > 4096 or "\0" in source:
         raise Refused("BadRequest", "trust must be the path of a .pub file or of a directory of them")
-    if not os.path.isabs(source):
+    elif not os.path.isabs(source):
         raise Refused("BadRequest", "trust must be an absolute path (the agent's working directory is not the client's)")
     before = sorted(agent.trusted)
     try:
@@ -63,6 +74,7 @@ def reload(agent, request) -> dict:
         raise Refused(type(exc).__name__, f"{_line(exc)}; nothing changed: the agent still trusts "
                                           f"{len(before)} key{'s' * (len(before) != 1)}") from None
     agent.trusted, agent.trust_source, agent.trust_problem = keys, source, None
+    _warned.clear()  # a later problem is news again
     _follow(agent, source)
     ids = sorted(keys)
     _record(livepatch.engine, "ok", source, ids, replaced=before)
