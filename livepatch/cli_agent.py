@@ -83,6 +83,8 @@ def interrupted(op: str, pid: int, response) -> CliError:
                 f"see `livepatch status {pid}` and `livepatch history {pid}`")
     elif was_cancelled(response):
         text = f"cancelled; nothing was changed in process {pid}"
+    elif response.get("ok") and isinstance(response.get("result"), dict) and response["result"].get("dry_run"):
+        text = f"interrupted; a dry run changes nothing (process {pid})"
     elif response.get("ok"):
         done = "applied" if op == "apply" else "rolled back"
         text = f"interrupted too late: the {op} was {done} in process {pid} before the cancel arrived"
