@@ -19,8 +19,6 @@ import os
 import sys
 import threading
 
-from . import quietfork
-
 _lock = threading.Lock()
 _server = None
 _pid = None
@@ -87,6 +85,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
         _options = {"name": name, "trust": trust, "allow_unsigned": allow_unsigned, "socket_dir": socket_dir,
                     "state_dir": state_dir, "follow": follow, "max_frame": max_frame}
         _export(_options)
+        from . import quietfork  # only where an agent runs: the CLI imports this package too
         quietfork.install()
         return server.path if server is not None else None
 

@@ -380,7 +380,7 @@ class State:
         """The recorded bytes, checked against the recorded digest."""
         import hashlib
 
-        from livepatch.bundle import MAX_BUNDLE_BYTES
+        from livepatch.bundlefile import MAX_BUNDLE_BYTES
         name = os.path.join("bundles", rec["file"])
         try:
             data = self._read(name)

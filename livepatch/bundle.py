@@ -26,6 +26,7 @@ import sys
 import types
 from dataclasses import dataclass
 
+from .bundlefile import MAX_BUNDLE_BYTES, read_file  # noqa: F401  (both still importable from here)
 from .errors import PatchError, Problem
 from .locate import loaded_module
 from .patch import PYTHON_TAG, UNCHANGED, Change, Patch
@@ -33,7 +34,6 @@ from .pending import value_for
 
 MAGIC = b"\x89LPB\r\n\x1a\n"
 FORMAT = 1
-MAX_BUNDLE_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_PAYLOADS = 4096
 MAX_PAYLOAD_BYTES = 16 << 20
@@ -548,13 +548,6 @@ def load_bundle(source, trusted_keys=None, *, allow_unsigned: bool = False) -> P
     partially loads."""
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_file(source)
     return to_patch(read(data, trusted_keys, allow_unsigned=allow_unsigned))
-
-
-def read_file(path) -> bytes:
-    """A bundle file's bytes, reading at most one byte past the size limit
-    (read() then refuses it by size, without loading a huge file)."""
-    with open(path, "rb") as fh:
-        return fh.read(MAX_BUNDLE_BYTES + 1)
 
 
 def source_diffs(bundle: Bundle) -> dict:

@@ -213,7 +213,7 @@ def _hours(text: str) -> float:
 
 
 def read_bundle_bytes(path: str) -> bytes:
-    from .bundle import MAX_BUNDLE_BYTES, read_file
+    from .bundlefile import MAX_BUNDLE_BYTES, read_file
     try:
         data = read_file(path)
     except OSError as exc:
@@ -281,8 +281,46 @@ def cmd_inspect(args):
 
 # ---------------------------------------------------------------- parser
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with the terminal width found as
+    shutil.get_terminal_size finds it (COLUMNS, else stdout's terminal, else
+    80), once per process: the default imports shutil (and with it bz2, lzma
+    and zlib) the first time any parser gets an argument."""
+
+    _columns = None
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _Formatter._terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    @classmethod
+    def _terminal_columns(cls) -> int:
+        if cls._columns is None:
+            try:
+                columns = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                columns = 0
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    columns = 0
+            cls._columns = columns or 80
+        return cls._columns
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command, subcommands' included (argparse makes
+    those of the parent's class), formats with _Formatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="livepatch", description="Hotpatch running Python processes.",
+    ap = _Parser(prog="livepatch", description="Hotpatch running Python processes.",
                                  epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial")
     sub = ap.add_subparsers(dest="command", required=True)
 

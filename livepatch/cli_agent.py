@@ -131,8 +131,8 @@ def cmd_ps(args):
 def _one_process(args) -> bool:
     """A bare PID is one process (as it always was); a name, or a PID with
     --tree, is a service (livepatch/cli_tree.py)."""
-    from .tree import is_pid
-    if is_pid(args.target) and not args.tree:
+    # tree.is_pid, without importing the tree module (and dataclasses) for one process
+    if args.target.isdigit() and 0 < int(args.target) <= 2**31 and not args.tree:
         args.pid = int(args.target)
         return True
     return False
