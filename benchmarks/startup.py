@@ -11,17 +11,29 @@
 * the .pth check when LIVEPATCH_AUTOSTART is unset: two bare virtualenvs,
   identical except that one has livepatch-autostart.pth in site-packages,
   started alternately (plus an A/A pair), and the cost of processing that
-  one line in-process (site.addpackage: open, read, exec)."""
+  one line in-process (site.addpackage: open, read, exec);
+* the CLI: `livepatch status PID` against a live agent, its wall time split
+  at the first statement of main and at the connect to the agent (an audit
+  hook on socket.connect) into interpreter, imports and argument parsing,
+  the request, and exit; twice (A/A) and, with --baseline REV, as the code
+  was at REV; plus the modules it imports (-X importtime).
+
+With `--baseline REV` the package as it was at git revision REV (livepatch/
+and agent/, laid out as installed) is put first on PYTHONPATH for an extra
+mode of each measurement, run alternately with the others: before and after
+side by side, on one machine, under one load."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
 import shutil
 import site
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import timeit
@@ -53,7 +65,8 @@ def _start_to_main_ms(python: str, env: dict) -> tuple[float, float]:
     wall time also counts waiting for a CPU, the CPU time does not."""
     cpu0 = _children_cpu_ms()
     t0 = time.monotonic_ns()
-    out = subprocess.run([python, "-c", MAIN], env=env, capture_output=True, text=True, timeout=60)
+    # cwd: not the checkout, whose livepatch/ `-c` would import instead of a --baseline tree
+    out = subprocess.run([python, "-c", MAIN], env=env, capture_output=True, text=True, timeout=60, cwd="/")
     if out.returncode != 0:
         raise SystemExit(f"{python} failed: {out.stderr.strip()}")
     return (int(out.stdout.split()[0]) - t0) / 1e6, _children_cpu_ms() - cpu0
@@ -89,17 +102,30 @@ def _report(runs: dict, base: str, control: str, subject: str) -> dict:
     return out
 
 
-def agent_start(rounds: int, state_dir: str) -> dict:
+def _agent_env(state_dir: str, **extra) -> dict:
+    return _clean_env(**{"LIVEPATCH_AUTOSTART": "1", "LIVEPATCH_NAME": "startup-bench", "LIVEPATCH_STATE_DIR": state_dir,
+                         **extra})
+
+
+def agent_start(rounds: int, state_dir: str, baseline: str | None = None) -> dict:
     plain = _clean_env()
-    agent = _clean_env(LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="startup-bench", LIVEPATCH_STATE_DIR=state_dir)
-    runs = _alternate({"plain": (sys.executable, plain), "plain_again": (sys.executable, plain),
-                       "agent": (sys.executable, agent)}, rounds)
-    return _report(runs, "plain", "plain_again", "agent")
+    modes = {"plain": (sys.executable, plain), "plain_again": (sys.executable, plain),
+             "agent": (sys.executable, _agent_env(state_dir))}
+    if baseline:
+        modes["agent_baseline"] = (sys.executable, _agent_env(state_dir, PYTHONPATH=baseline))
+    runs = _alternate(modes, rounds)
+    out = _report(runs, "plain", "plain_again", "agent")
+    if baseline:
+        for what in ("start_to_main_ms", "process_cpu_ms"):
+            i = 1 if what == "process_cpu_ms" else 0
+            med = {n: _median([x[i] for x in v]) for n, v in runs.items()}
+            out[what]["baseline_median_extra_ms"] = round(med["agent_baseline"] - med["plain"], 3)
+    return out
 
 
-def _imports(env: dict) -> tuple[list, int]:
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True,
-                         text=True, timeout=60)
+def _imports(env: dict, code: str = "pass", args=()) -> tuple[list, int]:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args], env=env, capture_output=True,
+                         text=True, timeout=60, cwd="/")
     modules, agent_us = [], 0
     for line in out.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line or "self [us]" in line:
@@ -111,14 +137,116 @@ def _imports(env: dict) -> tuple[list, int]:
     return modules, agent_us
 
 
-def modules_added(state_dir: str) -> dict:
+def modules_added(state_dir: str, baseline: str | None = None) -> dict:
     without, _ = _imports(_clean_env())
-    with_agent, agent_us = _imports(_clean_env(LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="startup-bench",
-                                               LIVEPATCH_STATE_DIR=state_dir))
+    with_agent, agent_us = _imports(_agent_env(state_dir))
     added = sorted(set(with_agent) - set(without))
-    return {"modules_without_agent": len(without), "modules_with_agent": len(with_agent),
-            "modules_added": len(added), "added": added,
-            "livepatch_agent_autostart_cumulative_us_under_importtime": agent_us}
+    out = {"modules_without_agent": len(without), "modules_with_agent": len(with_agent),
+           "modules_added": len(added), "added": added,
+           "livepatch_agent_autostart_cumulative_us_under_importtime": agent_us}
+    if baseline:
+        before, before_us = _imports(_agent_env(state_dir, PYTHONPATH=baseline))
+        gone = sorted(set(before) - set(with_agent))
+        out["baseline"] = {"modules_with_agent": len(before), "modules_added": len(set(before) - set(without)),
+                           "livepatch_agent_autostart_cumulative_us_under_importtime": before_us,
+                           "no_longer_imported": gone}
+    return out
+
+
+# `livepatch status PID` as the console script runs it, with three time
+# stamps on stderr: the first statement, the first connect (to the agent),
+# main's return. The parent takes the start and the exit.
+CLI_TIMED = """import sys, time
+t = []
+sys.addaudithook(lambda event, args: event == "socket.connect" and not t and t.append(time.monotonic_ns()))
+started = time.monotonic_ns()
+from livepatch.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    done = time.monotonic_ns()
+    sys.stderr.write(f"LPTIMES {started} {t[0] if t else 0} {done}\\n")
+sys.exit(code)
+"""
+_CLI_PARTS = ("interpreter_ms", "imports_and_parsing_ms", "request_ms", "exit_ms", "total_ms", "process_cpu_ms")
+
+
+def _cli_once(env: dict, pid: int) -> tuple:
+    cpu0 = _children_cpu_ms()
+    t0 = time.monotonic_ns()
+    out = subprocess.run([sys.executable, "-c", CLI_TIMED, "status", str(pid)], env=env, capture_output=True,
+                         text=True, timeout=60, cwd="/")
+    t_end = time.monotonic_ns()
+    cpu = _children_cpu_ms() - cpu0
+    stamps = [line for line in out.stderr.splitlines() if line.startswith("LPTIMES ")]
+    if out.returncode != 0 or not stamps:
+        raise SystemExit(f"livepatch status {pid} failed: {out.stderr.strip()[-500:]}")
+    started, connect, done = (int(x) for x in stamps[-1].split()[1:])
+    return ((started - t0) / 1e6, (connect - started) / 1e6, (done - connect) / 1e6, (t_end - done) / 1e6,
+            (t_end - t0) / 1e6, cpu)
+
+
+def _service(state_dir: str):
+    """A process with an agent, for the CLI to ask."""
+    env = _agent_env(state_dir, LIVEPATCH_ALLOW_UNSIGNED="1", LIVEPATCH_NAME="startup-bench-cli")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd="/")
+    if proc.stdout.readline().strip() != "up":
+        raise SystemExit("the service for the CLI measurement did not start")
+    return proc
+
+
+def cli_status(rounds: int, state_dir: str, baseline: str | None = None) -> dict:
+    service = _service(state_dir)
+    try:
+        env = _clean_env()
+        modes = {"cli": env, "cli_again": env}
+        if baseline:
+            modes["cli_baseline"] = _clean_env(PYTHONPATH=baseline)
+        names = list(modes)
+        runs = {n: [] for n in names}
+        for _ in range(2):
+            for n in names:
+                _cli_once(modes[n], service.pid)
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                runs[n].append(_cli_once(modes[n], service.pid))
+        out = {}
+        for i, part in enumerate(_CLI_PARTS):
+            med = {n: _median([x[i] for x in v]) for n, v in runs.items()}
+            out[part] = {n: summary([round(x[i], 3) for x in v]) for n, v in runs.items()}
+            out[part]["aa_control_median_diff_ms"] = round(med["cli_again"] - med["cli"], 3)
+            if baseline:
+                out[part]["baseline_minus_now_median_ms"] = round(med["cli_baseline"] - med["cli"], 3)
+        plain, _ = _imports(_clean_env())
+        now, _ = _imports(env, CLI_TIMED, ("status", str(service.pid)))
+        out["modules"] = {"plain_interpreter": len(plain), "cli": len(now),
+                          "cli_livepatch": sorted(m for m in now if m.split(".")[0] == "livepatch"),
+                          "cli_added": sorted(set(now) - set(plain))}
+        if baseline:
+            before, _ = _imports(_clean_env(PYTHONPATH=baseline), CLI_TIMED, ("status", str(service.pid)))
+            out["modules"]["cli_baseline"] = len(before)
+            out["modules"]["no_longer_imported"] = sorted(set(before) - set(now))
+        return out
+    finally:
+        service.stdin.close()
+        service.wait(timeout=30)
+
+
+def baseline_tree(rev: str, work: str) -> str:
+    """livepatch/ and agent/ as they were at git revision `rev`, laid out
+    as installed (agent/ as livepatch/agent/), for PYTHONPATH."""
+    data = subprocess.run(["git", "-C", ROOT, "archive", rev, "livepatch", "agent"], capture_output=True,
+                          check=True, timeout=60).stdout
+    root = os.path.join(work, "baseline")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:
+            tar.extractall(root)
+    os.rename(os.path.join(root, "agent"), os.path.join(root, "livepatch", "agent"))
+    return root
 
 
 def _bare_venv(path: str, with_pth: bool) -> str:
@@ -155,6 +283,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--baseline", metavar="REV", help="also measure the package as it was at this git revision")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 60)
     if os.environ.get("LIVEPATCH_AUTOSTART") == "1":
@@ -162,14 +291,26 @@ def main():
     work = tempfile.mkdtemp(prefix="lpstartup-")
     try:
         state_dir = os.path.join(work, "state")
-        start = agent_start(rounds, state_dir)
+        baseline = baseline_tree(args.baseline, work) if args.baseline else None
+        start = agent_start(rounds, state_dir, baseline)
         for what, label in (("start_to_main_ms", "start to main (wall)"), ("process_cpu_ms", "process CPU time")):
             r = start[what]
             print(f"{label}: plain p50 {r['plain']['p50']:.1f} ms, with the agent {r['agent']['p50']:.1f} ms: "
-                  f"{r['median_extra_ms']:+.1f} ms (A/A control {r['aa_control_median_diff_ms']:+.1f} ms)")
-        mods = modules_added(state_dir)
+                  f"{r['median_extra_ms']:+.1f} ms (A/A control {r['aa_control_median_diff_ms']:+.1f} ms)"
+                  + (f"; at {args.baseline}: {r['baseline_median_extra_ms']:+.1f} ms" if baseline else ""))
+        mods = modules_added(state_dir, baseline)
         print(f"modules at start: {mods['modules_without_agent']} without, {mods['modules_with_agent']} with the "
-              f"agent (+{mods['modules_added']})")
+              f"agent (+{mods['modules_added']})"
+              + (f"; at {args.baseline}: +{mods['baseline']['modules_added']}" if baseline else ""))
+        cli = cli_status(rounds, state_dir, baseline)
+        for part in _CLI_PARTS:
+            r = cli[part]
+            print(f"livepatch status PID, {part}: p50 {r['cli']['p50']:.1f} ms (A/A control "
+                  f"{r['aa_control_median_diff_ms']:+.1f} ms)"
+                  + (f"; at {args.baseline}: {r['cli_baseline']['p50']:.1f} ms" if baseline else ""))
+        print(f"livepatch status PID imports {cli['modules']['cli']} modules (a bare interpreter "
+              f"{cli['modules']['plain_interpreter']})"
+              + (f"; at {args.baseline}: {cli['modules']['cli_baseline']}" if baseline else ""))
         pth = pth_check(rounds, work)
         print(f".pth check with LIVEPATCH_AUTOSTART unset: {pth['site_addpackage_us']} us in-process (running the "
               f"compiled line: {pth['line_exec_us']} us); process CPU time "
@@ -177,8 +318,9 @@ def main():
               f"{pth['process_cpu_ms']['aa_control_median_diff_ms']:+.2f} ms)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = write_result("startup", {"machine": machine(), "params": {"rounds": rounds},
-                                    "agent_start": start, "imports": mods, "pth_check_unset": pth}, args.quick)
+    path = write_result("startup", {"machine": machine(), "params": {"rounds": rounds, "baseline": args.baseline},
+                                    "agent_start": start, "imports": mods, "cli_status": cli,
+                                    "pth_check_unset": pth}, args.quick)
     print("results:", path)
 
 
