@@ -196,7 +196,8 @@ def cmd_assess(args):
                 lines.append(f"{r['bundle']}:\n{_problems_text(r['problems'])}")
             held = busy_sentence(r)
             if held:
-                lines.append(f"{r['bundle']}: {r['verdict']}, but {held}")
+                lines.append(f"{r['bundle']}: " + (f"blocked: {held}" if r["verdict"] == "blocked" else
+                                                  f"{r['verdict']}, but {held}"))
         return "\n".join(lines)
     _emit(args, results, human)
     if any(r["verdict"] in ("refused", "blocked") for r in results):

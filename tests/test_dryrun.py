@@ -262,7 +262,7 @@ def test_a_suspended_coroutine_holding_a_target_is_reported_blocked(tmp_path):
         assert [b["kind"] for b in v["busy_now"]] == ["coroutine"]
         assert v["busy_now"][0]["targets"] == ["lp_coro_target:hold"]
         r = cli("assess", str(proc.pid), bundle)
-        assert "HP-CORO's target lp_coro_target:hold is held by a suspended coroutine" in r.stdout
+        assert "blocked: HP-CORO's target lp_coro_target:hold is held by a suspended coroutine" in r.stdout, r.stdout
         assert "--force" in r.stdout
         r = cli("apply", str(proc.pid), bundle, "--dry-run")
         assert r.returncode == 3 and "is blocked" in r.stdout
