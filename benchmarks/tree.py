@@ -2,8 +2,11 @@
 the shop in demo_apps/servers) with 1, 4 and 16 workers under client load.
 
 Per round, in alternating order:
-* tree: `livepatch apply SERVICE BUNDLE` (every worker, concurrently, all
-  or nothing), then the service rolled back;
+* tree: `livepatch apply SERVICE BUNDLE` (every process, concurrently, all
+  or nothing; found by asking every agent on the machine its name), then
+  the service rolled back;
+* pid_tree: the same as `livepatch apply MASTER_PID --tree BUNDLE` (only
+  that process tree is asked);
 * one: `livepatch apply PID BUNDLE` on one worker, then rolled back;
 * control: a window as long as the last tree apply, with no apply.
 Measured: the wall time of each `livepatch apply` command (what an operator
@@ -160,9 +163,10 @@ def _apply(target: str, bundle: str):
 
 def run_service(workers: int, rounds: int, work: str, trust: str, bundle: str, clients: int, launch: str) -> dict:
     svc = Gunicorn(workers, work, trust, launch)
-    windows = {"tree": [], "one": [], "control": []}
-    walls = {"tree": [], "one": []}
-    inside = {"tree": [], "one": []}
+    windows = {"tree": [], "pid_tree": [], "one": [], "control": []}
+    walls = {"tree": [], "pid_tree": [], "one": []}
+    inside = {"tree": [], "pid_tree": [], "one": []}
+    root = str(svc.proc.pid)  # gunicorn's master (livepatch run execs it: same PID)
     patched = []
     try:
         time.sleep(0.5)
@@ -170,16 +174,20 @@ def run_service(workers: int, rounds: int, work: str, trust: str, bundle: str, c
         time.sleep(0.5)
         last_tree = None
         for r in range(rounds):
-            order = ("tree", "one", "control") if r % 2 == 0 else ("control", "one", "tree")
+            order = ("tree", "pid_tree", "one", "control") if r % 2 == 0 else ("control", "one", "pid_tree", "tree")
             for kind in order:
                 start = time.perf_counter()
                 if kind == "control":
                     time.sleep((last_tree or 0.2) / 1000)
-                elif kind == "tree":
-                    result, wall = _apply(svc.name, bundle)
-                    last_tree = wall
+                elif kind in ("tree", "pid_tree"):
+                    if kind == "tree":
+                        result, wall = _apply(svc.name, bundle)
+                        last_tree = wall
+                    else:
+                        out, wall = _cli("apply", root, "--tree", bundle, "--json")
+                        result = json.loads(out.stdout)
                     patched.append((result["serving_patched"], result["serving"]))
-                    inside["tree"].append(result["wall_ms"])
+                    inside[kind].append(result["wall_ms"])
                 else:
                     result, wall = _apply(str(svc.worker_pids[r % len(svc.worker_pids)]), bundle)
                     inside["one"].append(result["wall_ms"])
@@ -187,7 +195,7 @@ def run_service(workers: int, rounds: int, work: str, trust: str, bundle: str, c
                 if kind != "control":
                     walls[kind].append(wall)
                 windows[kind].append((start, end))
-                if kind == "tree":
+                if kind in ("tree", "pid_tree"):
                     _cli("rollback", svc.name, "--all")
                 elif kind == "one":
                     _cli("rollback", str(svc.worker_pids[r % len(svc.worker_pids)]), "--all")
@@ -202,6 +210,7 @@ def run_service(workers: int, rounds: int, work: str, trust: str, bundle: str, c
             "apply_wall_ms": {k: summary([round(x, 1) for x in v]) for k, v in walls.items()},
             "inside_cli_ms": {k: summary(v) for k, v in inside.items()},
             "ratio_tree_over_one": round(med(walls["tree"]) / med(walls["one"]), 3),
+            "ratio_pid_tree_over_one": round(med(walls["pid_tree"]) / med(walls["one"]), 3),
             "longest_request_ms": {k: summary(v) for k, v in longest.items()},
             "serving_patched": patched, "requests": requests, "failed": failed, "errors": errors}
 
@@ -231,8 +240,10 @@ def main():
             row = run_service(n, rounds, work, trust, bundle, args.clients, args.launch)
             rows.append(row)
             w, lr = row["apply_wall_ms"], row["longest_request_ms"]
-            print(f"{n:2d} workers: apply to the service p50 {w['tree']['p50']:.0f} ms, to one worker p50 "
-                  f"{w['one']['p50']:.0f} ms (ratio {row['ratio_tree_over_one']}); longest request during the "
+            print(f"{n:2d} workers: apply to the service p50 {w['tree']['p50']:.0f} ms (by PID --tree "
+                  f"{w['pid_tree']['p50']:.0f} ms), to one worker p50 "
+                  f"{w['one']['p50']:.0f} ms (ratio {row['ratio_tree_over_one']}, by PID --tree "
+                  f"{row['ratio_pid_tree_over_one']}); longest request during the "
                   f"tree apply p50 {lr['tree']['p50']:.1f} ms (max {lr['tree']['max']:.1f}), during the control "
                   f"p50 {lr['control']['p50']:.1f} ms (max {lr['control']['max']:.1f}); {row['requests']} requests, "
                   f"{row['failed']} failed")
