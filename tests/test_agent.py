@@ -425,6 +425,41 @@ def test_an_idle_agent_imports_only_what_waiting_for_requests_needs(tmp_path):
     assert [(e["action"], e["outcome"]) for e in history] == [("apply", "rejected")]
 
 
+# `livepatch status/apply PID` needs the client, the protocol and its own
+# presentation: neither the engine nor the bundle parser (the agent verifies
+# and parses), nor what argparse's help formatter and `run` would pull.
+NOT_IN_THE_CLI = ("livepatch.patchstack", "livepatch.bundle", "livepatch.signing", "livepatch.errors",
+                  "livepatch.tree", "livepatch.fanout", "livepatch.agent.requests", "livepatch.agent.state",
+                  "cryptography", "dataclasses", "inspect", "typing", "hashlib", "shutil", "subprocess", "signal")
+CLI_MODULES = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n"))
+from livepatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_cli_imports_the_client_not_the_engine(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_")}
+    env = dict(base, LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="footprint-cli", LIVEPATCH_STATE_DIR=str(tmp_path / "s"),
+               LIVEPATCH_ALLOW_UNSIGNED="1")
+    bogus = tmp_path / "bogus.lpb"
+    bogus.write_bytes(b"not a bundle")
+    seen = {}
+
+    def run_cli(pid):
+        for args, code in ((["status", str(pid)], 0), (["apply", str(pid), str(bogus)], 4)):
+            r = subprocess.run([sys.executable, "-c", CLI_MODULES, *args], capture_output=True, text=True, timeout=60,
+                               env=base, cwd=str(tmp_path))
+            assert r.returncode == code, r.stderr
+            seen[args[0]] = set(r.stderr.rsplit("MODULES ", 1)[1].split())
+
+    _idle_and_after_requests(env, run_cli)
+    for command, modules in seen.items():
+        assert (command, sorted(m for m in NOT_IN_THE_CLI if m in modules)) == (command, [])
+        assert {"livepatch.cli", "livepatch.cli_agent", "livepatch.client"} <= modules
+
+
 PACKAGE_API = """
 import os, sys
 import livepatch
