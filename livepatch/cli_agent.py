@@ -261,6 +261,8 @@ def cmd_rollback(args):
 
 def cmd_attach(args):
     from .attach import AttachError, attach
+    if args.trust:
+        _check_trust_for(args.pid, args.trust)
     progress = Progress(f"attaching to process {args.pid}...", not args.json)
     try:
         with progress:
@@ -273,6 +275,22 @@ def cmd_attach(args):
         return _already_attached(args, info)
     _emit(args, info, lambda i: f"agent listening in process {args.pid} on {i['socket']} "
           f"(via {i['method']}; target stopped {i['stop_ms']} ms; attach took {i['elapsed_ms']} ms)")
+
+
+def _check_trust_for(pid: int, trust: str) -> None:
+    """The store as the target's agent would check it (its uid's), before
+    anything is attached: a bad one is one line and nothing changes."""
+    from .client import AgentUnavailable, owner
+    from .signing import load_trusted
+    try:
+        uid = owner(pid)
+    except AgentUnavailable:
+        return  # no such process: attach says so
+    try:
+        load_trusted(os.path.abspath(trust), uid)
+    except Exception as exc:
+        raise CliError(f"--trust {trust}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                       "nothing was attached or changed") from None
 
 
 def _trust_line(a: dict) -> str:

@@ -348,6 +348,26 @@ def test_attach_trust_on_an_attached_process_reloads(tmp_path, material, service
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_attach_with_an_unsafe_store_attaches_nothing(tmp_path, material):
+    keys = store(tmp_path / "keys", material["other"], mode=0o777)
+    plain = subprocess.Popen([sys.executable, "-c", "import time\nwhile True:\n    time.sleep(0.05)\n"])
+    try:
+        r = cli("attach", str(plain.pid), "--trust", keys)
+        assert r.returncode == 1 and f"{keys} is writable by others (mode 777)" in one_line(r) \
+            and "nothing was attached" in r.stderr
+        r = cli("status", str(plain.pid))
+        assert r.returncode == 5, r.stdout + r.stderr  # no agent was started in it
+        # made safe, the same attach works and trusts the key
+        os.chmod(keys, 0o755)
+        r = cli("attach", str(plain.pid), "--trust", keys)
+        assert r.returncode == 0 and "agent listening" in r.stdout, r.stdout + r.stderr
+        r = cli("status", str(plain.pid), "--json")
+        assert json.loads(r.stdout)["agent"]["trusted_keys"] == [material["other"]["key_id"]]
+    finally:
+        plain.kill()
+        plain.wait()
+
+
 # ---------------------------------------------------------------- no keys
 
 def test_an_agent_without_trust_warns_and_status_and_ps_say_so(material, services):
