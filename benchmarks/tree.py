@@ -83,23 +83,48 @@ class Gunicorn:
         else:
             cmd = [sys.executable, "-m", "livepatch", "run", "--name", self.name, "--trust", trust,
                    "--state-dir", state, "--", *cmd]
-        self.proc = subprocess.Popen(cmd, cwd=SERVERS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 180  # a loaded machine starts 16 workers slowly
+        self.log = os.path.join(work, f"gunicorn-{workers}.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=SERVERS, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            self._wait_until_up(180)  # a loaded machine starts 16 workers slowly
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_up(self, seconds):
+        from livepatch.tree import _descendants, _ppids
+        deadline = time.monotonic() + seconds
+        # every worker forked and serving before any agent is asked anything: an
+        # agent busy importing in the master while it forks would hand the
+        # worker a held import lock
+        while len(_descendants([self.proc.pid], _ppids())) < self.workers or self._status() != 302:
+            self._check(deadline)
+            time.sleep(0.2)
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn with {workers} workers did not come up with agents")
+            self._check(deadline)
             try:
                 rows = json.loads(_cli("ps", "--json")[0].stdout)
                 self.rows = [r for r in rows if r["name"] == self.name]
-                if sum(r["serves"] for r in self.rows) >= workers and all(r["state"] != "not answering" for r in self.rows) \
-                        and self.get()[0] == 302:
-                    break
+                if sum(r["serves"] for r in self.rows) >= self.workers and all(r["state"] != "not answering" for r in self.rows):
+                    self.worker_pids = [r["pid"] for r in self.rows if r["serves"]]
+                    return
             except (OSError, RuntimeError, ValueError):
                 pass
             time.sleep(0.2)
-        self.worker_pids = [r["pid"] for r in self.rows if r["serves"]]
+
+    def _check(self, deadline):
+        if self.proc.poll() is not None:
+            with open(self.log, errors="replace") as fh:
+                raise RuntimeError(f"gunicorn exited: {fh.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gunicorn with {self.workers} workers did not come up with agents (log: {self.log})")
+
+    def _status(self):
+        try:
+            return self.get()[0]
+        except OSError:
+            return None
 
     def get(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
