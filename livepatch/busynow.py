@@ -12,9 +12,6 @@ from __future__ import annotations
 import sys
 import threading
 
-from .checks import code_kind
-from .safepoint import describe
-
 #: the verdict for a bundle that would apply but whose target a suspended
 #: generator or coroutine holds (see verdict())
 BLOCKED = "blocked"
@@ -24,6 +21,9 @@ def holders(switches, heap) -> list[dict]:
     """`safepoint.describe` blockers for the targets of `switches` that an
     apply without --force waits for (not allow_active, not implied), as
     they are now. The calling thread is left out: it is the one asking."""
+    # here, not at the top: the CLI imports this module for sentence() only
+    from .checks import code_kind
+    from .safepoint import describe
     codes = [s.old for s in switches if not (s.allow_active or s.implied)]
     if not codes:
         return []
