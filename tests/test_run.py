@@ -15,6 +15,7 @@ import time
 import pytest
 
 from live import cli
+from livepatch.signing import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, "-m", "livepatch", "run"]
@@ -64,6 +65,12 @@ def programs(tmp_path):
                PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     for var in [v for v in env if v.startswith("LIVEPATCH_")]:
         del env[var]
+    # agents trust a key, as in production: one without any says so on stderr
+    trust = tmp_path / "trusted"
+    trust.mkdir(mode=0o700)
+    generate(str(trust / "ops"))
+    os.unlink(trust / "ops.key")
+    env["LIVEPATCH_TRUST"] = str(trust)
     return tmp_path, env
 
 
@@ -124,8 +131,8 @@ def test_same_pid_and_sigterm_death(programs, case):
 def test_installed_console_script_and_env_shebang(programs):
     cwd, env = programs
     django_admin = os.path.join(os.path.dirname(sys.executable), "django-admin")
-    plain = subprocess.run([django_admin, "--version"], capture_output=True, text=True, timeout=60)
-    ran = subprocess.run([*RUN, "--", django_admin, "--version"], capture_output=True, text=True, timeout=60)
+    plain = subprocess.run([django_admin, "--version"], capture_output=True, text=True, timeout=60, env=env)
+    ran = subprocess.run([*RUN, "--", django_admin, "--version"], capture_output=True, text=True, timeout=60, env=env)
     assert (ran.returncode, ran.stdout, ran.stderr) == (plain.returncode, plain.stdout, plain.stderr) == (0, plain.stdout, "")
     # a manage.py-style script whose #! line goes through env and PATH
     manage = cwd / "manage.py"
