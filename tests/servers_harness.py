@@ -7,6 +7,7 @@ whatever is left of its session), also when a test fails."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -306,6 +307,9 @@ class Server:
         return self.proc.returncode
 
 
+_names = itertools.count()
+
+
 class Servers:
     """Starts servers for one test and stops all of them at its end."""
 
@@ -313,7 +317,9 @@ class Servers:
         self.tmp, self.keys = tmp_path, keys
         self.started: list[Server] = []
 
-    def start(self, command, *, name="shop", cwd=SERVERS, state_dir=None, **kw) -> Server:
+    def start(self, command, *, name=None, cwd=SERVERS, state_dir=None, **kw) -> Server:
+        # a name of its own: `livepatch apply NAME` must not reach another test's servers
+        name = name or f"shop-{os.getpid()}-{next(_names)}"
         if state_dir is None:
             state_dir = self.tmp / "state"
         os.makedirs(state_dir, mode=0o700, exist_ok=True)

@@ -77,10 +77,12 @@ def served(replies, expected):
     wrong = [r for r in replies if r.location != expected]
     if wrong:
         culprits = {r.pid for r in wrong}
-        try:
-            events = [e for e in history_events("shop") if e.get("pid") in culprits]
-        except AssertionError as exc:
-            events = [str(exc)]
+        events = []
+        for pid in sorted(culprits, key=str)[:3]:
+            try:
+                events += [e for e in history_events(pid) if e.get("pid") == pid]
+            except AssertionError as exc:  # exited meanwhile
+                events.append(str(exc).splitlines()[0])
         raise AssertionError(f"{len(wrong)} of {len(replies)} replies not {expected!r}, from {sorted(culprits)} "
                              f"(first at {wrong[0].started:.2f}); their history: {events}")
 
@@ -115,7 +117,7 @@ def gunicorn_recycling(servers, bundle, pause):
             load.pause()
             srv.settle()
         before = set(srv.processes())
-        report = apply("shop", bundle)
+        report = apply(srv.name, bundle)
         applied = time.monotonic()
         load.resume()
         assert report["serving"] >= 1 and report["serving_patched"] + report["serving_pending"] == report["serving"]
@@ -129,7 +131,7 @@ def gunicorn_recycling(servers, bundle, pause):
             load.pause()
             srv.settle()
         after_apply = set(srv.processes()) - before  # started after the apply, alive now
-        rollback("shop")
+        rollback(srv.name)
         rolled = time.monotonic()
         load.resume()
         load.wait_for(lambda: len(pids(load.since(rolled)) - after_apply - before) >= 5, timeout=120,
@@ -151,13 +153,13 @@ def test_gunicorn_gthread(servers, bundle):
     srv.wait_agents(3)
     with Load(port, threads=3, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
-        report = apply("shop", bundle)
+        report = apply(srv.name, bundle)
         applied = time.monotonic()
         assert report["serving"] == 2 and report["serving_patched"] == 2, report["summary"]
         load.wait_for(lambda: len(load.since(applied)) >= 50)
         served(load.since(applied), FIXED)
         assert len(pids(load.since(applied))) == 2  # both workers serve, both fixed
-        rollback("shop")
+        rollback(srv.name)
         rolled = time.monotonic()
         load.wait_for(lambda: len(load.since(rolled)) >= 20)
         served(load.since(rolled), VULNERABLE)
@@ -171,7 +173,7 @@ def test_gunicorn_preload_counts_the_workers_and_new_workers_inherit_the_fix(ser
     srv.wait_agents(3)
     with Load(port, log=srv.log) as load:
         load.wait_for(lambda: len(load.since(0)) >= 10)
-        report = apply("shop", bundle)
+        report = apply(srv.name, bundle)
         applied = time.monotonic()
         # the master imported the app but serves nothing: the workers are what counts
         assert report["serving"] == 2 and report["serving_patched"] == 2, report["summary"]
@@ -219,7 +221,7 @@ def uvicorn_restarts(servers, bundle, pause):
         served(load.since(0), VULNERABLE)
         workers = pids(load.since(0))
         srv.wait_agents(3)
-        report = apply("shop", bundle)
+        report = apply(srv.name, bundle)
         applied = time.monotonic()
         outcome = {p["pid"]: p["outcome"] for p in report["processes"]}
         assert all(outcome[w] == "patched" for w in workers), report["processes"]
@@ -228,7 +230,7 @@ def uvicorn_restarts(servers, bundle, pause):
         restarted = restart(workers)
         served(load.since(applied), FIXED)
 
-        rollback("shop")
+        rollback(srv.name)
         rolled = time.monotonic()
         load.wait_for(lambda: len(pids(load.since(rolled))) == 2 and len(load.since(rolled)) >= 40)
         served(load.since(rolled), VULNERABLE)
@@ -253,11 +255,11 @@ def test_django_views_imported_on_the_first_request_are_already_fixed(servers, b
     srv = servers.start(command, port=port)
     assert srv.wait_ready("/health").status == 200  # /health lives in the URLconf, not in the views
     srv.wait_agents(processes)
-    report = apply("shop", bundle)
+    report = apply(srv.name, bundle)
     serving = report["serving"]
     assert serving == processes - (processes > 1)
     assert report["serving_pending"] == serving, report["summary"]  # nothing has imported shop.links yet
-    status = cli_json("status", "shop")
+    status = cli_json("status", srv.name)
     workers = [p for p in status["processes"] if p["serves"]]
     assert len(workers) == serving and all(p["pending"] == ["shop.links"] for p in workers)
     first = get(port, EXPLOIT)
@@ -265,7 +267,7 @@ def test_django_views_imported_on_the_first_request_are_already_fixed(servers, b
     for _ in range(10):
         assert get(port, EXPLOIT).location == FIXED
         assert get(port, BENIGN).location == "/orders/7"
-    rollback("shop")
+    rollback(srv.name)
     assert get(port, EXPLOIT).location == VULNERABLE
 
 
@@ -284,7 +286,7 @@ def test_multiprocessing_pool_workers_run_the_patched_function(servers, bundle, 
         # workers during a service apply is the gunicorn --max-requests case
         load.pause()
         before = set(srv.settle())
-        apply("shop", bundle)
+        apply(srv.name, bundle)
         applied = time.monotonic()
         load.resume()
         # --max-tasks 5: the pool replaces its workers; the new ones run the fix too
@@ -293,7 +295,7 @@ def test_multiprocessing_pool_workers_run_the_patched_function(servers, bundle, 
         served(load.since(applied), FIXED)
         load.pause()
         after = set(srv.settle())
-        rollback("shop")
+        rollback(srv.name)
         rolled = time.monotonic()
         load.resume()
         load.wait_for(lambda: len(pids(load.since(rolled)) - after) >= 2, timeout=90)
@@ -324,7 +326,7 @@ def _forker(servers, keys, tmp_path, *options):
     (new / "held.py").write_text(HELD.format(nap=0.02, answer="new"))
     held = keys.build(tmp_path / "held.lpb", baseline=base, patched=new, patch_id="HP-HELD-1")
     program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "servers_forker.py")
-    srv = servers.start([sys.executable, program, str(out), *options], name="forker", state_dir=tmp_path / "state",
+    srv = servers.start([sys.executable, program, str(out), *options], state_dir=tmp_path / "state",
                         extra_env={"PYTHONPATH": str(base)})
     deadline = time.monotonic() + 30
     while not (out / "ready").exists():
@@ -397,14 +399,17 @@ def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_re
     shutil.copytree(os.path.join(SERVERS, "shop"), release / "shop", ignore=shutil.ignore_patterns("__pycache__"))
     state = tmp_path / "service-state"
 
+    name = f"shop-restarts-{os.getpid()}"  # one name across the restarts: the state is kept under it
+
     def start():
         port = free_port()
-        return servers.start(gunicorn(port, "--workers", "2"), cwd=str(release), state_dir=state, port=port), port
+        return servers.start(gunicorn(port, "--workers", "2"), name=name, cwd=str(release), state_dir=state,
+                             port=port), port
 
     srv, port = start()
     assert srv.wait_ready(EXPLOIT).location == VULNERABLE
     srv.wait_agents(3)
-    apply("shop", bundle)
+    apply(srv.name, bundle)
     assert get(port, EXPLOIT).location == FIXED
     srv.stop()
 
@@ -416,7 +421,7 @@ def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_re
         served(load.since(0), FIXED)
     assert not load.failures, (load.failures[:5], srv.log())
     assert [p["id"] for p in process_status(first.pid)["applied"]] == ["HP-SHOP-1"]
-    reapplied = {e["pid"] for e in history_events("shop") if e["action"] in ("reapply", "import")
+    reapplied = {e["pid"] for e in history_events(srv.name) if e["action"] in ("reapply", "import")
                  and e["outcome"] == "ok" and e["patch"] == "HP-SHOP-1"}
     assert first.pid in reapplied
     srv.stop()
@@ -427,10 +432,10 @@ def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_re
     first = srv.wait_ready(EXPLOIT)
     assert first.location == FIXED  # by the release's own code
     srv.wait_agents(3)
-    retired = [e for e in history_events("shop") if e["action"] == "retire" and e["patch"] == "HP-SHOP-1"]
+    retired = [e for e in history_events(srv.name) if e["action"] == "retire" and e["patch"] == "HP-SHOP-1"]
     assert retired and "does not match" in retired[0]["reason"], retired
     srv.stop()
     srv, port = start()  # the retired record is not applied again
     assert srv.wait_ready(EXPLOIT).location == FIXED
     srv.wait_agents(3)
-    assert all(p["patches"] == [] for p in cli_json("status", "shop")["processes"])
+    assert all(p["patches"] == [] for p in cli_json("status", srv.name)["processes"])
