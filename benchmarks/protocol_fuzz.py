@@ -72,7 +72,8 @@ class Agent:
         self.err_path = os.path.join(work, "agent.err")
         self._err = open(self.err_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-c", AGENT, code, trust], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env,
+                                     cwd=work)  # not the checkout: -c puts the working directory first on sys.path
         line = self.proc.stdout.readline()
         if not line:
             raise SystemExit(f"the agent did not start: {self.stderr()}")
