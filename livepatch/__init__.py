@@ -139,8 +139,11 @@ import os as _os  # noqa: E402  (os is imported by every interpreter's start-up 
 import sys as _sys  # noqa: E402
 
 _sys.modules[__name__].__class__ = _Package
+# first: the child's own hooks (the agent's among them) may import again
+from . import forkimports as _forkimports  # noqa: E402
+_forkimports.install()
 _os.register_at_fork(after_in_child=_after_fork_in_child)
-del _os, _sys
+del _os, _sys, _forkimports
 
 __all__ = [
     "apply", "rollback", "rollback_all", "status", "load_bundle", "engine", "fingerprint",

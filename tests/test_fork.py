@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import select
+import sys
 import threading
 import time
 import warnings
@@ -276,3 +277,51 @@ def test_fork_while_a_commit_after_a_handoff_holds_the_long_switch_interval():
         committer.join(10)
     assert outcome[0].blocker == "not now"
     assert sys.getswitchinterval() == interval and gc.isenabled()
+
+
+SLOW_MODULE = '''
+import threading, time
+for _ in range(500):  # the body runs until the test has forked
+    if getattr(threading, "lp_fork_done", False):
+        break
+    time.sleep(0.01)
+value = 42
+'''
+
+
+@pytest.mark.parametrize("thread_name", ["livepatch-agent-request", "program-thread"])
+def test_a_fork_during_an_import_on_a_livepatch_thread_leaves_the_child_able_to_import_it(
+        tmp_path, monkeypatch, thread_name):
+    """The agent imports lazily on its own threads; a fork then copies a held
+    module lock and a half-run module. The child imports it afresh; what a
+    program thread was importing is left as it is (its own business)."""
+    name = f"lp_slow_import_{thread_name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = threading.Event()
+
+    def importer():
+        started.set()
+        __import__(name)
+
+    t = threading.Thread(target=importer, name=thread_name, daemon=True)
+    t.start()
+    started.wait(5)
+    deadline = time.monotonic() + 5
+    while name not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert name in sys.modules  # its body is running
+    try:
+        def work():
+            import importlib
+            module = sys.modules.get(name)
+            if thread_name.startswith("livepatch"):
+                threading.lp_fork_done = True  # a fresh body must not wait for the dead thread's test flag
+                return importlib.import_module(name).value
+            return module is not None and not hasattr(module, "value")  # half-run, left alone
+        assert in_child(work) in (42, True)
+    finally:
+        threading.lp_fork_done = True
+        t.join(10)
+        del threading.lp_fork_done
+        sys.modules.pop(name, None)
