@@ -40,12 +40,42 @@ def _pid_cell(member_depth: int, pid: int) -> str:
     return "  " * member_depth + str(pid)
 
 
-def _gone(pid: int) -> bool:
+# A process that exits during the operation (a worker recycled by gunicorn's
+# --max-requests, a pool's maxtasksperchild) is often still exiting when its
+# request fails: its socket is gone or the connection was reset, but /proc
+# still lists it. It gets this long to finish before it counts as failed.
+EXIT_WAIT = 2.0
+
+
+def _gone(pids, wait: float = EXIT_WAIT) -> set[int]:
+    """Those of `pids` that have exited (a zombie, exited but not reaped,
+    included), giving them up to `wait` seconds together to finish."""
     import psutil
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
+    pids, gone = set(pids), set()
+    deadline = time.monotonic() + wait
+    while True:
+        for pid in pids - gone:
+            try:
+                if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    gone.add(pid)
+            except psutil.NoSuchProcess:
+                gone.add(pid)
+            except psutil.Error:
+                pass  # there, but not ours to look at: alive
+        if gone == pids or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.02)
+
+
+def _exited_among(outcomes) -> set[int]:
+    """The PIDs of failed outcomes whose process exited meanwhile. A lost
+    connection or an agent's own failure may be that exit under way, so
+    those get EXIT_WAIT; a refusal or a timeout is an answer (or a long
+    silence) from a live agent, so those are only looked at once."""
+    from .cli_agent import _REFUSALS
+    failed = [o for o in outcomes if not o.ok and o.error != fanout.CANCELLED]
+    final = {o.pid for o in failed if o.error in _REFUSALS or o.error in VERIFY_ERRORS or o.error == fanout.TIMEOUT}
+    return _gone(final, wait=0) | _gone({o.pid for o in failed} - final)
 
 
 # ---------------------------------------------------------------- ps / status / history
@@ -141,15 +171,23 @@ class _Report:
     def __init__(self, svc: tree.Service):
         self.svc = svc
         self.procs: dict[int, dict] = {}
+        # one that did not answer while the service was looked at may have been exiting
+        exited = _gone(m.pid for m in svc.members if not m.answering)
         for m in svc.members:
-            self.add(m)
+            self.add(m, exited=exited)
 
-    def add(self, m: tree.Member, newcomer: bool = False) -> dict:
+    def add(self, m: tree.Member, newcomer: bool = False, exited=None) -> dict:
         rec = self.procs[m.pid] = {"pid": m.pid, "parent": m.parent, "role": m.role, "serves": m.serves,
                                    "depth": m.depth, "newcomer": newcomer, "outcome": "", "detail": ""}
         if not m.answering:
-            self.fail(m.pid, "not answering", m.error)
+            if m.pid in (_gone([m.pid]) if exited is None else exited):
+                self.exited(m.pid)
+            else:
+                self.fail(m.pid, "not answering", m.error)
         return rec
+
+    def exited(self, pid):
+        self.procs[pid].update(outcome="gone", detail="the process exited meanwhile")
 
     def fail(self, pid, outcome, message, error="", problems=()):
         rec = self.procs[pid]
@@ -157,10 +195,11 @@ class _Report:
         if problems:
             rec["problems"] = list(problems)
 
-    def from_outcome(self, o: fanout.Outcome):
+    def from_outcome(self, o: fanout.Outcome, exited=()):
+        """A failed outcome; `exited`: the PIDs _exited_among found gone."""
         from .cli_agent import _REFUSALS
-        if o.unavailable and _gone(o.pid):
-            self.procs[o.pid].update(outcome="gone", detail="the process exited meanwhile")
+        if o.pid in exited:
+            self.exited(o.pid)
             return
         kind = "refused" if o.error in _REFUSALS or o.error in VERIFY_ERRORS else "failed"
         self.fail(o.pid, kind, f"{o.error}: {o.message}", o.error, o.details.get("problems", ()))
@@ -236,6 +275,7 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
                                                    force=args.force, **_order_fields(args)), False
     except fanout.Interrupted as exc:
         outcomes, interrupted = exc.outcomes, True
+    exited = _exited_among(outcomes.values())
     for pid, o in outcomes.items():
         if o.error == fanout.CANCELLED:
             rep.procs[pid].update(outcome="cancelled", detail="cancelled (Ctrl-C) before any store")
@@ -249,7 +289,7 @@ def _commit(rep: _Report, pids, blob, args, tokens: dict) -> list[int]:
                                   + (" (FORCED)" if r.get("forced") else ""))
             done.append(pid)
         else:
-            rep.from_outcome(o)
+            rep.from_outcome(o, exited)
     if interrupted:
         raise _Cancelled(done)
     return done
@@ -286,11 +326,12 @@ def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict, how: str =
                                   timeout=args.timeout, force=args.force,
                                   fields_for=lambda pid: {"undo_token": tokens[pid]} if pid in tokens else {})
     ok = True
+    exited = _exited_among(outcomes.values())
     for pid, o in outcomes.items():
         if o.ok:
             rep.procs[pid].update(outcome="rolled back", detail=f"{how}, then rolled back: {why}")
-        elif o.unavailable and _gone(pid):
-            rep.procs[pid].update(outcome="gone", detail="the process exited meanwhile")
+        elif pid in exited:
+            rep.exited(pid)
         else:
             ok = False
             rep.procs[pid].update(outcome="rollback failed", detail=f"STILL PATCHED: {o.describe()}"[:200])
@@ -336,9 +377,10 @@ def apply(args):
         assessed = fanout.request_all(answering, "assess", wait=ASSESS_WAIT, bundles=[blob], **_order_fields(args))
     except KeyboardInterrupt:
         raise CliError("interrupted while checking the service; nothing was changed", EXIT_INTERRUPTED) from None
+    exited = _exited_among(assessed.values())
     for pid, o in assessed.items():
         if not o.ok:
-            rep.from_outcome(o)
+            rep.from_outcome(o, exited)
             continue
         v = o.result[0]
         patch_id = patch_id or v.get("patch_id")
@@ -495,6 +537,7 @@ def rollback(args):
         except fanout.Interrupted as exc:
             outcomes = exc.outcomes
             interrupted.append(True)
+        exited = _exited_among(outcomes.values())
         for pid, o in outcomes.items():
             if o.error == fanout.CANCELLED:
                 rep.procs[pid].update(outcome="cancelled", detail="cancelled (Ctrl-C) before any store")
@@ -503,7 +546,7 @@ def rollback(args):
                                       detail=", ".join(f"{r['patch_id']}" + (f" (pause {_ns(r['pause_ns'])})" if r.get("functions") else "")
                                                        for r in o.result))
             else:
-                rep.from_outcome(o)
+                rep.from_outcome(o, exited)
 
     run(targets(svc.members))
     now, newcomers = tree.rediscover(svc)

@@ -46,6 +46,7 @@ ap.add_argument("--children", type=int, default=3)
 ap.add_argument("--mismatch", type=int, default=-1)   # this worker runs other code for answer()
 ap.add_argument("--busy", type=int, default=-1)       # a thread of this worker never leaves hold()
 ap.add_argument("--slow", type=int, default=-1)       # a thread of this worker is in hold() until released
+ap.add_argument("--exits", type=int, default=-1)      # on SIGUSR1 this worker exits as a recycled one does
 ap.add_argument("--on-patch", default="none")         # fork | spawn: start a worker once the parent runs the fix
 ap.add_argument("--lazy-parent", action="store_true")  # like a pre-fork master: only the workers import treeapp
 ap.add_argument("--child", type=int, default=-1)      # set when spawned as a worker
@@ -92,6 +93,12 @@ def worker(i, parent):
             while not os.path.exists(os.path.join(args.dir, "released")):
                 treeapp.hold(0.05)
         threading.Thread(target=slow, daemon=True).start()
+    if i == args.exits:
+        def recycled(*_):  # as at a worker's normal exit: its agent closes at exit, the process ends a moment later
+            livepatch.agent.stop()
+            time.sleep(1.0)
+            os._exit(0)
+        signal.signal(signal.SIGUSR1, recycled)
 
     def orphaned():  # never outlive the parent
         while os.getppid() == parent:
@@ -226,9 +233,12 @@ class TreeService:
         return [row for row in json.loads(r.stdout) if row["name"] == self.name]
 
     def answers(self) -> dict:
-        out = {}
-        for pid, port in sorted(self.ports().items()):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+        return self.answers_of(self.ports())
+
+    def answers_of(self, pids) -> dict:
+        ports, out = self.ports(), {}
+        for pid in sorted(pids):
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[pid]}/", timeout=10) as resp:
                 out[pid] = resp.read().decode()
         return out
 
@@ -421,6 +431,44 @@ def test_a_worker_that_does_not_answer_is_counted_and_stops_the_apply(service, b
     assert outcomes.pop(stuck) == "not answering" and set(outcomes.values()) == {"unchanged"}
     assert "0 of 3 serving processes patched" in out["summary"]
     assert set(svc.answers().values()) == {"old"}
+
+
+def _wait_busy(pid, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r = cli("status", str(pid), "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        if _json(r)["agent"]["busy"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the apply never showed as in progress in process {pid}")
+
+
+def test_a_worker_that_exits_during_the_apply_is_gone_not_a_failure(service, bundle):
+    # The worker's commit waits for a thread to leave the target; meanwhile
+    # it exits as a recycled worker does: its agent closes first (the apply's
+    # connection hangs up), the process ends a second later.
+    svc = service(slow=1, exits=1)
+    leaving = svc.children()[1]
+    apply = subprocess.Popen([sys.executable, "-m", "livepatch", "apply", svc.name, bundle, "--timeout", "30", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_busy(leaving)
+        os.kill(leaving, signal.SIGUSR1)
+        stdout, stderr = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+            apply.wait()
+    assert apply.returncode == 0, stdout + stderr
+    out = json.loads(stdout)
+    outcomes = {p["pid"]: (p["outcome"], p["detail"]) for p in out["processes"]}
+    assert outcomes.pop(leaving) == ("gone", "the process exited meanwhile")
+    assert {o for o, _ in outcomes.values()} == {"patched"} and len(outcomes) == 3
+    assert (out["serving"], out["serving_patched"], out["masters"], out["masters_patched"], out["gone"]) == (2, 2, 1, 1, 1)
+    assert out["summary"] == "2 of 2 serving processes patched; 1 of 1 master patched; 1 exited during the operation"
+    answers = svc.answers_of([p for p in svc.ports() if p != leaving])
+    assert set(answers.values()) == {"new"} and len(answers) == 3
 
 
 def test_a_master_that_never_imported_the_target_is_pending_and_its_workers_patched(service, bundle):
