@@ -74,13 +74,18 @@ def describe(entry: dict, classification: str | None = None) -> str:
     reason = _first_line(entry.get("reason"))
     verb = {"apply": "apply", "reapply": "re-apply", "rollback": "roll back", "import": "apply"}.get(action, action)
     where = f" to {module} on import" if action == "import" else ""
+    if outcome == "rejected":  # never verified: no id to trust, the digest names it
+        what = patch if entry.get("patch") else f"a bundle (sha256 {str(entry.get('bundle_sha256') or '?')[:16]})"
+        return f"livepatch: rejected {what} sent to {action}: {error}" + (f": {reason}" if reason and reason != error else "")
+    if outcome == "cancelled":
+        return f"livepatch: cancelled the {action} of {label}{where} (its client went away); nothing was changed"
     word = "refused" if outcome == "refused" else "failed"
     return f"livepatch: {word} to {verb} {label}{where}: {error}" + (f": {reason}" if reason and reason != error else "")
 
 
 def level_of(entry: dict) -> int:
     outcome = entry.get("outcome")
-    if entry.get("action") == "retire" or outcome == "refused":
+    if entry.get("action") == "retire" or outcome in ("refused", "rejected"):
         return logging.WARNING
     if outcome == "failed":
         return logging.ERROR

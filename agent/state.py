@@ -556,7 +556,8 @@ def _classification(patch_id):
 
 
 _KEEP = ("reason", "error", "module", "targets", "pending", "pause_ns", "attempts", "functions", "forced", "commit",
-         "peer", "allow_downgrade", "downgrade", "authorization", "trust", "keys", "replaced")
+         "peer", "allow_downgrade", "downgrade", "authorization", "trust", "keys", "replaced",
+         "bundle_sha256", "size", "field")
 
 
 def _on_entry(entry: dict) -> None:

@@ -64,12 +64,12 @@ def parse(data) -> dict:
     body, sig = (doc.get("authorization"), doc.get("signature")) if ok else (None, None)
     ok = ok and isinstance(body, dict) and set(body) == {"action", "patch", "bundle_sha256", "baseline", "issued", "expires"}
     ok = ok and body["action"] == "rollback" and isinstance(body["patch"], str) and len(body["patch"]) <= 128 \
-        and isinstance(body["bundle_sha256"], str) and bool(_HEX64.match(body["bundle_sha256"])) \
+        and isinstance(body["bundle_sha256"], str) and bool(_HEX64.fullmatch(body["bundle_sha256"])) \
         and all(type(body[k]) is int and 0 <= body[k] < 2**40 for k in ("issued", "expires")) \
         and isinstance(body["baseline"], dict)
     ok = ok and isinstance(sig, dict) and set(sig) == {"algorithm", "key_id", "signature"} \
         and sig["algorithm"] == "ed25519" and isinstance(sig["key_id"], str) and bool(_HEX16.match(sig["key_id"])) \
-        and isinstance(sig["signature"], str) and bool(_HEXSIG.match(sig["signature"]))
+        and isinstance(sig["signature"], str) and bool(_HEXSIG.fullmatch(sig["signature"]))
     if not ok:
         raise _bad("not a rollback authorisation (expected {authorization: {action, patch, bundle_sha256, "
                    "baseline, issued, expires}, signature: {algorithm, key_id, signature}})")

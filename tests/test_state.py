@@ -7,6 +7,7 @@ rules (serialised writers across processes, idempotent records, corrupt
 files, history pruning)."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -555,3 +556,17 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_write(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert sorted(h["patch"] for h in _state(tmp_path).history()) == ["HP-CHILD", "HP-PARENT"]
+
+
+def test_log_lines_of_rejected_and_cancelled_requests():
+    """A bundle that never verified is named by its digest (its id is not to
+    be trusted); a cancelled apply says nothing changed."""
+    from livepatch.agent import log
+    rejected = {"action": "apply", "patch": "", "outcome": "rejected", "error": "SignatureError",
+                "reason": "bundle is signed by an untrusted key", "bundle_sha256": "ab" * 32}
+    assert log.describe(rejected) == ("livepatch: rejected a bundle (sha256 abababababababab) sent to apply: "
+                                      "SignatureError: bundle is signed by an untrusted key")
+    assert log.level_of(rejected) == logging.WARNING
+    cancelled = {"action": "apply", "patch": "HP-1", "outcome": "cancelled", "error": "Cancelled"}
+    assert log.describe(cancelled, "security") == (
+        "livepatch: cancelled the apply of HP-1 (security) (its client went away); nothing was changed")
