@@ -207,7 +207,10 @@ class _Report:
     def relayout(self, now: tree.Service):
         for m in now.members:
             if m.pid in self.procs:
-                self.procs[m.pid].update(parent=m.parent, role=m.role, serves=m.serves, depth=m.depth)
+                # a master stays one when every worker it had exited meanwhile
+                # (recycled, their replacements not listening yet): it still serves nothing
+                role = "master" if self.procs[m.pid]["role"] == "master" else m.role
+                self.procs[m.pid].update(parent=m.parent, role=role, serves=role == "worker", depth=m.depth)
 
     def with_outcome(self, *outcomes) -> list[int]:
         return [pid for pid, r in self.procs.items() if r["outcome"] in outcomes]

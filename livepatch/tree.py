@@ -243,10 +243,20 @@ def rediscover(service: Service, ask=None) -> tuple[Service, list[Member]]:
     known = set(service.pids)
     roots = [service.root] if service.root is not None else service.pids
     ppids = _ppids()
-    fresh = _descendants(roots, ppids) - service.seen
+    under = _descendants(roots, ppids)
+    fresh = under - service.seen
     deadline = time.monotonic() + NEWCOMER_WAIT
     waiting, listening = set(fresh), set()
+    # forked just before the service was looked at, its agent listening only
+    # since (a worker replacing a recycled one): a newcomer too, not waited for
+    for d in sorted((under & service.seen) - known):
+        try:
+            if socket_for(d) is not None:
+                listening.add(d)
+        except AgentUnavailable:  # exited
+            pass
     while waiting:
+        exited = False
         for d in sorted(waiting):
             try:
                 if socket_for(d) is not None:
@@ -254,6 +264,14 @@ def rediscover(service: Service, ask=None) -> tuple[Service, list[Member]]:
                     waiting.discard(d)
             except AgentUnavailable:  # exited
                 waiting.discard(d)
+                exited = True
+        if exited and time.monotonic() < deadline:
+            # one that exited before it listened (a worker recycled young) may
+            # have been replaced already: its successor is a newcomer too
+            ppids = _ppids()
+            new = _descendants(roots, ppids) - service.seen - fresh - known
+            fresh |= new
+            waiting |= new
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.02)
