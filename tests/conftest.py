@@ -94,3 +94,31 @@ def assert_unchanged(module, before):
         else:
             for a, b in zip(after[key], before[key]):
                 assert a is b, key
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """An operator's key pair made by `livepatch keygen`, and a trust
+    directory holding its public key, as the README's tour sets them up."""
+    import shutil
+    from live import cli
+    d = tmp_path_factory.mktemp("trust")
+    assert cli("keygen", str(d / "ops")).returncode == 0
+    trust = d / "trusted"
+    trust.mkdir()
+    shutil.copy(d / "ops.pub", trust / "ops.pub")
+    return {"key": str(d / "ops.key"), "pub": str(d / "ops.pub"), "trust": str(trust)}
+
+
+@pytest.fixture(scope="module")
+def docs_bundle(keys, tmp_path_factory):
+    """The demo's path traversal fix, signed: HP-DOCS, security."""
+    import os
+    from live import cli
+    patches = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_apps", "http_api", "patches")
+    path = str(tmp_path_factory.mktemp("bundles") / "docs.lpb")
+    r = cli("build", os.path.join(patches, "baseline"), os.path.join(patches, "fix-path-traversal"), "-o", path,
+            "--id", "HP-DOCS", "--key", keys["key"], "--name", "inventory", "--version", "1.0",
+            "--classification", "security")
+    assert r.returncode == 0, r.stderr
+    return path

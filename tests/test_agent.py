@@ -28,17 +28,6 @@ from live import Service, cli
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trust")
-    assert cli("keygen", str(d / "ops")).returncode == 0
-    os.unlink(d / "ops.key") if False else None
-    trust = d / "trusted"
-    trust.mkdir()
-    shutil.copy(d / "ops.pub", trust / "ops.pub")
-    return {"key": str(d / "ops.key"), "trust": str(trust)}
-
-
-@pytest.fixture(scope="module")
 def bundles(keys, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
     out = {}
@@ -345,7 +334,8 @@ def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_e
 # logging. The engine, the bundle reader, signing and cryptography come with
 # the first request that needs them.
 IDLE_AGENT_MODULES = {
-    "livepatch", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart", "livepatch.agent.hangup",
+    "livepatch", "livepatch.forkimports", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart",
+    "livepatch.agent.hangup",
     "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.requests",
     "livepatch.agent.runtime_dir", "livepatch.agent.server", "livepatch.agent.state", "livepatch.agent.trust",
 }

@@ -164,26 +164,6 @@ def services(tmp_path):
         s.stop()
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trust")
-    assert cli("keygen", str(d / "ops")).returncode == 0
-    trust = d / "trusted"
-    trust.mkdir()
-    shutil.copy(d / "ops.pub", trust / "ops.pub")
-    return {"key": str(d / "ops.key"), "pub": str(d / "ops.pub"), "trust": str(trust)}
-
-
-@pytest.fixture(scope="module")
-def docs_bundle(keys, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("bundles") / "docs.lpb")
-    r = cli("build", os.path.join(PATCHES, "baseline"), os.path.join(PATCHES, "fix-path-traversal"), "-o", path,
-            "--id", "HP-DOCS", "--key", keys["key"], "--name", "inventory", "--version", "1.0",
-            "--classification", "security")
-    assert r.returncode == 0, r.stderr
-    return path
-
-
 def listed(env):
     r = cli("ps", "--json", env=env)
     assert r.returncode == 0, r.stderr

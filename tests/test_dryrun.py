@@ -29,16 +29,6 @@ ONE = 1
 """
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trust")
-    assert cli("keygen", str(d / "ops")).returncode == 0
-    trust = d / "trusted"
-    trust.mkdir()
-    shutil.copy(d / "ops.pub", trust / "ops.pub")
-    return {"key": str(d / "ops.key"), "trust": str(trust)}
-
-
 def _tree(tmp, name, source):
     out = tmp / name
     shutil.copytree(os.path.join(PATCHES, source), out, symlinks=False)

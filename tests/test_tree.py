@@ -8,7 +8,6 @@ workers forked or spawned during an apply are picked up."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -158,16 +157,6 @@ while True:
         open(os.path.join(args.dir, "released"), "w").close()
     time.sleep(0.002)
 '''
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("treekeys")
-    assert cli("keygen", str(d / "ops")).returncode == 0
-    trust = d / "trusted"
-    trust.mkdir()
-    shutil.copy(d / "ops.pub", trust / "ops.pub")
-    return {"key": str(d / "ops.key"), "trust": str(trust)}
 
 
 def _build(keys, d, classification):
