@@ -120,7 +120,9 @@ def gunicorn_recycling(servers, bundle, pause):
         report = apply(srv.name, bundle)
         applied = time.monotonic()
         load.resume()
-        assert report["serving"] >= 1 and report["serving_patched"] + report["serving_pending"] == report["serving"]
+        assert report["serving_patched"] + report["serving_pending"] == report["serving"]
+        # under load every worker may be replaced while the apply runs (they live ~0.3 s): then none is counted
+        assert report["serving"] >= 1 or not pause
         # a worker is replaced every 10 requests: wait for 20 workers forked after the apply
         load.wait_for(lambda: len(pids(load.since(applied)) - before) >= 20, timeout=120,
                       what="20 workers started after the apply")
@@ -138,12 +140,18 @@ def gunicorn_recycling(servers, bundle, pause):
                       what="5 workers started after the rollback")
         back = load.since(rolled)
         served(back, VULNERABLE)
-        assert pids(back) & after_apply, "no worker started after the apply served after the rollback"
+        if pause:  # under load the workers alive at the rollback are replaced before it returns
+            assert pids(back) & after_apply, "no worker started after the apply served after the rollback"
     assert not load.failures, (load.failures[:5], srv.log())
 
 
 def test_gunicorn_sync_workers_recycled_by_max_requests(servers, bundle):
     gunicorn_recycling(servers, bundle, pause=True)
+
+
+def test_gunicorn_sync_workers_recycled_during_the_apply(servers, bundle):
+    """Workers exit and are forked while the apply and the rollback run."""
+    gunicorn_recycling(servers, bundle, pause=False)
 
 
 def test_gunicorn_gthread(servers, bundle):
@@ -392,6 +400,25 @@ def safe_next(target, default="/"):
         return default
     return target
 '''
+
+
+def test_fork_while_the_agent_imports_what_an_apply_needs(servers, keys, tmp_path):
+    # The first apply in a process imports the verification and commit code
+    # on the agent's thread; the service forks at a moment that import is
+    # under way (it watches for it). Not every try lands in one: up to three.
+    for attempt in range(3):
+        srv, held, out = _forker(servers, keys, tmp_path / str(attempt), "--while-importing")
+        r = cli("apply", srv.pid, held, "--timeout", "2")
+        assert r.returncode == 3 and "TargetBusy" in r.stderr, r.stderr
+        time.sleep(1.0)
+        children = [c for c in _children(out) if c["how"].startswith("while importing")]
+        if children:
+            break
+        srv.stop()
+    assert children, "no fork landed in an import"
+    for c in children:
+        assert c["gc_enabled"] and c["applied"] == [], c
+        _usable(c["pid"], held, out)
 
 
 def test_restart_reapplies_the_fix_before_the_first_request_and_a_new_release_retires_it(servers, bundle, tmp_path):
