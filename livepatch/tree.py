@@ -66,6 +66,9 @@ class Member:
             return "not answering"
         if self.status.get("forced"):
             return "forced"
+        refused = sorted({m for p in self.status["applied"] for m in (p.get("refused_at_import") or {})})
+        if refused:  # those modules run their own code, not the patch's
+            return "refused at import: " + ", ".join(refused)
         if self.pending:
             return "pending"
         return "patched" if self.status["applied"] else "baseline"

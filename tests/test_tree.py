@@ -564,3 +564,15 @@ def test_tree_benchmark_runs():
     assert row["workers"] == 2 and row["serving_patched"] == [[2, 2], [2, 2]] and row["failed"] == 0  # by name, by tree
     assert row["apply_wall_ms"]["tree"]["n"] == row["apply_wall_ms"]["pid_tree"]["n"] == 1
     assert row["longest_request_ms"]["control"]["n"] == 1
+
+
+def test_a_process_whose_module_refused_the_patch_at_import_is_not_called_patched():
+    """After a new release, a worker imports code the patch was not built
+    for: the engine refuses that module's part, and the process runs the
+    release's own code there, so its state says so."""
+    from livepatch.tree import Member
+    applied = {"id": "HP-1", "pending": {}, "refused_at_import": {"shop.links": "BaselineMismatch: ..."}}
+    member = Member(pid=1, status={"forced": False, "applied": [applied], "pending": []})
+    assert member.state == "refused at import: shop.links"
+    applied["refused_at_import"] = {}
+    assert member.state == "patched"
