@@ -305,7 +305,9 @@ def _wait_in_progress(pid, seconds=HOLD):
     while time.monotonic() < deadline:
         s = _status(pid)
         assert s["applied"] == [], "the apply landed before it could be interrupted (a hold too short for this machine)"
-        if s["agent"]["busy"]:
+        # the agent is busy from the request on; the engine's own entry
+        # appears once it waits for a safe point (after verifying the bundle)
+        if s["agent"]["busy"] and s.get("in_progress"):
             return s
         time.sleep(0.1)
     raise AssertionError("the apply never showed as in progress")
