@@ -20,6 +20,7 @@ import pytest
 from live import cli
 
 BASE = '''\
+import os
 import time
 
 
@@ -27,9 +28,9 @@ def answer():
     return "old"
 
 
-def hold(seconds):
+def hold(seconds, until=None):
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (until and os.path.exists(until)):
         time.sleep(0.005)
     return "held"
 '''
@@ -88,9 +89,8 @@ def worker(i, parent):
     if i == args.busy:
         threading.Thread(target=treeapp.hold, args=(3600,), daemon=True).start()
     if i == args.slow:
-        def slow():  # in hold() until the parent has started its new worker
-            while not os.path.exists(os.path.join(args.dir, "released")):
-                treeapp.hold(0.05)
+        def slow():  # in hold() without a break until the parent has started its new worker
+            treeapp.hold(3600, until=os.path.join(args.dir, "released"))
         threading.Thread(target=slow, daemon=True).start()
     if i == args.exits:
         def recycled(*_):  # as at a worker's normal exit: its agent closes at exit, the process ends a moment later
