@@ -34,6 +34,11 @@ def code_tree(module_code: types.CodeType) -> dict[str, list[types.CodeType]]:
     return out
 
 
+# code objects of comprehensions and generator expressions: made afresh by
+# each run of the code that contains them, never bound to a function
+COMPREHENSIONS = ("<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>")
+
+
 def patched_filename(filename: str, patch_id: str) -> str:
     """A distinct filename for patched code, so linecache shows its lines."""
     return f"{filename} [livepatch {patch_id}]"
@@ -234,6 +239,8 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
     base_defs, new_defs = _definitions(base_tree), _definitions(new_tree)
 
     for qualname, news in new_codes.items():
+        if qualname.rpartition(".")[2] in COMPREHENSIONS:
+            continue  # no function object runs it: it travels inside its enclosing code, whose fingerprint covers it
         bases = base_codes.get(qualname)
         node = new_defs.get(qualname)
         line = getattr(node, "lineno", news[0].co_firstlineno)

@@ -30,7 +30,7 @@ from .bundlefile import MAX_BUNDLE_BYTES, read_file  # noqa: F401  (both still i
 from .errors import PatchError, Problem
 from .locate import loaded_module
 from .patch import PYTHON_TAG, UNCHANGED, Change, Patch
-from .pending import value_for
+from .pending import AtImport, value_for
 
 MAGIC = b"\x89LPB\r\n\x1a\n"
 FORMAT = 1
@@ -499,7 +499,7 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
             # checked now, run only on the way to a commit (assess runs nothing)
             tree = _import_tree(g["statement"], name, f"globals[{i}].statement")
             new_globals[g["name"]] = value_for(
-                module_name, lambda module, t=tree, n=name: _import_value(t, n, module),
+                module_name, lambda module, t=tree, n=name: _import_value(t, n, module, new_globals),
                 runs_code=g["statement"].strip()[:200])
         else:
             code = code_for(g, f"globals[{i}]")
@@ -511,6 +511,9 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
     metadata.update(signed_by=bundle.signed_by, **ordering(m), bundle_sha256=digest(bundle))
     return Patch(m["id"], changes, cumulative=m["cumulative"], new_globals=new_globals,
                  requires=tuple(m["requires"]), sources=sources, metadata=metadata)
+
+
+_ABSENT = object()
 
 
 def _new_function(code, module: types.ModuleType, name: str, defaults, kwdefaults):
@@ -536,7 +539,22 @@ def _import_tree(statement: str, name: str, field: str) -> ast.Module:
     return tree
 
 
-def _import_value(tree: ast.Module, name: str, module: types.ModuleType):
+def _import_value(tree: ast.Module, name: str, module: types.ModuleType, bundled: dict):
+    """What the import statement binds to `name`. A name the same bundle
+    adds to the module imported from (a new function imported by another
+    patched module) is that new value: the module does not have it until
+    the commit."""
+    node = tree.body[0]
+    if isinstance(node, ast.ImportFrom):
+        from importlib.util import resolve_name
+        source = resolve_name("." * node.level + (node.module or ""), module.__package__ or module.__name__)
+        alias = next(a for a in node.names if (a.asname or a.name) == name)
+        value = bundled.get(f"{source}:{alias.name}", _ABSENT)
+        if value is not _ABSENT and not isinstance(value, AtImport):
+            return value
+        # only this name: another one of the statement may be such a new value
+        tree = ast.Module(body=[ast.ImportFrom(module=node.module, names=[alias], level=node.level)], type_ignores=[])
+        ast.fix_missing_locations(tree)
     namespace = {"__name__": module.__name__, "__package__": module.__package__}
     exec(compile(tree, f"<livepatch import in {module.__name__}>", "exec"), namespace)
     return namespace[name]
