@@ -1,13 +1,22 @@
-"""Packaging that pyproject.toml cannot express: livepatch-autostart.pth
-goes to the root of site-packages, for a wheel (`pip install .`, `python -m
-build`) and for an editable install (`pip install -e .`) alike, so that any
-interpreter of the environment starts the agent when LIVEPATCH_AUTOSTART=1
-(`livepatch run`, and every child it spawns)."""
+"""Packaging that pyproject.toml cannot express.
+
+- livepatch-autostart.pth goes to the root of site-packages, for a wheel
+  (`pip install .`, `python -m build`) and for an editable install (`pip
+  install -e .`) alike, so that any interpreter of the environment starts
+  the agent when LIVEPATCH_AUTOSTART=1 (`livepatch run`, and every child it
+  spawns).
+- The 1 KB attach shim (livepatch/attach_shim.c) is compiled when the
+  package is built, so a production host needs no C compiler to attach.
+  It is a plain shared library loaded with dlopen, never imported; built
+  as an optional extension, an install without a compiler still succeeds
+  and `livepatch attach` compiles it on first use instead."""
 
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -37,4 +46,27 @@ class EditableWheelWithPth(editable_wheel):
         shutil.copyfile(os.path.join(HERE, PTH), os.path.join(installation_dir, PTH))
 
 
-setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
+class BuildShim(build_ext):
+    """The shim calls no Python API at link time (it looks the few functions
+    up in the running process), so one file serves every Python version:
+    no ABI tag in its name."""
+
+    def get_ext_filename(self, fullname):
+        return os.path.join(*fullname.split(".")) + ".so"
+
+
+class PlatformWheel(bdist_wheel):
+    """py3-none-<platform>: the wheel holds a native library but no
+    extension module of one Python version."""
+
+    def get_tag(self):
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
+SHIM = Extension("livepatch._attach_shim", ["livepatch/attach_shim.c"], libraries=["pthread", "dl"],
+                 extra_compile_args=["-O2"], optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth, "build_ext": BuildShim,
+                "bdist_wheel": PlatformWheel},
+      ext_modules=[SHIM])

@@ -1,7 +1,8 @@
 """Getting the agent into a process that never heard of livepatch.
 
 Python 3.14+: `sys.remote_exec(pid, script)`. Python 3.11-3.13: a tiny
-shared library (attach_shim.c, compiled on first use) is loaded into the
+shared library (attach_shim.c, compiled when the package was built; on
+first use where that build had no compiler) is loaded into the
 target; its constructor starts a native thread that runs the bootstrap
 script through PyGILState_Ensure. Loading uses `pyinjector` (ptrace,
 hijacks one thread for the dlopen: a few milliseconds) and falls back to
@@ -62,8 +63,19 @@ def target_python(pid: int) -> tuple[str, tuple[int, int]]:
     return "cpython", (int(m.group(1)), int(m.group(2)))
 
 
-def _shim_library(directory: str) -> str:
-    """Compile attach_shim.c once per content into the private directory."""
+def prebuilt_shim() -> str | None:
+    """The shim compiled with the package (an optional extension: absent
+    where the build host had no compiler)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_attach_shim.so")
+    return path if os.path.isfile(path) else None
+
+
+def _shim_library(directory: str, use_prebuilt: bool = True) -> str:
+    """The prebuilt shim, else attach_shim.c compiled once per content into
+    the private directory."""
+    prebuilt = prebuilt_shim() if use_prebuilt else None
+    if prebuilt is not None:
+        return prebuilt
     with open(SHIM_SOURCE, "rb") as fh:
         source = fh.read()
     path = os.path.join(directory, f"shim-{hashlib.sha256(source).hexdigest()[:16]}.so")
