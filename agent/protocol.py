@@ -34,7 +34,7 @@ MIN_MAX_REQUEST = 64 << 10
 # Requests are flat (a few fields, lists of strings): deeper nesting is
 # refused before anything formats or walks it recursively.
 MAX_DEPTH = 32
-OPS = ("ping", "status", "history", "assess", "apply", "rollback", "reload-trust")
+OPS = ("ping", "status", "history", "assess", "apply", "rollback", "reload-trust", "patched-errors")
 
 _HEADER = struct.Struct(">I")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

@@ -73,8 +73,8 @@ class Agent:
             "busy": self._exclusive.locked(),
             "in_progress": dict(self._doing) if self._doing else None,
         }
-        baselines = [p["metadata"].get("baseline") for p in status["applied"] if p["metadata"].get("baseline")]
-        status["baseline"] = baselines[-1] if baselines else None
+        from .baseline import runs  # what the process runs, never what a bundle claims
+        status.update(runs(self, request))
         from .state import status_fields
         status.update(status_fields(self))
         return status
@@ -143,6 +143,11 @@ class Agent:
             on_rolled_back(self, [r.patch_id for r in results])
         return [{"patch_id": r.patch_id, "pause_ns": r.pause_ns, "attempts": r.attempts,
                  "functions": r.functions, "targets": r.targets} for r in results]
+
+    def op_patched_errors(self, request):
+        import livepatch
+        from . import patched_errors
+        return patched_errors.handle(livepatch.engine, request)
 
     def op_reload_trust(self, request):
         try:

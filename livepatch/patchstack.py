@@ -798,3 +798,7 @@ class Engine:
 
     def applied_ids(self) -> list[str]:
         return [p.id for p in self._stack]
+
+    def patched_codes(self, patch_id: str | None = None) -> list:
+        """The code objects a patch (default: every applied one) put in effect."""
+        return [s.new for p in list(self._stack) if patch_id in (None, p.id) for s in p.switches]
