@@ -8,8 +8,15 @@ PY ?= 3.11
 	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' \
 	  && touch $@
 
-demo: .venv-$(PY)/.ready
-	.venv-$(PY)/bin/python demo_apps/live_demo.py
+# the demo's own venv: livepatch and matplotlib only, not the test and benchmark extras
+.venv-demo-%/.ready: pyproject.toml setup.py livepatch-autostart.pth
+	@echo "setting up .venv-demo-$* once: a virtualenv with livepatch, its four dependencies and matplotlib for the chart"
+	@py=$$(sh scripts/find-python $*) && rm -rf .venv-demo-$* && $$py -m venv .venv-demo-$* \
+	  && .venv-demo-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[demo]' \
+	  && touch $@ && echo "done; running the demo"
+
+demo: .venv-demo-$(PY)/.ready
+	.venv-demo-$(PY)/bin/python demo_apps/live_demo.py
 
 test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 	@set -e; for v in $(PYTHONS); do \
