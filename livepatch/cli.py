@@ -23,10 +23,30 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_VERIFY, EXIT_NO_AGENT = 0, 1
 EXIT_PARTIAL = 6
 
 
+# the error "type" in --json when nothing more precise names the error
+_ERROR_TYPES = {EXIT_ERROR: "Error", EXIT_USAGE: "UsageError", EXIT_REFUSED: "Refused",
+                EXIT_VERIFY: "VerificationFailed", EXIT_NO_AGENT: "NoAgent", EXIT_PARTIAL: "Partial",
+                130: "Interrupted"}
+
+
 class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_ERROR, details=None):
+    """An error a person can act on: one line, an exit code, and for --json a
+    type (the agent's error class when it comes from one) and details."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR, details=None, kind: str | None = None):
         super().__init__(message)
         self.code, self.details = code, details or {}
+        named = self.details.get("error")
+        self.kind = kind or (named if isinstance(named, str) and named else _ERROR_TYPES.get(code, "Error"))
+
+    def to_json(self) -> dict:
+        """The one error shape of every command's --json."""
+        extra = {k: v for k, v in self.details.items() if k not in ("error", "message", "type")}
+        return {"error": {"type": self.kind, "message": str(self), "exit_code": self.code, **extra}}
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, EXIT_USAGE, kind="UsageError")
 
 
 # ---------------------------------------------------------------- output
@@ -112,8 +132,9 @@ def cmd_build(args):
         raise CliError(f"cannot read the key {args.key}: {exc.strerror}") from None
     except SignatureError as exc:
         raise CliError(str(exc).splitlines()[0]) from None
+    baseline, patched, trees = _build_trees(args)
     try:
-        data, summary = build(args.baseline, args.patched, patch_id=args.id, pythons=args.python or (),
+        data, summary = build(baseline, patched, patch_id=args.id, pythons=args.python or (),
                               title=args.title or "", description=args.description or "", references=args.ref or (),
                               classification=args.classification, requires=args.requires or (),
                               cumulative=args.cumulative, name=args.name, version=args.version,
@@ -125,6 +146,8 @@ def cmd_build(args):
         raise CliError(str(exc).splitlines()[0], EXIT_ERROR, exc.to_dict()) from None
     except PatchError as exc:
         raise _patch_error(exc) from None
+    finally:
+        trees.close()
     # write via a temp file in the same directory: never a half-written bundle
     tmp = f"{args.output}.tmp{os.getpid()}"
     try:
@@ -157,6 +180,38 @@ def cmd_build(args):
             lines.append(f"  skipped {skipped}")
         return "\n".join(lines)
     _emit(args, summary, human)
+
+
+def _build_trees(args):
+    """(baseline, patched, cleanup) from two tree paths or from --from/--to releases."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    if args.from_release is None and args.to_release is None:
+        if args.patched is None:
+            raise CliError("build needs BASELINE and PATCHED trees, or --from PKG==A --to PKG==B", EXIT_USAGE)
+        return args.baseline, args.patched, stack
+    if args.from_release is None or args.to_release is None or args.baseline is not None:
+        raise CliError("--from PKG==A and --to PKG==B go together, in place of the BASELINE and PATCHED trees",
+                       EXIT_USAGE)
+    from .builder import BuildError
+    from .errors import PatchError
+    from .releases import release_trees
+    try:
+        baseline, patched, _ = stack.enter_context(release_trees(args.from_release, args.to_release))
+    except BuildError as exc:
+        raise CliError(str(exc).splitlines()[0], EXIT_ERROR, exc.to_dict()) from None
+    except PatchError as exc:
+        raise _patch_error(exc) from None
+    return baseline, patched, stack
+
+
+def _release_spec(text: str) -> str:
+    from .releases import parse_spec
+    try:
+        parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def cmd_authorize_rollback(args):
@@ -318,24 +373,36 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        # one line naming the mistake and where the help is (argparse prints the usage block first)
+        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE, {"command": self.prog}, kind="UsageError")
+
 
 def parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="livepatch", description="Hotpatch running Python processes.",
-                                 epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial")
-    sub = ap.add_subparsers(dest="command", required=True)
+                                 epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial, "
+                                        "130 interrupted")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"livepatch {__version__}")
+    # also after the subcommand; a separate dest, as a subcommand's default would overwrite it
+    ap.add_argument("--json", dest="json_first", action="store_true", help="machine-readable output (docs/json.md)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
+        p.set_defaults(func=func, prog=p.prog)
         return p
 
     p = command("keygen", cmd_keygen, "create an Ed25519 signing key pair (PREFIX.key, PREFIX.pub)")
     p.add_argument("output", metavar="PREFIX")
 
     p = command("build", cmd_build, "build a bundle from a baseline and a patched source tree")
-    p.add_argument("baseline")
-    p.add_argument("patched")
+    p.add_argument("baseline", nargs="?")
+    p.add_argument("patched", nargs="?")
+    p.add_argument("--from", dest="from_release", type=_release_spec, metavar="PKG==A",
+                   help="build from released wheels (fetched with pip): the release that runs ...")
+    p.add_argument("--to", dest="to_release", type=_release_spec, metavar="PKG==B", help="... and the release with the fix")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--id", required=True)
     p.add_argument("--classification", default="bugfix", choices=["security", "critical", "bugfix", "other"])
@@ -374,22 +441,43 @@ def parser() -> argparse.ArgumentParser:
 
     from . import cli_agent
     cli_agent.add_commands(command)
+    p = command("completion", cmd_completion, "print a shell completion script (bash or zsh)")
+    p.add_argument("shell", choices=["bash", "zsh"])
     return ap
 
 
+def cmd_completion(args):
+    from .completion import script
+    sys.stdout.write(script(parser(), args.shell))
+
+
+def _wants_json(argv) -> bool:
+    """--json anywhere before a `--` (what follows that belongs to `run`'s program)."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def _report(exc: CliError, as_json: bool, prog: str) -> int:
+    if as_json:
+        print(json.dumps(exc.to_json(), indent=2, default=str))
+    else:
+        print(printable(f"{prog}: {exc}"), file=sys.stderr)
+        if exc.details.get("problems"):
+            print(printable(_problems_text(exc.details["problems"]), keep="\n"), file=sys.stderr)
+    return exc.code
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser().parse_args(argv)
+    except CliError as exc:  # a usage error
+        return _report(exc, _wants_json(argv), exc.details.get("command", "livepatch"))
+    args.json = getattr(args, "json", False) or args.json_first
     try:
         args.func(args)
         return EXIT_OK
     except CliError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": exc.code, **exc.details}, indent=2, default=str))
-        else:
-            print(printable(f"livepatch {args.command}: {exc}"), file=sys.stderr)
-            if exc.details.get("problems"):
-                print(printable(_problems_text(exc.details["problems"]), keep="\n"), file=sys.stderr)
-        return exc.code
+        return _report(exc, args.json, getattr(args, "prog", f"livepatch {args.command}"))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
