@@ -109,3 +109,16 @@ def test_an_install_without_the_built_shim_compiles_it_at_attach_or_says_what_is
             assert json.loads(r.stdout)["method"] == "pyinjector"
     finally:
         svc.stop()
+
+
+def test_the_api_reference_covers_every_public_name_and_agent_option():
+    import inspect
+
+    import livepatch
+    import livepatch.agent
+    with open(os.path.join(ROOT, "docs", "api.md")) as fh:
+        reference = fh.read()
+    missing = [n for n in livepatch.__all__ if f"livepatch.{n}" not in reference]
+    options = inspect.signature(livepatch.agent.start).parameters
+    missing += [f"start({p}=)" for p in options if f"`{p}`" not in reference]
+    assert missing == []
