@@ -26,16 +26,7 @@ def spin(stop, running):
 def f():
     return 1
 '''
-NEW = '''
-def spin(stop, running):
-    running.set()
-    while not stop.is_set():
-        pass
-    return "new"
-
-def f():
-    return 2
-'''
+NEW = SRC.replace('return "old"', 'return "new"').replace("return 1", "return 2")
 
 
 def in_child(work, timeout=10.0):

@@ -424,6 +424,24 @@ def test_unwatched_imports_are_declined_by_the_hook(lazy, engine):
     engine.rollback()
 
 
+
+def _import_while_applying(engine, handler, patch):
+    """Run `handler(go)` (which imports a module once `go` is set) in one
+    thread and `engine.apply(patch)` in another, releasing the import once
+    the engine holds its lock: the import lands while the engine is busy.
+    Returns (what the handler returned, the apply's result), as lists."""
+    go, served, outcome = threading.Event(), [], []
+    t = threading.Thread(target=lambda: served.append(handler(go)))
+    t.start()
+    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
+    applier.start()
+    while not engine._lock.locked():
+        time.sleep(0.001)
+    go.set()
+    t.join(10)
+    applier.join(10)
+    return served, outcome
+
 def test_import_inside_a_target_while_another_apply_waits_for_it(lazy, make_module, engine):
     """An apply waits for `handler` to leave the stack; `handler` imports a
     module another patch waits for. The import does not wait for the
@@ -439,16 +457,7 @@ def handler(go):
     engine.apply(lazy_patch)
     patch = patch_of(m, src, src.replace("return importlib", "x = 1\n    return importlib"), "HP-handler")
     engine.import_timeout = 0.3
-    go, served, outcome = threading.Event(), [], []
-    t = threading.Thread(target=lambda: served.append(m.handler(go)))
-    t.start()
-    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
-    applier.start()
-    while not engine._lock.locked():
-        time.sleep(0.001)
-    go.set()
-    t.join(10)
-    applier.join(10)
+    served, outcome = _import_while_applying(engine, m.handler, patch)
     assert served == ["g"]  # imported while the engine was busy: not yet patched
     assert outcome and outcome[0].functions == 1
     deadline = time.monotonic() + 5
@@ -474,16 +483,7 @@ def handler(go):
     new = src.replace("return importlib", "x = 1\n    return importlib")
     patch = Patch("HP-both", list(patch_of(m, src, new).changes) + list(lazy_patch.changes),
                   new_globals=dict(lazy_patch.new_globals))
-    go, served, outcome = threading.Event(), [], []
-    t = threading.Thread(target=lambda: served.append(m.handler(go)))
-    t.start()
-    applier = threading.Thread(target=lambda: outcome.append(engine.apply(patch, timeout=10)))
-    applier.start()
-    while not engine._lock.locked():
-        time.sleep(0.001)
-    go.set()
-    t.join(10)
-    applier.join(10)
+    served, outcome = _import_while_applying(engine, m.handler, patch)
     assert served == ["g"]
     assert outcome and outcome[0].pending == {name: patch_targets(lazy_patch)}
     assert engine.status()["pending"] == []  # caught up before apply() returned
