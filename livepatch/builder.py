@@ -417,8 +417,8 @@ def summary(manifest: dict) -> dict:
         "id": manifest["id"], "baseline": manifest["baseline"], "pythons": manifest["pythons"],
         "sequence": manifest.get("sequence", 0), "lineage": manifest.get("lineage"),
         "targets": by_module,
-        "data changes": [g["name"] for g in manifest["globals"] if g["kind"] == "constant"],
-        "new globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
+        "data_changes": [g["name"] for g in manifest["globals"] if g["kind"] == "constant"],
+        "new_globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
         "overridden": manifest["overrides"],
     }
 

@@ -148,6 +148,7 @@ def cmd_build(args):
         raise _patch_error(exc) from None
     finally:
         trees.close()
+    _check_allow_active(args.allow_active or (), summary["targets"])
     # write via a temp file in the same directory: never a half-written bundle
     tmp = f"{args.output}.tmp{os.getpid()}"
     try:
@@ -170,16 +171,29 @@ def cmd_build(args):
                  + ("" if args.sequence else " (the default: a later bundle for this baseline needs --sequence 2 or higher)")]
         for module, names in s["targets"].items():
             lines.append(f"  {module}: {', '.join(names)}")
-        if s["data changes"]:
-            lines.append(f"  data changes: {', '.join(s['data changes'])}")
-        if s["new globals"]:
-            lines.append(f"  new globals: {', '.join(s['new globals'])}")
+        if s["data_changes"]:
+            lines.append(f"  data changes: {', '.join(s['data_changes'])}")
+        if s["new_globals"]:
+            lines.append(f"  new globals: {', '.join(s['new_globals'])}")
         for o in s["overridden"]:
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        for i in s.get("ignored", ()):
+            lines.append(f"  ignored [{i['category'].partition(':')[2]}] {i['target']}: {i['message']}")
         for skipped in s.get("skipped", ()):
             lines.append(f"  skipped {skipped}")
         return "\n".join(lines)
     _emit(args, summary, human)
+
+
+def _check_allow_active(names, targets: dict) -> None:
+    """Each --allow-active names a function this bundle changes (QUALNAME or
+    module:QUALNAME): a typo would otherwise build a bundle that waits for
+    a serve loop which never leaves the stack."""
+    changed = [f"{module}:{q}" for module, qualnames in targets.items() for q in qualnames]
+    for name in names:
+        if name not in changed and not any(t.partition(":")[2] == name for t in changed):
+            raise usage_error(f"--allow-active {name}: the patch changes no function of that name "
+                              f"(it changes {', '.join(changed[:8]) or 'none'}{', ...' if len(changed) > 8 else ''})")
 
 
 def _build_trees(args):
@@ -218,6 +232,11 @@ def cmd_authorize_rollback(args):
     from .authorization import make
     from .errors import PatchError
     from .signing import load_private
+    out_dir = os.path.dirname(args.output) or "."
+    if not os.path.isdir(out_dir):  # before the key is used: nothing is signed for nowhere
+        raise CliError(f"cannot write {args.output}: there is no directory {out_dir}")
+    if os.path.lexists(args.output):
+        raise CliError(f"{args.output} already exists: not overwriting it (remove it first, or choose another -o)")
     bundle = _read_bundle(args.bundle, None, allow_unsigned=True)
     if bundle.signature is None:
         raise CliError(f"{args.bundle} is not signed: a patch applied unsigned needs no rollback authorisation")
@@ -229,7 +248,12 @@ def cmd_authorize_rollback(args):
         raise CliError(f"cannot read {args.key}: {exc.strerror}") from None
     try:  # never overwrite, never follow a planted link
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise CliError(f"{args.output} already exists: not overwriting it (remove it first, or choose another -o)") from None
     except OSError as exc:
+        missing = os.path.dirname(args.output) or "."
+        if not os.path.isdir(missing):
+            raise CliError(f"cannot write {args.output}: there is no directory {missing}") from None
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(data + b"\n")
@@ -255,6 +279,48 @@ def _lineage(text: str) -> str:
         return check_lineage(text)
     except BuildRefused as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds(text: str) -> float:
+    """--timeout: what the agent accepts (0 to 600 s), refused here as a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 to 600, got {text[:40]!r}")
+    return value
+
+
+def patch_id(text: str) -> str:
+    from .bundle import valid_id
+    if not valid_id(text):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a patch id: letters, digits, '.', '_' and '-', "
+                                         "starting with a letter or digit, at most 128 (e.g. HP-DOCS-1)")
+    return text
+
+
+def service_name(text: str) -> str:
+    from livepatch.agent.state import UnsafeState, validate_name
+    try:
+        return validate_name(text)
+    except UnsafeState:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a service name: letters, digits, '.', '_' and '-', "
+                                         "starting with a letter or digit, at most 64, no '..'") from None
+
+
+def _allow_category(text: str) -> str:
+    from .builder import OVERRIDABLE
+    if text not in OVERRIDABLE:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} cannot be overridden: choose from {', '.join(OVERRIDABLE)}")
+    return text
+
+
+def trust_path(option: str, path: str) -> None:
+    """A --trust that names nothing is a mistake of the command line, said
+    before anything is read or sent."""
+    if not os.path.lexists(path):
+        raise CliError(f"{option} {path}: no such file or directory (give the trust directory or a .pub key file)")
 
 
 def _hours(text: str) -> float:
@@ -288,6 +354,7 @@ def _read_bundle(path: str, trust=None, allow_unsigned=True):
 
 
 def cmd_verify(args):
+    trust_path("--trust", args.trust)
     bundle = _read_bundle(args.bundle, args.trust, allow_unsigned=False)
     _emit(args, {"bundle": args.bundle, "id": bundle.id, "valid": True, "signed_by": bundle.signed_by},
           lambda d: f"{d['bundle']}: {d['id']} is intact and signed by trusted key {d['signed_by']}")
@@ -295,6 +362,8 @@ def cmd_verify(args):
 
 def cmd_inspect(args):
     from .signing import SignatureError
+    if args.trust:
+        trust_path("--trust", args.trust)
     try:
         bundle = _read_bundle(args.bundle, args.trust, allow_unsigned=args.trust is None)
         signature = ("signed by trusted key " + bundle.signed_by) if bundle.signed_by else None
@@ -378,7 +447,20 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE, {"command": self.prog}, kind="UsageError")
 
 
-def parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands for the parser of a command left out of `parser(only=...)`:
+    whatever is added to it is dropped."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+    def __bool__(self):
+        return False
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; with `only`, the arguments of that command
+    alone are defined (the other commands are left out)."""
     ap = _Parser(prog="livepatch", description="Hotpatch running Python processes.",
                                  epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial, "
                                         "130 interrupted")
@@ -389,6 +471,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help):
+        if only is not None and name != only:
+            return _Unused()
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
         p.set_defaults(func=func, prog=p.prog)
@@ -404,19 +488,19 @@ def parser() -> argparse.ArgumentParser:
                    help="build from released wheels (fetched with pip): the release that runs ...")
     p.add_argument("--to", dest="to_release", type=_release_spec, metavar="PKG==B", help="... and the release with the fix")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--id", required=True)
+    p.add_argument("--id", required=True, type=patch_id)
     p.add_argument("--classification", default="bugfix", choices=["security", "critical", "bugfix", "other"])
     p.add_argument("--title")
     p.add_argument("--description")
     p.add_argument("--ref", action="append", help="a reference (CVE id, ticket); repeatable")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--requires", action="append", metavar="ID", help="a patch that must already be applied; repeatable")
+    g.add_argument("--requires", action="append", metavar="ID", type=patch_id, help="a patch that must already be applied; repeatable")
     g.add_argument("--cumulative", action="store_true", help="replace all earlier patches in one commit")
     p.add_argument("--python", action="append", help="an interpreter to compile for; repeatable (default: this one)")
     p.add_argument("--key", help="private key to sign with")
     p.add_argument("--name", help="baseline application name")
     p.add_argument("--version", help="baseline application version")
-    p.add_argument("--allow", action="append", metavar="CATEGORY", help="override a refusal category (decorator, statement)")
+    p.add_argument("--allow", action="append", metavar="CATEGORY", type=_allow_category, help="override a refusal category (decorator, statement)")
     p.add_argument("--allow-active", action="append", metavar="QUALNAME",
                    help="a function that never leaves the stack (a serve loop); repeatable")
     p.add_argument("--sequence", type=_sequence, metavar="N",
@@ -466,10 +550,25 @@ def _report(exc: CliError, as_json: bool, prog: str) -> int:
     return exc.code
 
 
+def _parse(argv: list) -> argparse.Namespace:
+    """The arguments, parsed by a parser of the named command alone: making
+    every command's parser is a third of a `livepatch status`. What that
+    parser cannot settle (no command, a usage error, help before the
+    command) is parsed by the whole parser, whose usage and help name every
+    command."""
+    name = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if name is not None and not {"-h", "--help"} & set(argv[:name]):
+        try:
+            return parser(only=argv[name]).parse_args(argv)
+        except CliError:
+            pass
+    return parser().parse_args(argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser().parse_args(argv)
+        args = _parse(argv)
     except CliError as exc:  # a usage error
         return _report(exc, _wants_json(argv), exc.details.get("command", "livepatch"))
     args.json = getattr(args, "json", False) or args.json_first

@@ -8,7 +8,8 @@ import sys
 import threading
 import time
 
-from .cli import EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, read_bundle_bytes, table
+from .cli import (EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_USAGE, EXIT_VERIFY, CliError, _emit, _problems_text, patch_id,
+                  read_bundle_bytes, seconds, service_name, table, trust_path)
 
 
 class Progress:
@@ -68,11 +69,23 @@ def _call(pid: int, op: str, wait: float = 60.0, cancellable: bool = False, **fi
     if not response.get("ok"):
         error = response.get("error", {})
         kind = error.get("error", "")
-        code = EXIT_VERIFY if kind in ("BundleError", "SignatureError") else \
-            EXIT_NO_AGENT if kind == "PermissionDenied" else \
-            EXIT_REFUSED if kind in _REFUSALS else EXIT_ERROR
-        raise CliError(f"{kind}: {error.get('message', '')}", code, error)
+        raise CliError(f"{kind}: {error.get('message', '')}", exit_code_of(kind, error.get("problems")), error)
     return response["result"]
+
+
+def verification_failed(kind: str, problems=()) -> bool:
+    """An agent's error that says the bundle is not intact or not trusted
+    (exit 4). A valid bundle with no code for the process's Python version
+    is a refusal (exit 3), like a baseline that does not match."""
+    if kind not in ("BundleError", "SignatureError"):
+        return False
+    return not problems or any(p.get("category") != "python-version" for p in problems)
+
+
+def exit_code_of(kind: str, problems=()) -> int:
+    if kind in ("BundleError", "SignatureError"):
+        return EXIT_VERIFY if verification_failed(kind, problems) else EXIT_REFUSED
+    return EXIT_NO_AGENT if kind == "PermissionDenied" else EXIT_REFUSED if kind in _REFUSALS else EXIT_ERROR
 
 
 def interrupted(op: str, pid: int, response) -> CliError:
@@ -243,6 +256,8 @@ def cmd_apply(args):
 
 
 def cmd_rollback(args):
+    if args.all and args.patch_id:
+        raise CliError(f"give {args.patch_id} or --all, not both", EXIT_USAGE)
     if not _one_process(args):
         from . import cli_tree
         return cli_tree.rollback(args)
@@ -262,6 +277,7 @@ def cmd_rollback(args):
 def cmd_attach(args):
     from .attach import AttachError, attach
     if args.trust:
+        trust_path("--trust", args.trust)
         _check_trust_for(args.pid, args.trust)
     progress = Progress(f"attaching to process {args.pid}...", not args.json)
     try:
@@ -326,6 +342,8 @@ def _reloaded_line(r: dict) -> str:
 def cmd_trust_reload(args):
     """Reload the trusted keys of one process, or of every process of a service."""
     from .tree import NoSuchService, find, is_pid
+    if args.trust:
+        trust_path("--trust", args.trust)
     fields = {"trust": os.path.abspath(args.trust)} if args.trust else {}
     if is_pid(args.target) and not args.tree:
         pids = [int(args.target)]
@@ -368,7 +386,7 @@ def add_commands(command) -> None:
     p.add_argument("bundle")
     p.add_argument("--continue", dest="keep_going", action="store_true",
                    help="service: patch the processes that can be, even if others refuse (exit 6 if some are left)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a safe point (default 5)")
+    p.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for a safe point (default 5)")
     p.add_argument("--force", action="store_true", help="patch even targets that are running (they finish on old code)")
     p.add_argument("--dry-run", action="store_true", help="verify and check only; change nothing")
     p.add_argument("--allow-downgrade", action="store_true",
@@ -378,9 +396,9 @@ def add_commands(command) -> None:
                         "that an allowed downgrade removes; repeatable")
     p = command("rollback", cmd_rollback, "roll back the latest patch, a named one, or all, in a process or a service")
     target(p)
-    p.add_argument("patch_id", nargs="?")
-    p.add_argument("--all", action="store_true")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("patch_id", nargs="?", type=patch_id)
+    p.add_argument("--all", action="store_true", help="every applied patch, newest first")
+    p.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for a safe point (default 5)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--authorization", action="append", metavar="FILE",
                    help="a rollback authorisation (livepatch authorize-rollback) for a security or critical patch; repeatable")
@@ -388,9 +406,9 @@ def add_commands(command) -> None:
     p.add_argument("pid", type=int)
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
     p.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned bundles")
-    p.add_argument("--name", help="a name for the service in `livepatch ps`")
+    p.add_argument("--name", type=service_name, help="a name for the service in `livepatch ps`")
     p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
-    p.add_argument("--timeout", type=float, default=15.0)
+    p.add_argument("--timeout", type=seconds, default=15.0, help="seconds to wait for the agent (default 15)")
     p = command("trust", None, "the trusted keys of running agents")
     sub = p.add_subparsers(dest="trust_command", required=True)
     p = sub.add_parser("reload", help="reload the trusted keys of a process or of every process of a service, "

@@ -38,7 +38,8 @@ _PROBE = ("import importlib.util, json, os, site, sys\n"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--name", help="the service's name in `livepatch ps` (default: the program's name)")
+    from .cli import service_name
+    p.add_argument("--name", type=service_name, help="the service's name in `livepatch ps` (default: the program's name)")
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
     p.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned bundles")
     p.add_argument("--state-dir", metavar="DIR", help="where the service's applied patches and history are kept")
@@ -73,6 +74,8 @@ def cmd_run(args):
     _check_interpreter(interpreter, env)
 
     env["LIVEPATCH_AUTOSTART"] = "1"
+    if path == interpreter:
+        _check_script(options + program_args)
     env["LIVEPATCH_NAME"] = args.name or _program_name(command, path, interpreter, options, program_args)
     if args.allow_unsigned:
         env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
@@ -104,6 +107,16 @@ def _check_trust(source: str, what: str) -> None:
     try:
         load_trusted(source)
     except Exception as exc:
+
+
+def _check_script(argv: list) -> None:
+    """The script an interpreter is told to run exists (the interpreter
+    would start, agent and all, only to exit 2)."""
+    kind, script = pyargs.program(argv)
+    if kind == "" and script and not os.path.exists(script):
+        raise CliError(f"{script}: no such file (the script to run; paths are relative to {os.getcwd()})")
+    if kind == "" and script and os.path.isdir(script) and not os.path.exists(os.path.join(script, "__main__.py")):
+        raise CliError(f"{script}: is a directory without __main__.py")
         raise CliError(f"{what} {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 

@@ -414,7 +414,9 @@ def apply(args):
         if code:
             raise SystemExit(code)
 
-    verify_failed = any(rep.procs[p].get("error") in VERIFY_ERRORS for p in blockers)
+    from .cli_agent import verification_failed
+    verify_failed = any(verification_failed(rep.procs[p].get("error", ""), rep.procs[p].get("problems", ()))
+                        for p in blockers)
     if args.dry_run:
         held = rep.with_outcome("blocked")
         for pid in ready:
