@@ -525,6 +525,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from . import cli_agent
     cli_agent.add_commands(command)
+    from . import cli_repo
+    cli_repo.add_commands(command)
     p = command("completion", cmd_completion, "print a shell completion script (bash or zsh)")
     p.add_argument("shell", choices=["bash", "zsh"])
     return ap

@@ -194,6 +194,13 @@ def cmd_history(args):
 
 
 def cmd_assess(args):
+    if args.repo or args.all:
+        from .cli_repo import cmd_assess_repo
+        return cmd_assess_repo(args)
+    if not (args.target or "").isdigit() or not args.bundles:
+        from .cli import EXIT_USAGE
+        raise CliError("give PID BUNDLE... (one process, these bundles) or SERVICE|--all --repo URL", EXIT_USAGE)
+    args.pid = int(args.target)
     from .client import encode_bundle
     blobs = [encode_bundle(read_bundle_bytes(path)) for path in args.bundles]
     results = _call(args.pid, "assess", bundles=blobs)
@@ -378,9 +385,13 @@ def add_commands(command) -> None:
     target(p)
     p = command("history", cmd_history, "show every apply, rollback, refusal and failure in a process or a service")
     target(p)
-    p = command("assess", cmd_assess, "check which bundles would apply to a process now, changing nothing")
-    p.add_argument("pid", type=int)
-    p.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    p = command("assess", cmd_assess, "check which bundles would apply to a process now (PID BUNDLE...), or what a "
+                "repository holds for each process of a service (SERVICE|--all --repo URL), changing nothing")
+    p.add_argument("target", nargs="?", metavar="PID|SERVICE")
+    p.add_argument("bundles", nargs="*", metavar="BUNDLE")
+    p.add_argument("--all", action="store_true", help="with --repo: every service on this machine")
+    from .cli_repo import repo_arguments
+    repo_arguments(p)
     p = command("apply", cmd_apply, "apply a bundle to a live process, or to every process of a service (all or nothing)")
     target(p)
     p.add_argument("bundle")

@@ -40,6 +40,9 @@ _PROBE = ("import importlib.util, json, os, site, sys\n"
 def add_arguments(p) -> None:
     from .cli import service_name
     p.add_argument("--name", type=service_name, help="the service's name in `livepatch ps` (default: the program's name)")
+    p.add_argument("--version", dest="app_version", metavar="VERSION",
+                   help="the release the program is (status, ps and assess show NAME VERSION as its baseline; "
+                        "default: the installed distribution NAME's version)")
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
     p.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned bundles")
     p.add_argument("--state-dir", metavar="DIR", help="where the service's applied patches and history are kept")
@@ -77,6 +80,12 @@ def cmd_run(args):
     if path == interpreter:
         _check_script(options + program_args)
     env["LIVEPATCH_NAME"] = args.name or _program_name(command, path, interpreter, options, program_args)
+    if args.app_version:
+        if len(args.app_version) > 100 or not args.app_version.isprintable():
+            raise CliError("--version must be printable text of at most 100 characters", EXIT_USAGE)
+        env["LIVEPATCH_VERSION"] = args.app_version
+    else:
+        env.pop("LIVEPATCH_VERSION", None)  # a declaration is made for one program, never inherited from a shell
     if args.allow_unsigned:
         env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
     else:

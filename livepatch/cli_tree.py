@@ -89,6 +89,15 @@ def _doing(m: tree.Member) -> str:
     return f" ({verb} {doing.get('patch')})"
 
 
+def runs_text(m: tree.Member) -> str:
+    """The release a process runs, as its agent found it (declared at start
+    or from installed metadata), never what an applied bundle was built for."""
+    base = (m.status or {}).get("baseline") or {}
+    if not base.get("name"):
+        return "-"
+    return f"{base['name']} {base['version']}" if base.get("version") else f"{base['name']} (version unknown)"
+
+
 def ps(args):
     services = tree.everything()
     rows = [{"service": s.label, **m.row()} for s in services for m in s.members]
@@ -100,13 +109,13 @@ def ps(args):
             lines.append(f"{s.label}: {len(s.members)} process{'es' if len(s.members) != 1 else ''}, "
                          f"{workers} serving")
             cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role, "python": m.row()["python"] or "?",
-                      "patches": ",".join(m.applied) or "-",
+                      "runs": runs_text(m), "patches": ",".join(m.applied) or "-",
                       "state": m.state + (f" ({', '.join(m.pending)})" if m.pending else "") + _doing(m)
                       + (" (dev: unsigned allowed)" if m.row()["development_mode_unsigned_bundles"]
                          else " (no trusted keys)" if m.answering and not m.status.get("agent", {}).get("trusted_keys")
                          else ""),
                       "command": m.command[:60]} for m in s.members]
-            lines += ["  " + line for line in table(cells, ["pid", "role", "python", "patches", "state", "command"]).splitlines()]
+            lines += ["  " + line for line in table(cells, ["pid", "role", "python", "runs", "patches", "state", "command"]).splitlines()]
         lines.append("workers serve requests; a master only starts and watches its workers" if services
                      else "no process on this machine has a livepatch agent")
         return "\n".join(lines)
@@ -122,7 +131,7 @@ def status(args):
         cells = [{"pid": _pid_cell(m.depth, m.pid), "role": m.role + (" (serves)" if m.serves else ""),
                   "state": m.state + _doing(m), "patches": ",".join(m.applied) or "-",
                   "pending": ",".join(m.pending) or "-", "python": m.row()["python"] or "?",
-                  "baseline": " ".join(str(v) for v in (m.row()["baseline"] or {}).values()) or "-"} for m in svc.members]
+                  "baseline": runs_text(m)} for m in svc.members]
         lines.append(table(cells, ["pid", "role", "state", "patches", "pending", "python", "baseline"]))
         for m in svc.members:
             if m.error:

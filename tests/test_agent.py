@@ -64,7 +64,9 @@ def _apply_and_roll_back(svc, bundles):
     assert svc.get("/docs?name=widget.txt")[0] == 200
     status = json.loads(cli("status", str(svc.pid), "--json").stdout)
     assert [p["id"] for p in status["applied"]] == ["HP-DOCS"]
-    assert status["baseline"] == {"name": "inventory", "version": "1.0"}
+    # the bundle's claim stays with the patch; the process's baseline is what it runs (nothing declared here)
+    assert status["applied"][0]["metadata"]["baseline"] == {"name": "inventory", "version": "1.0"}
+    assert status["baseline"] == {"name": status["agent"]["name"], "version": None, "source": "unknown"}
     r = cli("rollback", str(svc.pid), "--json")
     assert r.returncode == 0, r.stderr
     assert svc.get(SECRET)[0] == 200
