@@ -74,11 +74,11 @@ def cmd_run(args):
     flags, _ = pyargs.parse(options)
     if "S" in flags:
         raise CliError(f"{interpreter} {flags['S']}: -S disables site-packages, where the agent starts; drop -S")
+    if path == interpreter:
+        _check_script(options + program_args)
     _check_interpreter(interpreter, env)
 
     env["LIVEPATCH_AUTOSTART"] = "1"
-    if path == interpreter:
-        _check_script(options + program_args)
     env["LIVEPATCH_NAME"] = args.name or _program_name(command, path, interpreter, options, program_args)
     if args.app_version:
         if len(args.app_version) > 100 or not args.app_version.isprintable():
@@ -109,15 +109,6 @@ def cmd_run(args):
         raise CliError(f"{command[0]}: cannot execute: {exc.strerror}") from None
 
 
-def _check_trust(source: str, what: str) -> None:
-    if not os.path.lexists(source):  # a link loop or a dangling link: load_trusted says which
-        raise CliError(f"{what} {source}: no such file or directory")
-    from .signing import load_trusted
-    try:
-        load_trusted(source)
-    except Exception as exc:
-
-
 def _check_script(argv: list) -> None:
     """The script an interpreter is told to run exists (the interpreter
     would start, agent and all, only to exit 2)."""
@@ -126,6 +117,15 @@ def _check_script(argv: list) -> None:
         raise CliError(f"{script}: no such file (the script to run; paths are relative to {os.getcwd()})")
     if kind == "" and script and os.path.isdir(script) and not os.path.exists(os.path.join(script, "__main__.py")):
         raise CliError(f"{script}: is a directory without __main__.py")
+
+
+def _check_trust(source: str, what: str) -> None:
+    if not os.path.lexists(source):  # a link loop or a dangling link: load_trusted says which
+        raise CliError(f"{what} {source}: no such file or directory")
+    from .signing import load_trusted
+    try:
+        load_trusted(source)
+    except Exception as exc:
         raise CliError(f"{what} {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
