@@ -14,6 +14,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
+from . import definitions as defs
 from .checks import code_kind
 from .errors import PatchError, Problem
 from .fingerprint import fingerprint
@@ -86,6 +87,9 @@ class ModuleDiff:
     new_imports: list = field(default_factory=list)  # ast nodes of added module-level imports
     constants: dict = field(default_factory=dict)  # name -> new literal value
     refused: list = field(default_factory=list)  # Problems
+    values: dict = field(default_factory=dict)  # qualname -> {"expression", "line"}: evaluated at apply time
+    definitions: dict = field(default_factory=dict)  # qualname -> {"statement", "line", "replaces"}: run at apply time
+    captured: dict = field(default_factory=dict)  # qualname of a value or constant -> {"refs", "stale"}
 
 
 def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
@@ -113,8 +117,8 @@ def _literal_defaults(node):
     """(defaults, kwdefaults) of a def whose default expressions are literals."""
     args = node.args
     try:
-        defaults = tuple(ast.literal_eval(d) for d in args.defaults) or None
-        kw = {a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None} or None
+        defaults = tuple(defs.literal(d) for d in args.defaults) or None
+        kw = {a.arg: defs.literal(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None} or None
     except ValueError:
         return None
     return defaults, kw
@@ -148,7 +152,7 @@ def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
         old_layout, new_layout = _class_layout(base), _class_layout(node)
         for what in old_layout:
             if old_layout[what] != new_layout[what]:
-                diff.refused.append(Problem("refused:class-layout", target, f"line {node.lineno}: {what} changed; instances and subclasses keep the old layout"))
+                diff.refused.append(Problem("refused:class-layout", target, f"line {node.lineno}: {what} changed; instances and subclasses keep the old layout; {defs.HOOK_HINT}"))
         old_attrs = {t.id: n for n in base.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         for n in node.body:
             if not isinstance(n, ast.Assign) or not all(isinstance(t, ast.Name) for t in n.targets):
@@ -156,10 +160,7 @@ def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
             for t in n.targets:
                 if t.id == "__slots__" or (t.id in old_attrs and ast.dump(old_attrs[t.id].value) == ast.dump(n.value)):
                     continue
-                try:
-                    diff.constants[f"{qualname}.{t.id}"] = ast.literal_eval(n.value)
-                except ValueError:
-                    diff.refused.append(Problem("refused:statement", f"{target}.{t.id}", f"line {n.lineno}: changed class attribute is not a literal constant"))
+                defs.add_value(diff, f"{qualname}.{t.id}", n)
 
 
 def _strip(node: ast.AST) -> str:
@@ -247,15 +248,11 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
         if bases is None:
             if "<locals>" in qualname or "<lambda>" in qualname or qualname.endswith(">"):
                 continue  # new nested code travels inside its enclosing function's code
-            if isinstance(node, ast.ClassDef):
-                diff.refused.append(Problem("refused:new-class", f"{module}:{qualname}", f"line {line}: a new class cannot be hotpatched in"))
-                continue
-            if node is not None and node.decorator_list:
-                diff.refused.append(Problem("refused:new-decorated", f"{module}:{qualname}", f"line {line}: a new decorated function cannot be added"))
-                continue
-            lit = _literal_defaults(node) if node is not None else (None, None)
-            if lit is None:
-                diff.refused.append(Problem("refused:defaults", f"{module}:{qualname}", f"line {line}: defaults of a new function must be literals"))
+            if defs.inside_new_class(qualname, base_defs, new_defs):
+                continue  # defined by the new class's definition
+            lit = _literal_defaults(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else (None, None)
+            if isinstance(node, ast.ClassDef) or (node is not None and node.decorator_list) or lit is None:
+                defs.add_definition(diff, qualname, node)  # executed at apply time
                 continue
             diff.new_functions.append((qualname, news[0], *lit))
             continue
@@ -271,14 +268,18 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 and _defaults_text(node) != _defaults_text(base_node)
             target = f"{module}:{qualname}"
             if node is not None and base_node is not None and _decorators(node) != _decorators(base_node):
+                impure = defs.impure_decorator(base_node) or defs.impure_decorator(node)
+                if impure is None and len(news) == 1:
+                    defs.add_definition(diff, qualname, node, replaces=True)  # re-applied: the new object replaces the old
+                    break
                 # reported even when the body is unchanged: the change would otherwise be silently lost
-                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed; a hotpatch does not re-run them, so what the baseline registered or wrapped stays as it was"))
+                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed and @{impure} is not known to be pure (only staticmethod, classmethod, property and its accessors, cached_property, lru_cache and cache are re-applied); a hotpatch does not re-run it, so what the baseline registered or wrapped stays as it was"))
                 if base_fp == fingerprint(new) and not defaults_changed:
                     continue
             elif base_fp == fingerprint(new) and not defaults_changed:
                 continue
             if code_kind(base) != code_kind(new):
-                diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}"))
+                diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}; callers and running frames expect the old kind; {defs.HOOK_HINT}"))
                 continue
             if base.co_freevars != new.co_freevars:
                 diff.refused.append(Problem("refused:free-vars", target, f"line {line}: free variables changed from {base.co_freevars} to {new.co_freevars}"))
@@ -306,10 +307,8 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 continue
             if isinstance(node.value, ast.Lambda) and isinstance(getattr(before, "value", None), ast.Lambda):
                 continue  # a lambda's body is code: diffed with the other code objects
-            try:
-                diff.constants[name] = ast.literal_eval(node.value)
-            except ValueError:
-                diff.refused.append(Problem("refused:statement", f"{module}:{name}", f"line {node.lineno}: changed module-level statement is not a literal constant"))
+            defs.add_value(diff, name, node)
+    defs.finish(diff, base_tree, new_tree, new_codes)
     return diff
 
 

@@ -35,7 +35,7 @@ OVERRIDABLE = ("decorator", "statement")
 WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
 PROBE_TIMEOUT = 30.0
 # what the isolated worker is sent, in import order (stdlib imports only)
-_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "build", "builder")
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "definitions", "build", "builder")
 
 
 class BuildRefused(PatchError):
@@ -90,6 +90,7 @@ def distribution_info(root: str) -> tuple[str, str] | None:
 def _worker(request: dict) -> dict:
     """Runs inside the target interpreter: compiles and diffs, never runs."""
     from .build import SourceError, compile_error, diff_sources, patched_filename
+    from . import definitions as defs
     from .checks import code_kind
     from .fingerprint import fingerprint
     from .patch import UNCHANGED
@@ -103,6 +104,7 @@ def _worker(request: dict) -> dict:
         new_file = patched_filename(rel, request["id"])
         try:
             diff = diff_sources(module, item["base"], item["new"], rel, new_file)
+            defs.exact_sources(diff, item["new"])
             new_code = compile(item["new"], new_file, "exec", dont_inherit=True)
             out["modules"][module] = {
                 "changes": [{"qualname": q, "baseline": fp, "patched": fingerprint(c), "kind": code_kind(c),
@@ -113,6 +115,7 @@ def _worker(request: dict) -> dict:
                 "imports": [{"name": name, "statement": __import__("ast").unparse(node)} for name, node in diff.new_imports],
                 "constants": {name: repr(value) for name, value in diff.constants.items()},
                 "refused": [p.to_dict() for p in diff.refused],
+                "values": diff.values, "definitions": diff.definitions, "captured": diff.captured,
                 "code": base64.b64encode(marshal.dumps(new_code)).decode(),
             }
         except SourceError as exc:
@@ -337,6 +340,7 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
             for cname, value in res["constants"].items():
                 globals_.setdefault(f"{module}:{cname}", {"name": f"{module}:{cname}", "kind": "constant", "value": value})
                 touched = True
+            touched |= _apply_time_globals(globals_, module, res)
             if touched:
                 payloads[fmt.code_payload(tag, module)] = base64.b64decode(res["code"])
                 item = next(m for m in modules if m["module"] == module)
@@ -381,6 +385,24 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     return data, out
 
 
+def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
+    """Manifest entries for a module's values and definitions (made at apply
+    time, see livepatch.values), and the references its changed values and
+    constants were captured by at import."""
+    for qualname, v in res.get("values", {}).items():
+        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "value",
+                                                     "expression": v["expression"], "line": v["line"]})
+    for qualname, d in res.get("definitions", {}).items():
+        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "definition",
+                                                     "source": d["statement"], "line": d["line"],
+                                                     "replaces": d["replaces"]})
+    for qualname, c in res.get("captured", {}).items():
+        entry = globals_.get(f"{module}:{qualname}")
+        if entry is not None:
+            entry.update({k: c[k] for k in ("refs", "stale") if c[k]})
+    return bool(res.get("values") or res.get("definitions"))
+
+
 def _one_or_list(patch_id: str, problems: list, what: str) -> BuildRefused:
     # one problem is one line (its message names the file); several, a list
     if len(problems) == 1:
@@ -420,5 +442,7 @@ def summary(manifest: dict) -> dict:
         "data_changes": [g["name"] for g in manifest["globals"] if g["kind"] == "constant"],
         "new_globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
         "overridden": manifest["overrides"],
+        "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
+        "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }
 

@@ -51,6 +51,7 @@ _TAG = re.compile(r"^[a-z]+-3[0-9]{1,2}$")
 _PAYLOAD = re.compile(r"^(code/[a-z]+-3[0-9]{1,2}|source|baseline)/[A-Za-z_][A-Za-z0-9_.]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEXFP = re.compile(r"^[0-9a-f]{16,128}$")
+_REF = re.compile(r"^((defaults|kwdefaults):[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z0-9_]+|alias:[A-Za-z_][A-Za-z0-9_.]*)$")
 
 
 class BundleError(PatchError):
@@ -353,10 +354,14 @@ _SCHEMA = _object({
         "file": _text(1024), "line": _int(0, 10**7), "code": _codes,
     }), MAX_TARGETS),
     "globals": _list(_object({
-        "name": _target_name, "kind": _choice(("function", "import", "constant")),
+        "name": _target_name, "kind": _choice(("function", "import", "constant", "value", "definition")),
         "code": _codes, "statement": _text(2000), "value": _text(MAX_LITERAL),
         "defaults": _text(MAX_LITERAL, optional=True), "kwdefaults": _text(MAX_LITERAL, optional=True),
-    }, optional=("code", "statement", "value", "defaults", "kwdefaults")), MAX_TARGETS),
+        # values and definitions made at apply time (docs/bundle-format.md#values-and-definitions)
+        "expression": _text(MAX_LITERAL), "source": _text(MAX_LITERAL), "line": _int(0, 10**7), "replaces": _bool,
+        "refs": _list(_text(600, _REF), 1024, unique=True), "stale": _list(_text(), 1024),
+    }, optional=("code", "statement", "value", "defaults", "kwdefaults", "expression", "source", "line",
+                 "replaces", "refs", "stale")), MAX_TARGETS),
     "modules": _mapping(_text(200, _MODULE), _object({"file": _text(1024), "source": _text(300, _PAYLOAD),
                                                       "baseline": _text(300, _PAYLOAD)}), 1024),
     "payloads": _mapping(_text(300, _PAYLOAD), _object({"sha256": _text(64, _HEX64),
@@ -394,7 +399,8 @@ def validate(manifest: dict) -> None:
             if section == "targets" and not all("baseline" in c for c in entry["code"].values()):
                 _fail(f"targets[{i}].code", "every target needs its baseline fingerprint")
             if section == "globals":
-                needed = {"function": "code", "import": "statement", "constant": "value"}[entry["kind"]]
+                needed = {"function": "code", "import": "statement", "constant": "value", "value": "expression",
+                          "definition": "source"}[entry["kind"]]
                 if needed not in entry:
                     _fail(f"globals[{i}]", f"a {entry['kind']} global needs {needed!r}")
     for name, module in manifest["modules"].items():
@@ -417,6 +423,14 @@ def _literal(text, field):
 def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
     consts = tuple(_with_filename(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts)
     return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _patched_file(bundle: Bundle, module: str) -> str:
+    """The filename code of the bundle for `module` carries (see _module_codes)."""
+    from .build import patched_filename
+    live = loaded_module(module)
+    base_file = getattr(live, "__file__", None) or bundle.manifest["modules"].get(module, {}).get("file", module)
+    return patched_filename(base_file, bundle.id)
 
 
 def _module_codes(bundle: Bundle, tag: str, module: str, cache: dict) -> dict:
@@ -493,8 +507,15 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
         module_name, _, name = g["name"].partition(":")
         # a value that needs its module is built when the module's part
         # commits if the module is not imported yet (the part is pending)
-        if g["kind"] == "constant":
+        if g["kind"] == "constant" and not g.get("refs"):
             new_globals[g["name"]] = _literal(g["value"], f"globals[{i}].value")
+        elif g["kind"] in ("constant", "value", "definition"):
+            from .values import manifest_value
+            filename = _patched_file(bundle, module_name)
+            new_globals[g["name"]] = manifest_value(g, f"globals[{i}]", filename, _fail,
+                                                    _literal(g.get("value"), f"globals[{i}].value"))
+            if module_name in m["modules"]:  # tracebacks show the patched lines
+                sources[filename] = bundle.payloads[m["modules"][module_name]["source"]].decode("utf-8", "replace")
         elif g["kind"] == "import":
             # checked now, run only on the way to a commit (assess runs nothing)
             tree = _import_tree(g["statement"], name, f"globals[{i}].statement")

@@ -38,6 +38,7 @@ from .importtime import EngineBusy, ImportCommits
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
 from .pending import AtImport, imported, part_patch, split, targets_by_module
+from .values import Recomputed, current
 from .busynow import holders
 from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
 
@@ -115,7 +116,7 @@ class Result:
 def _plain_owner(owner) -> bool:
     """Storing into it runs no Python code: a module or class whose type
     keeps the built-in attribute assignment."""
-    return type(owner).__setattr__ is types.ModuleType.__setattr__ or type(owner) is type
+    return type(owner).__setattr__ is types.ModuleType.__setattr__ or type(owner) in (type, types.FunctionType)
 
 
 def _resolve_owner(key: str):
@@ -437,6 +438,9 @@ class Engine:
                 raise PatchError("bad global", [Problem("invalid", key, "value was not built for its module")])
             owner, name = _resolve_owner(key)
             before = vars(owner).get(name, MISSING)
+            if isinstance(value, Recomputed):  # and what captured the value it replaces (values.py)
+                stores += [GlobalStore(*s) for s in value.captured(owner, name, before, MISSING)]
+                value = value.value
             stores.append(GlobalStore(key, owner, name, before, value))
         return stores
 
@@ -464,7 +468,7 @@ class Engine:
                 if (id(g.owner), g.name) not in planned:
                     planned.add((id(g.owner), g.name))
                     first = next(x for p in self._stack for x in p.globals if x.owner is g.owner and x.name == g.name)
-                    stores.append(GlobalStore(g.key, g.owner, g.name, vars(g.owner).get(g.name, MISSING), first.before))
+                    stores.append(GlobalStore(g.key, g.owner, g.name, current(g.owner, g.name, MISSING), first.before))
         return switches, stores
 
     # --------------------------------------------------------------- rollback
@@ -545,7 +549,7 @@ class Engine:
                 continue
             seen.add(id(s.new))
             switches.append(Switch(s.target, s.new, s.old, s.allow_active, s.implied))
-        stores = [GlobalStore(g.key, g.owner, g.name, vars(g.owner).get(g.name, MISSING), g.before)
+        stores = [GlobalStore(g.key, g.owner, g.name, current(g.owner, g.name, MISSING), g.before)
                   for g in reversed(applied.globals)]
         return switches, stores
 

@@ -101,7 +101,7 @@ REFUSED = {
     "free-vars": (_edit(("def inner(x):\n        return x + n", "def inner(x):\n        return x")), "refused:free-vars"),
     "became-generator": (_edit(("def counter():\n    return 1", "def counter():\n    yield 1")), "refused:kind"),
     "side-effect-statement": (_edit(("_registry = {}\n", "_registry = {}\nprint('loaded')\n")), "refused:statement"),
-    "non-literal-constant": (_edit(("RATE = 0.2", "RATE = compute_rate()")), "refused:statement"),
+    "value-of-an-unbound-name": (_edit(("RATE = 0.2", "RATE = compute_rate()")), "refused:undefined-name"),
     "removed-but-referenced": (_edit(('def helper():\n    return "h"\n', "")), "refused:removed-referenced"),
     "decorator-changed": (_edit(("@register\ndef handler(x):\n    return x", "def handler(x):\n    return x + 1")),
                           "refused:decorator"),

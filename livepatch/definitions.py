@@ -1,0 +1,367 @@
+"""What the builder makes of changed assignments and new definitions (runs
+in the build worker: standard library only, nothing of the trees is run).
+
+* `literal`: a value known without running anything: a literal, or an
+  expression the compiler folds into one (`64 * 1024`, `-1`, `"a" * 3`).
+* Any other changed assignment is a *value*: its expression, evaluated at
+  apply time (livepatch.values). `references` lists where the source binds
+  that value once more at import (a default or an alias that is exactly the
+  name), and names what keeps the old value because it is computed from it.
+* `statement`: the text of a new definition (decorators included) that is
+  executed at apply time.
+* `pure_decorators`: whether a decorator list can be re-applied: the
+  built-in descriptors and functools caches, whose only effect is the
+  object they return.
+* `undefined_names`: global names patched code would look up but that the
+  module does not bind once the patch is in (each one a NameError)."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import dis
+import symtable
+import types
+
+_CONST_OPS = {"RESUME", "NOP", "CACHE", "LOAD_CONST", "RETURN_VALUE", "RETURN_CONST"}
+
+
+class NotLiteral(ValueError):
+    pass
+
+
+def literal(node: ast.AST):
+    """The value of `node` when no code needs to run to know it; else
+    NotLiteral."""
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    try:
+        code = compile(ast.Expression(body=node), "<literal>", "eval", dont_inherit=True)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        raise NotLiteral("not a literal") from None
+    if code.co_names or any(i.opname not in _CONST_OPS for i in dis.get_instructions(code)):
+        raise NotLiteral("not a literal")
+    value = eval(code, {"__builtins__": {}})  # only loads the constant the compiler folded
+    try:
+        if ast.literal_eval(repr(value)) != value:
+            raise NotLiteral("no literal form")
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise NotLiteral("no literal form") from None
+    return value
+
+
+def expression(node: ast.AST) -> str:
+    return ast.unparse(node)
+
+
+def statement(node: ast.AST) -> tuple[str, int]:
+    """(source of a def or class with its decorators, the line it starts at)."""
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
+    text = ast.unparse(node)
+    return text, first
+
+
+# ---------------------------------------------------------------- references
+
+def _names_in(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _scopes(tree: ast.Module):
+    """(class qualname or "", body) of the module and every class not
+    inside a function, and (qualname, def) of every function not inside one."""
+    bodies, defs = [("", tree.body)], []
+    todo = [("", tree.body)]
+    while todo:
+        prefix, body = todo.pop()
+        for n in body:
+            if isinstance(n, ast.ClassDef):
+                q = f"{prefix}{n.name}"
+                bodies.append((q, n.body))
+                todo.append((q + ".", n.body))
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defs.append((f"{prefix}{n.name}", n, prefix.rstrip(".")))
+    return bodies, defs
+
+
+def references(tree: ast.Module, qualname: str, changed=()) -> tuple[list, list]:
+    """(refs, stale) for the changed assignment at `qualname` ("NAME" or
+    "Class.NAME"): refs the engine rebinds to the new value when they still
+    hold the old one ("defaults:QUAL:I", "kwdefaults:QUAL:ARG",
+    "alias:QUAL"), and sentences naming what keeps the old value. `changed`
+    are the other qualnames the patch assigns anew (not stale)."""
+    scope, _, name = qualname.rpartition(".")
+    refs, stale = [], []
+    bodies, defs = _scopes(tree)
+    for owner, body in bodies:
+        if owner != scope:
+            continue
+        for n in body:
+            if isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) for t in n.targets):
+                for t in n.targets:
+                    q = f"{owner}.{t.id}" if owner else t.id
+                    if q == qualname or q in changed:
+                        continue
+                    if isinstance(n.value, ast.Name) and n.value.id == name:
+                        refs.append(f"alias:{q}")
+                    elif name in _names_in(n.value):
+                        stale.append(f"{q} is computed from {name} at import and keeps the value made from the old one")
+    for q, node, owner in defs:
+        if owner != scope:
+            continue
+        a = node.args
+        for i, d in enumerate(a.defaults):
+            if isinstance(d, ast.Name) and d.id == name:
+                refs.append(f"defaults:{q}:{i}")
+            elif name in _names_in(d):
+                stale.append(f"a default of {q} is computed from {name} at import and keeps the old value")
+        for arg, d in zip(a.kwonlyargs, a.kw_defaults):
+            if d is None:
+                continue
+            if isinstance(d, ast.Name) and d.id == name:
+                refs.append(f"kwdefaults:{q}:{arg.arg}")
+            elif name in _names_in(d):
+                stale.append(f"a default of {q} is computed from {name} at import and keeps the old value")
+        for d in node.decorator_list:
+            if name in _names_in(d):
+                stale.append(f"the decorator of {q} was applied with the old {name} at import")
+    return refs, stale
+
+
+# ---------------------------------------------------------------- decorators
+
+_PURE = {"staticmethod", "classmethod", "property", "cached_property", "functools.cached_property",
+         "lru_cache", "functools.lru_cache", "cache", "functools.cache", "abstractmethod", "abc.abstractmethod"}
+
+
+def _dotted(node) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return None if inner is None else f"{inner}.{node.attr}"
+    return None
+
+
+def impure_decorator(node) -> str | None:
+    """The first decorator of a def that is not known to be pure (as text),
+    or None when re-applying them all only makes the new object."""
+    for d in getattr(node, "decorator_list", ()):
+        target, args = (d.func, d.args + [k.value for k in d.keywords]) if isinstance(d, ast.Call) else (d, [])
+        name = _dotted(target)
+        accessor = name is not None and name.rpartition(".")[2] in ("setter", "getter", "deleter") and "." in name
+        if name in _PURE or accessor:
+            try:
+                for a in args:
+                    literal(a)
+                continue
+            except NotLiteral:
+                pass
+        return ast.unparse(d)
+    return None
+
+
+# ---------------------------------------------------------------- names
+
+_MODULE_NAMES = {"__name__", "__file__", "__doc__", "__package__", "__spec__", "__loader__", "__builtins__",
+                 "__path__", "__cached__", "__annotations__", "__dict__", "__debug__"}
+
+
+def bound_names(tree: ast.Module) -> set | None:
+    """Names a module binds at import (any statement, any branch), and the
+    names its functions declare global; None if a star import makes that
+    unknowable."""
+    if any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(tree)):
+        return None
+    table = symtable.symtable(ast.unparse(tree), "<module>", "exec")
+    out = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    todo = list(table.get_children())
+    while todo:
+        t = todo.pop()
+        out |= {s.get_name() for s in t.get_symbols() if s.is_declared_global()}
+        todo += t.get_children()
+    return out
+
+
+def code_globals(code: types.CodeType) -> set:
+    """Global (and, in class bodies, unqualified) names a code object and
+    the code nested in it look up."""
+    out, todo = set(), [code]
+    while todo:
+        c = todo.pop()
+        for i in dis.get_instructions(c):
+            if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                out.add(i.argval)
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return out
+
+
+def expression_globals(node: ast.AST) -> set:
+    try:
+        return code_globals(compile(ast.Expression(body=node), "<value>", "eval", dont_inherit=True))
+    except (ValueError, SyntaxError, RecursionError):
+        return _names_in(node)
+
+
+def definition_globals(node: ast.AST) -> set:
+    """Names the def or class statement itself looks up where it runs:
+    decorators, defaults, bases, keywords (its body is code of its own)."""
+    parts = list(getattr(node, "decorator_list", ()))
+    if isinstance(node, ast.ClassDef):
+        parts += node.bases + [k.value for k in node.keywords]
+    else:
+        parts += node.args.defaults + [d for d in node.args.kw_defaults if d is not None]
+    out = set()
+    for p in parts:
+        out |= expression_globals(p)
+    return out
+
+
+def undefined_names(used: dict, bound: set | None, class_names: dict) -> list:
+    """(qualname, name) for every name in `used` (qualname -> names, a
+    qualname's class attributes in `class_names`) that is neither bound,
+    builtin nor a module attribute every module has."""
+    if bound is None:
+        return []
+    known = bound | set(dir(builtins)) | _MODULE_NAMES
+    out = []
+    for qualname, names in used.items():
+        scope = class_names.get(qualname, set()) | class_names.get(qualname.rpartition(".")[0], set())
+        for name in sorted(names - known - scope):
+            out.append((qualname, name))
+    return out
+
+
+def class_attributes(tree: ast.Module) -> dict:
+    """class qualname -> names its body binds (for class-scope lookups)."""
+    out = {}
+    for q, body in _scopes(tree)[0]:
+        if q:
+            names = set()
+            for n in body:
+                for sub in ast.walk(n) if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ():
+                    if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                        names.add(sub.id)
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(n.name)
+            out[q] = names
+    return out
+
+
+# ---------------------------------------------------------------- the diff's hooks
+# (diff: build.ModuleDiff; each adds to diff.values, diff.definitions or diff.refused)
+
+HOOK_HINT = ("a migration hook can do it: a hooks module in the bundle whose pre_apply/post_apply "
+             "(and pre_rollback/post_rollback) migrate the live objects")
+
+
+def add_value(diff, qualname: str, node: ast.Assign) -> None:
+    """A changed assignment: its literal as a constant, else its expression
+    as a value evaluated at apply time."""
+    try:
+        diff.constants[qualname] = literal(node.value)
+    except NotLiteral:
+        v = node.value
+        diff.values[qualname] = {"expression": expression(v), "line": v.lineno,
+                                 "span": (v.lineno, v.col_offset, v.end_lineno, v.end_col_offset)}
+
+
+def add_definition(diff, qualname: str, node: ast.AST, replaces: bool = False) -> None:
+    text, line = statement(node)
+    diff.definitions[qualname] = {"statement": text, "line": line, "replaces": replaces,
+                                  "span": (line, 0, node.end_lineno, None)}
+
+
+def inside_new_class(qualname: str, base_defs: dict, new_defs: dict) -> bool:
+    """Whether the code at `qualname` is defined by a new class around it
+    (it then comes with that class's definition)."""
+    parts = qualname.split(".")
+    for i in range(1, len(parts)):
+        outer = ".".join(parts[:i])
+        if isinstance(new_defs.get(outer), ast.ClassDef) and outer not in base_defs:
+            return True
+    return False
+
+
+def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -> None:
+    """References of the changed values, and the names check."""
+    changed = set(diff.constants) | set(diff.values)
+    diff.captured = {}
+    for qualname in sorted(changed):
+        refs, stale = references(new_tree, qualname, changed)
+        if refs or stale:
+            diff.captured[qualname] = {"refs": refs, "stale": stale}
+    bound = bound_names(base_tree)
+    if bound is None:
+        return
+    bound |= {q.partition(".")[0] for q in list(changed) + [f[0] for f in diff.new_functions] + list(diff.definitions)}
+    bound |= {name for name, _ in diff.new_imports}
+    used: dict = {}
+    for q, _fp, code, _d, _kw in diff.changes:
+        used.setdefault(q, set()).update(code_globals(code))
+    for q, code, _d, _kw in diff.new_functions:
+        used.setdefault(q, set()).update(code_globals(code))
+    defs = _all_defs(new_tree)
+    for q in diff.definitions:
+        names = used.setdefault(q, set())
+        for code in new_codes.get(q, ()):
+            names |= code_globals(code)
+        if q in defs:
+            names |= definition_globals(defs[q])
+    for q, entry in diff.values.items():
+        used.setdefault(q, set()).update(expression_globals(ast.parse(entry["expression"], mode="eval").body))
+    line_of = {q: getattr(defs.get(q), "lineno", None) for q in used}
+    for q, entry in diff.values.items():
+        line_of[q] = entry["line"]
+    for q, name in undefined_names(used, bound, class_attributes(new_tree)):
+        where = f"line {line_of[q]}: " if line_of.get(q) else ""
+        diff.refused.append(_problem("refused:undefined-name", f"{diff.module}:{q}",
+                                     f"{where}uses the global name {name!r}, which the module does not bind once "
+                                     "the patch is in (every call would raise NameError)"))
+
+
+def _all_defs(tree) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out[prefix + child.name] = child
+            elif isinstance(child, ast.ClassDef):
+                out[prefix + child.name] = child
+                walk(child, prefix + child.name + ".")
+            elif not isinstance(child, ast.Lambda):
+                walk(child, prefix)
+    walk(tree, "")
+    return out
+
+
+def _problem(category, target, message):
+    from .errors import Problem
+    return Problem(category, target, message)
+
+
+def exact_sources(diff, source: str) -> None:
+    """Replace the unparsed text of values and definitions by their lines
+    as written (so tracebacks of code made at apply time match the patched
+    source), where that text parses on its own."""
+    import textwrap
+    lines = source.splitlines(keepends=True)
+    for entries, key, mode in ((diff.values, "expression", "eval"), (diff.definitions, "statement", "exec")):
+        for entry in entries.values():
+            first, col, last, end_col = entry.pop("span")
+            chunk = lines[first - 1:last]
+            if not chunk:
+                continue
+            if end_col is not None:
+                chunk[-1] = chunk[-1][:end_col] if len(chunk) > 1 else chunk[-1][col:end_col]
+                if len(chunk) > 1:
+                    chunk[0] = chunk[0][col:]
+            text = "".join(chunk) if mode == "eval" else textwrap.dedent("".join(chunk))
+            try:
+                ast.parse(text, mode=mode)
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                continue
+            entry[key] = text.rstrip("\n") if mode == "eval" else text

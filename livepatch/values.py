@@ -1,0 +1,276 @@
+"""Values computed at import and new definitions, made at apply time.
+
+A changed module or class assignment whose value is an expression
+(`re.compile(...)`, `frozenset({...})`, `functools.partial(...)`) is
+evaluated in its module's namespace (a class attribute: in the class's
+namespace, then the module's), and a new class, decorated function or
+decorated class member is defined by executing its statement there. Both
+run the bundle's code, so both are made only on the way to a commit, before
+the pause (pending.AtCommit): an exception refuses the apply with nothing
+changed.
+
+What captured the old value at import keeps it unless it is stored too:
+`Recomputed.captured` finds, by identity, function defaults and module or
+class attributes bound to the old object and returns the stores that rebind
+them, committed with the value and restored by rollback. Small ints and
+strings are shared by unrelated names, so for those only the references the
+builder saw in the source (a default or alias that is exactly the name) are
+followed."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+# values whose identity says nothing about where they came from
+ATOMS = (int, float, complex, str, bytes, bool, type(None))
+
+
+class Recomputed:
+    """A value made at apply time, with the source references (`refs`, as the
+    builder wrote them: "defaults:QUALNAME:INDEX", "kwdefaults:QUALNAME:ARG",
+    "alias:QUALNAME") that hold the value it replaces."""
+
+    __slots__ = ("value", "module", "refs")
+
+    def __init__(self, value, module: types.ModuleType, refs=()):
+        self.value, self.module, self.refs = value, module, tuple(refs)
+
+    def __repr__(self) -> str:
+        return f"Recomputed({self.value!r})"
+
+    def captured(self, owner, name: str, old, missing) -> list:
+        """(key, owner, attribute, before, after) for every other reference
+        to `old` that the store of `owner.name` leaves behind."""
+        if old is missing:
+            return []
+        new, out, seen = self.value, [], {(id(owner), name)}
+        modname = self.module.__name__
+
+        def rebind(key, where, attr, before, after):
+            if (id(where), attr) not in seen:
+                seen.add((id(where), attr))
+                out.append((key, where, attr, before, after))
+
+        if isinstance(old, ATOMS):
+            for ref in self.refs:
+                kind, _, rest = ref.partition(":")
+                qualname, _, slot = rest.rpartition(":") if kind != "alias" else (rest, "", "")
+                holder = _resolve(self.module, qualname)
+                if kind == "alias":
+                    where, _, attr = qualname.rpartition(".")
+                    where = _resolve(self.module, where) if where else self.module
+                    if where is not None and vars(where).get(attr, missing) is old:
+                        rebind(f"{modname}:{qualname}", where, attr, old, new)
+                    continue
+                for fn in _functions_of(holder):
+                    _rebind_default(fn, kind, slot, old, new, f"{modname}:{qualname}", rebind)
+            return out
+        for qualname, holder in _namespaces(self.module):
+            for attr, value in list(vars(holder).items()):
+                if value is old:
+                    rebind(f"{modname}:{qualname + '.' if qualname else ''}{attr}", holder, attr, old, new)
+                for fn in _functions_of(value):
+                    key = f"{modname}:{getattr(fn, '__qualname__', attr)}"
+                    for i, d in enumerate(fn.__defaults__ or ()):
+                        if d is old:
+                            _rebind_default(fn, "defaults", str(i), old, new, key, rebind)
+                    for arg, d in (fn.__kwdefaults__ or {}).items():
+                        if d is old:
+                            _rebind_default(fn, "kwdefaults", arg, old, new, key, rebind)
+        for other_name, other in list(sys.modules.items()):
+            if other is self.module or not isinstance(other, types.ModuleType):
+                continue
+            try:
+                items = list(vars(other).items())
+            except TypeError:
+                continue
+            for attr, value in items:
+                if value is old:
+                    rebind(f"{other_name}:{attr}", other, attr, old, new)
+        return out
+
+
+def _rebind_default(fn, kind: str, slot: str, old, new, key: str, rebind) -> None:
+    if kind == "defaults":
+        values = fn.__defaults__ or ()
+        i = int(slot)
+        if i < len(values) and values[i] is old:
+            after = values[:i] + (new,) + values[i + 1:]
+            rebind(f"{key}.__defaults__", fn, "__defaults__", values, after)
+    elif kind == "kwdefaults":
+        values = fn.__kwdefaults__ or {}
+        if slot in values and values[slot] is old:
+            rebind(f"{key}.__kwdefaults__", fn, "__kwdefaults__", values, {**values, slot: new})
+
+
+def _resolve(module, qualname: str):
+    obj = module
+    for part in qualname.split(".") if qualname else ():
+        obj = vars(obj).get(part) if isinstance(obj, (type, types.ModuleType)) else None
+        if obj is None:
+            return None
+    return obj
+
+
+def _namespaces(module):
+    """("", module) and (qualname, class) for every class defined in it."""
+    out, todo, seen = [("", module)], [("", module)], set()
+    while todo:
+        prefix, holder = todo.pop()
+        for attr, value in list(vars(holder).items()):
+            if isinstance(value, type) and value.__module__ == module.__name__ and id(value) not in seen:
+                seen.add(id(value))
+                qualname = f"{prefix}.{attr}" if prefix else attr
+                out.append((qualname, value))
+                todo.append((qualname, value))
+    return out
+
+
+def _functions_of(value) -> list:
+    """The Python functions behind a module or class attribute: unwrapped
+    from static and class methods, properties, cached properties and
+    functools.wraps wrappers (whose defaults are the wrapped function's)."""
+    found = []
+    todo = [value]
+    while todo and len(found) < 16:
+        v = todo.pop()
+        if isinstance(v, (staticmethod, classmethod)):
+            todo.append(v.__func__)
+        elif isinstance(v, property):
+            todo += [f for f in (v.fget, v.fset, v.fdel) if f is not None]
+        elif isinstance(v, types.FunctionType):
+            found.append(v)
+            wrapped = vars(v).get("__wrapped__")
+            if wrapped is not None:
+                todo.append(wrapped)
+        elif type(v).__name__ == "cached_property" and hasattr(v, "func"):
+            todo.append(v.func)
+        elif callable(v) and "__wrapped__" in getattr(v, "__dict__", {}):  # lru_cache and other C wrappers
+            todo.append(v.__dict__["__wrapped__"])
+    return found
+
+
+def _class_namespace(module, qualname: str):
+    """(globals, locals) an assignment or definition at `qualname` ran in."""
+    owner_path = qualname.rpartition(".")[0]
+    if not owner_path:
+        return module.__dict__, None
+    owner = _resolve(module, owner_path)
+    if not isinstance(owner, type):
+        raise LookupError(f"{owner_path!r} is not a class in {module.__name__!r}")
+    return module.__dict__, dict(vars(owner))
+
+
+def evaluate(module, qualname: str, expression: str, filename: str, line: int, refs=()) -> Recomputed:
+    """The value of `expression` as the assignment to `qualname` computes
+    it: module globals, and the class namespace for a class attribute."""
+    import ast
+    tree = ast.parse(expression, filename, "eval")
+    ast.increment_lineno(tree, max(0, line - 1))
+    code = compile(tree, filename, "eval", dont_inherit=True)
+    namespace, local = _class_namespace(module, qualname)
+    return Recomputed(eval(code, namespace, local), module, refs)  # the bundle's code: see docs/bundle-format.md
+
+
+class _ClassBody(type):
+    """Runs a class member's definition as a class body would, with the
+    class's attributes in scope (`@total.setter` needs `total`), and returns
+    the namespace instead of making a class."""
+
+    def __prepare__(name, bases, namespace=None, **kw):
+        return dict(namespace or {})
+
+    def __new__(mcs, name, bases, ns, **kw):
+        return ns
+
+
+def define(module, qualname: str, statement: str, filename: str, line: int):
+    """Execute one def or class statement binding the last part of
+    `qualname`; returns the object it bound (its globals are the module's).
+    A member of an existing class is run inside a class body whose
+    namespace starts as that class's, and zero-argument super() in it
+    refers to that class."""
+    import ast
+    tree = ast.parse(statement, filename)
+    ast.increment_lineno(tree, max(0, line - 1))
+    name = qualname.rpartition(".")[2]
+    owner_path = qualname.rpartition(".")[0]
+    if not owner_path:
+        code = compile(tree, filename, "exec", dont_inherit=True)
+        local: dict = {}
+        exec(code, module.__dict__, local)  # the bundle's code: see docs/bundle-format.md
+        return local[name]
+    owner = _resolve(module, owner_path)
+    if not isinstance(owner, type):
+        raise LookupError(f"{owner_path!r} is not a class in {module.__name__!r}")
+    # class <Owner>(metaclass=__livepatch_body__, namespace=...): <statement>
+    shell = ast.ClassDef(name=owner.__name__, bases=[], keywords=[
+        ast.keyword("metaclass", ast.Name("__livepatch_body__", ast.Load())),
+        ast.keyword("namespace", ast.Name("__livepatch_namespace__", ast.Load()))],
+        body=tree.body, decorator_list=[], **({"type_params": []} if sys.version_info >= (3, 12) else {}))
+    ast.copy_location(shell, tree.body[0])
+    shell_tree = ast.fix_missing_locations(ast.Module([shell], []))
+    local = {"__livepatch_body__": _ClassBody, "__livepatch_namespace__": dict(vars(owner))}
+    exec(compile(shell_tree, filename, "exec", dont_inherit=True), module.__dict__, local)
+    ns = local[owner.__name__]
+    cell = ns.get("__classcell__")
+    if cell is not None:
+        cell.cell_contents = owner  # zero-argument super() and __class__ name the live class
+    value = ns[name]
+    for fn in _functions_of(value):
+        if "." not in fn.__qualname__ or not fn.__qualname__.startswith(owner.__qualname__ + "."):
+            fn.__qualname__ = f"{owner.__qualname__}.{fn.__qualname__.partition('.')[2] or fn.__name__}"
+    if hasattr(value, "__set_name__"):
+        value.__set_name__(owner, name)  # cached_property and other descriptors learn their name
+    return value
+
+
+def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=None):
+    """The new global for a manifest entry of kind "value", "definition" or
+    a "constant" with references: checked now (parsed, never run), made on
+    the way to a commit for the first two (they run the bundle's code)."""
+    import ast
+    from .pending import value_for
+    module_name, _, qualname = entry["name"].partition(":")
+    refs = entry.get("refs", ())
+    line = entry.get("line", 1)
+    if entry["kind"] == "constant":
+        return value_for(module_name, lambda module: Recomputed(literal_value, module, refs))
+    if entry["kind"] == "value":
+        text = entry["expression"]
+        _parsed(text, "eval", f"{field}.expression", fail)
+        make = lambda module: evaluate(module, qualname, text, filename, line, refs)  # noqa: E731
+        return value_for(module_name, make, runs_code=f"{qualname} = {text.strip()}"[:200])
+    text = entry["source"]
+    tree = _parsed(text, "exec", f"{field}.source", fail)
+    name = qualname.rpartition(".")[2]
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+            or tree.body[0].name != name:
+        fail(f"{field}.source", f"must be one def or class statement named {name!r}")
+    make = lambda module: _defined(module, qualname, text, filename, line, entry.get("replaces", False))  # noqa: E731
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return value_for(module_name, make, runs_code=f"definition of {qualname} ({first[:120]})")
+
+
+def _defined(module, qualname, text, filename, line, replaces: bool):
+    value = define(module, qualname, text, filename, line)
+    # a re-applied decorator: what held the old object (an import of it
+    # elsewhere, an alias) gets the new one, as for a changed value
+    return Recomputed(value, module) if replaces else value
+
+
+def _parsed(text: str, mode: str, field: str, fail):
+    import ast
+    try:
+        return ast.parse(text, mode=mode)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        fail(field, "not valid Python")
+
+
+def current(owner, name: str, missing):
+    """What `owner.name` holds now: its own attribute (a module's or class's
+    __dict__), or a function's defaults, which live in no __dict__."""
+    if isinstance(owner, types.FunctionType) and name in ("__defaults__", "__kwdefaults__"):
+        return getattr(owner, name)
+    return vars(owner).get(name, missing)
