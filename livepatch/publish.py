@@ -66,6 +66,7 @@ def add(directory: str, private_key, *, bundles=(), releases=(), trusted=None) -
     if not os.path.isdir(directory):
         raise PublishError(f"repository {directory} is not a directory (create it first)")
     trusted = trusted or _own_keys(private_key)
+    existing(directory, private_key)  # the catalog's own key first: a wrong --key is named as such
     staged = []
     for path in bundles:
         try:
