@@ -14,7 +14,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
-from . import definitions as defs
+from . import definitions as defs, noops
 from .checks import code_kind
 from .errors import PatchError, Problem
 from .fingerprint import fingerprint
@@ -87,6 +87,7 @@ class ModuleDiff:
     new_imports: list = field(default_factory=list)  # ast nodes of added module-level imports
     constants: dict = field(default_factory=dict)  # name -> new literal value
     refused: list = field(default_factory=list)  # Problems
+    ignored: list = field(default_factory=list)  # Problems "ignored:<why>": changes that never run
     values: dict = field(default_factory=dict)  # qualname -> {"expression", "line"}: evaluated at apply time
     definitions: dict = field(default_factory=dict)  # qualname -> {"statement", "line", "replaces"}: run at apply time
     captured: dict = field(default_factory=dict)  # qualname of a value or constant -> {"refs", "stale"}
@@ -138,9 +139,23 @@ def _class_layout(node: ast.ClassDef) -> dict:
     (metaclass), decorators, __slots__ and annotated (dataclass) fields."""
     slots = [ast.dump(n.value) for n in node.body
              if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in n.targets)]
-    fields = [ast.dump(n) for n in node.body if isinstance(n, ast.AnnAssign)]
-    return {"bases": [ast.dump(b) for b in node.bases], "metaclass or class keywords": [ast.dump(k) for k in node.keywords],
+    # compared without the no-ops (a field's declared type, an `object` base)
+    fields = [noops.runtime_form(n) for n in node.body if isinstance(n, ast.AnnAssign)]
+    bases = [ast.dump(b) for b in node.bases if not (isinstance(b, ast.Name) and b.id == "object")]
+    return {"bases": bases, "metaclass or class keywords": [ast.dump(k) for k in node.keywords],
             "class decorators": _decorators(node), "__slots__": slots, "fields": fields}
+
+
+def _header(node: ast.ClassDef) -> ast.ClassDef:
+    """The bases and annotated fields of a class: the part of its layout
+    that may differ by no-ops alone."""
+    return ast.ClassDef(name=node.name, bases=node.bases, keywords=[], decorator_list=[], type_params=[],
+                        body=[n for n in node.body if isinstance(n, ast.AnnAssign)])
+
+
+def _ignore(diff: ModuleDiff, target: str, line: int, reasons) -> None:
+    for reason in reasons or ():
+        diff.ignored.append(Problem(f"ignored:{reason}", target, f"line {line}: {noops.REASONS[reason]}"))
 
 
 def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
@@ -153,6 +168,8 @@ def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
         for what in old_layout:
             if old_layout[what] != new_layout[what]:
                 diff.refused.append(Problem("refused:class-layout", target, f"line {node.lineno}: {what} changed; instances and subclasses keep the old layout; {defs.HOOK_HINT}"))
+        if old_layout == new_layout and ast.dump(_header(base)) != ast.dump(_header(node)):
+            _ignore(diff, target, node.lineno, noops.ignored_reasons(_header(base), _header(node)))
         old_attrs = {t.id: n for n in base.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         for n in node.body:
             if not isinstance(n, ast.Assign) or not all(isinstance(t, ast.Name) for t in n.targets):
@@ -176,37 +193,36 @@ def _other_statements(tree: ast.Module) -> list:
 
 
 def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Module) -> None:
-    base = [_strip(n) for n in _other_statements(base_tree)]
+    target = f"{diff.module}:<module>"
+    checking = [[_strip(n) for n in _other_statements(t) if noops.is_type_checking(n)] for t in (base_tree, new_tree)]
+    if checking[0] != checking[1]:
+        line = next(n.lineno for t in (new_tree, base_tree) for n in _other_statements(t) if noops.is_type_checking(n))
+        _ignore(diff, target, line, ["type-checking"])
+    base = [n for n in _other_statements(base_tree) if not noops.is_type_checking(n)]
     for n in _other_statements(new_tree):
-        if _strip(n) in base:
-            base.remove(_strip(n))
+        if noops.is_type_checking(n):
+            continue
+        same = next((b for b in base if _strip(b) == _strip(n)), None)
+        if same is None:  # the same but for no-ops (a declared type, an exception guard)
+            same = next((b for b in base if noops.runtime_form(b) == noops.runtime_form(n)), None)
+            if same is not None:
+                _ignore(diff, target, n.lineno, noops.ignored_reasons(same, n))
+        if same is not None:
+            base.remove(same)
         else:
-            diff.refused.append(Problem("refused:statement", f"{diff.module}:<module>", f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
+            diff.refused.append(Problem("refused:statement", target, f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
     for gone in base:
-        diff.refused.append(Problem("refused:statement", f"{diff.module}:<module>", f"a module-level statement was removed ({gone[:60]}...)"))
-
-
-def _names_used(codes: dict) -> set:
-    out = set()
-    for group in codes.values():
-        for c in group:
-            out.update(c.co_names)
-            out.update(c.co_freevars)
-    return out
+        diff.refused.append(Problem("refused:statement", target, f"a module-level statement was removed ({_strip(gone)[:60]}...)"))
 
 
 def _diff_removed(diff: ModuleDiff, base_codes: dict, new_codes: dict, new_tree: ast.Module) -> None:
-    used = _names_used(new_codes)
-    for n in ast.walk(new_tree):
-        if isinstance(n, ast.Name):
-            used.add(n.id)
+    from .references import still_referenced
     for qualname in base_codes:
         if qualname in new_codes or "<" in qualname:
             continue
-        name = qualname.rpartition(".")[2]
-        if name in used:
+        if still_referenced(qualname, new_tree):
             diff.refused.append(Problem("refused:removed-referenced", f"{diff.module}:{qualname}",
-                                        f"removed, but the patched code still refers to the name {name!r}"))
+                                        f"removed, but the patched code still refers to {qualname}"))
 
 
 def _module_level(tree: ast.Module) -> dict:
@@ -238,6 +254,10 @@ def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, n
 def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: dict, new_codes: dict) -> ModuleDiff:
     diff = ModuleDiff(module)
     base_defs, new_defs = _definitions(base_tree), _definitions(new_tree)
+    # the implementation runs, never the @overload stubs beside it
+    base_codes, new_codes = noops.without_overloads(base_codes, base_tree), noops.without_overloads(new_codes, new_tree)
+    for qualname, line in noops.overload_changes(base_tree, new_tree):
+        _ignore(diff, f"{module}:{qualname}", line, ["overload"])
 
     for qualname, news in new_codes.items():
         if qualname.rpartition(".")[2] in COMPREHENSIONS:
@@ -277,6 +297,12 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 if base_fp == fingerprint(new) and not defaults_changed:
                     continue
             elif base_fp == fingerprint(new) and not defaults_changed:
+                if len(news) == 1 and node is not None and base_node is not None and _strip(node) != _strip(base_node):
+                    _ignore(diff, target, line, noops.ignored_reasons(base_node, node))  # e.g. annotations: not in the code
+                continue
+            reasons = noops.ignored_reasons(base_node, node) if len(news) == 1 and node is not None and base_node is not None else None
+            if reasons:
+                _ignore(diff, target, line, reasons)
                 continue
             if code_kind(base) != code_kind(new):
                 diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}; callers and running frames expect the old kind; {defs.HOOK_HINT}"))
@@ -345,5 +371,8 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
         new_globals[f"{module_name}:{q}"] = fn
     for name, value in diff.constants.items():
         new_globals[f"{module_name}:{name}"] = value
+    defs.exact_sources(diff, new_source)
+    from .values import diff_globals
+    new_globals.update(diff_globals(diff, module_name, new_filename))  # made at apply time
     return Patch(patch_id, changes, cumulative=cumulative, new_globals=new_globals, requires=tuple(requires),
                  sources={new_filename: new_source})

@@ -26,6 +26,7 @@ import sys
 import time
 
 from . import __version__
+from . import noops
 from .errors import PatchError, Problem
 from .patch import PYTHON_TAG
 
@@ -35,7 +36,7 @@ OVERRIDABLE = ("decorator", "statement")
 WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
 PROBE_TIMEOUT = 30.0
 # what the isolated worker is sent, in import order (stdlib imports only)
-_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "definitions", "build", "builder")
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "definitions", "build", "builder")
 
 
 class BuildRefused(PatchError):
@@ -115,6 +116,7 @@ def _worker(request: dict) -> dict:
                 "imports": [{"name": name, "statement": __import__("ast").unparse(node)} for name, node in diff.new_imports],
                 "constants": {name: repr(value) for name, value in diff.constants.items()},
                 "refused": [p.to_dict() for p in diff.refused],
+                "ignored": [p.to_dict() for p in diff.ignored],
                 "values": diff.values, "definitions": diff.definitions, "captured": diff.captured,
                 "code": base64.b64encode(marshal.dumps(new_code)).decode(),
             }
@@ -255,8 +257,12 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if len(set(tags)) != len(tags):
         raise UnknownInterpreter(f"two --python interpreters are the same version ({', '.join(tags)})")
     unsafe = base_tree.refused + new_tree.refused
-    refused, modules, source_errors = [], [], []
+    refused, modules, source_errors, ignored = [], [], [], []
     for module, rel in new_tree.modules.items():
+        if noops.is_test_module(module, rel):
+            if base_tree.modules.get(module) is None or not _same_file(base_tree, new_tree, base_tree.modules[module], rel):
+                ignored.append(Problem("ignored:test", f"{module}:<module>", f"{rel}: {noops.TEST_REASON}"))
+            continue
         if module not in base_tree.modules:
             refused.append(Problem("refused:new-module", f"{module}:<module>", f"{rel}: module is not in the baseline"))
             continue
@@ -307,6 +313,9 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     for answer in answers:
         tag = answer["tag"]
         for module, res in answer["modules"].items():
+            for p in res.get("ignored", ()):
+                if (problem := _located(p, files)) not in ignored:
+                    ignored.append(problem)
             for p in res["refused"]:
                 problem = _located(p, files)
                 kind = problem.category.partition(":")[2]
@@ -355,7 +364,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if refused:
         raise BuildRefused(f"cannot build {patch_id}: {len(refused)} change(s) cannot be hotpatched safely", refused)
     if not targets and not globals_:
-        raise BuildRefused(f"cannot build {patch_id}: the trees differ in no function, import or constant")
+        why = f" ({len(ignored)} change(s) that never run ignored)" if ignored else ""
+        raise BuildRefused(f"cannot build {patch_id}: the trees differ in no function, import or constant{why}")
     if name is None or version is None:
         try:
             dist = base_tree.distribution_info()
@@ -373,6 +383,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
         "modules": module_entries, "overrides": overrides, "builder": {"livepatch": __version__},
         "sequence": sequence,
     }
+    if ignored:
+        manifest["ignored"] = [p.to_dict() for p in ignored]
     if lineage is not None:
         manifest["lineage"] = lineage
     try:  # the builder never emits what the loader refuses
@@ -389,18 +401,22 @@ def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
     """Manifest entries for a module's values and definitions (made at apply
     time, see livepatch.values), and the references its changed values and
     constants were captured by at import."""
-    for qualname, v in res.get("values", {}).items():
-        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "value",
-                                                     "expression": v["expression"], "line": v["line"]})
-    for qualname, d in res.get("definitions", {}).items():
-        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "definition",
-                                                     "source": d["statement"], "line": d["line"],
-                                                     "replaces": d["replaces"]})
-    for qualname, c in res.get("captured", {}).items():
-        entry = globals_.get(f"{module}:{qualname}")
-        if entry is not None:
-            entry.update({k: c[k] for k in ("refs", "stale") if c[k]})
-    return bool(res.get("values") or res.get("definitions"))
+    from .definitions import global_entries
+    entries, extra = global_entries(module, res.get("values", {}), res.get("definitions", {}), res.get("captured", {}))
+    for entry in entries:
+        globals_.setdefault(entry["name"], entry)
+    for name, fields in extra.items():
+        if name in globals_:
+            globals_[name].update(fields)
+    return bool(entries)
+
+
+def _same_file(base_tree, new_tree, base_rel: str, rel: str) -> bool:
+    from . import sourcetree
+    try:
+        return base_tree.read_bytes(base_rel) == new_tree.read_bytes(rel)
+    except (sourcetree.UnsafeEntry, sourcetree.Unreadable):
+        return False  # a test module is never read into the bundle: what it holds does not matter
 
 
 def _one_or_list(patch_id: str, problems: list, what: str) -> BuildRefused:
@@ -442,6 +458,7 @@ def summary(manifest: dict) -> dict:
         "data_changes": [g["name"] for g in manifest["globals"] if g["kind"] == "constant"],
         "new_globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
         "overridden": manifest["overrides"],
+        "ignored": manifest.get("ignored", []),
         "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
         "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }

@@ -372,7 +372,9 @@ _SCHEMA = _object({
     # before it existed, which then order below every sequenced bundle.
     "sequence": _int(1, MAX_SEQUENCE),
     "lineage": _text(128, _ID),
-}, optional=("sequence", "lineage"))
+    # what the release changed that never runs (docs/bundle-format.md#ignored)
+    "ignored": _list(_object({"category": _text(64), "target": _text(600), "message": _text()}), MAX_TARGETS),
+}, optional=("sequence", "lineage", "ignored"))
 
 
 def validate(manifest: dict) -> None:

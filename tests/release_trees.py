@@ -36,7 +36,7 @@ import importlib, json, sys
 sys.path.insert(0, sys.argv[1])
 import livepatch
 from livepatch.bundle import load_bundle
-imports, probe = json.loads(sys.argv[3]), sys.argv[4]
+imports, probe, later = json.loads(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 for name in imports:
     importlib.import_module(name)
 
@@ -49,6 +49,8 @@ def observe():
 out = {"before": observe()}
 try:
     livepatch.apply(load_bundle(sys.argv[2], allow_unsigned=True))
+    for name in later:
+        importlib.import_module(name)
     out["applied"] = observe()
 except Exception as exc:
     out["apply_error"] = str(exc).splitlines()[0]
@@ -59,13 +61,15 @@ print(json.dumps(out))
 """
 
 
-def round_trip(tmp_path, data: bytes, imports, probe: str, python: str = sys.executable) -> dict:
+def round_trip(tmp_path, data: bytes, imports, probe: str, python: str = sys.executable, import_later=()) -> dict:
     """Run `probe` (an expression over the modules in `imports`) in a new
     process importing the baseline tree tmp_path/base: before the apply,
-    with the bundle applied, after its rollback."""
+    with the bundle applied (and the modules of `import_later` imported
+    then), after its rollback."""
     path = tmp_path / "hp.lpb"
     path.write_bytes(data)
-    proc = subprocess.run([python, "-c", _PROGRAM, str(tmp_path / "base"), str(path), json.dumps(list(imports)), probe],
+    proc = subprocess.run([python, "-c", _PROGRAM, str(tmp_path / "base"), str(path), json.dumps(list(imports)), probe,
+                           json.dumps(list(import_later))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
