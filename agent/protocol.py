@@ -18,10 +18,12 @@ is read and decoded. Clients accept answers up to MAX_FRAME."""
 
 from __future__ import annotations
 
+# the sockets are either type: the agent's (socket.socket) and the client's
+# (the C type, whose module a short command imports faster)
+import _socket
 import json
 import os
 import re
-import socket
 import struct
 
 VERSION = 1
@@ -128,7 +130,7 @@ def encode(message: dict) -> bytes:
     return header(len(body)) + body
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: _socket.socket, n: int) -> bytes:
     chunks, left = [], n
     while left:
         chunk = sock.recv(min(left, 1 << 20))
@@ -139,12 +141,12 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv(sock: socket.socket, limit: int = MAX_FRAME) -> dict:
+def recv(sock: _socket.socket, limit: int = MAX_FRAME) -> dict:
     length = frame_length(_recv_exactly(sock, 4))
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes is over the limit of {limit}")
     return decode(_recv_exactly(sock, length))
 
 
-def send(sock: socket.socket, message: dict) -> None:
+def send(sock: _socket.socket, message: dict) -> None:
     sock.sendall(encode(message))

@@ -20,13 +20,23 @@ neither impersonate an agent nor stop a service from starting."""
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import stat
+import struct
 
 
 class UnsafeDirectory(Exception):
     pass
+
+
+_UCRED = struct.Struct("iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+def peer_credentials(conn) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    return _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
 
 
 def candidates(uid: int | None = None, env=None, every_temp: bool = False) -> list[str]:

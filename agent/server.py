@@ -39,12 +39,12 @@ import collections
 import os
 import selectors
 import socket
-import struct
 import threading
 import time
 import weakref
 
 from . import hangup, protocol, runtime_dir
+from .runtime_dir import peer_credentials
 
 REQUEST_DEADLINE = 10.0
 IDLE_LIMIT = 10.0
@@ -54,7 +54,6 @@ MAX_HANDLERS = 8
 SMALL_FRAME = 256 << 10  # up to MAX_CONNECTIONS of these need no budget (16 MiB at most)
 BUFFER_BUDGET_FRAMES = 2
 _CHUNK = 1 << 20
-_UCRED = struct.Struct("iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _servers: "weakref.WeakSet[Server]" = weakref.WeakSet()
 
 _READING, _HANDLING, _WRITING, _CLOSING = "reading", "handling", "writing", "closing"
@@ -64,10 +63,6 @@ _READING, _HANDLING, _WRITING, _CLOSING = "reading", "handling", "writing", "clo
 LINGER = 1.0
 _MAX_LINGERING = 64
 _MAX_DRAIN = 1 << 20
-
-
-def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
-    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
 def _error(kind: str, message: str) -> dict:

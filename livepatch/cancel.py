@@ -10,7 +10,7 @@ socket closes, and the agent cancels all the same.
 
 from __future__ import annotations
 
-import socket
+import _socket  # the C type, as livepatch/client.py makes them
 import threading
 
 # How long to wait for the agent to confirm a cancel (it notices within
@@ -58,7 +58,7 @@ class Group:
 
 def _hang_up(sock) -> None:
     try:
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(_socket.SHUT_WR)
     except OSError:
         pass
 

@@ -56,10 +56,13 @@ EXIT_INTERRUPTED = 130
 def _call(pid: int, op: str, wait: float = 60.0, cancellable: bool = False, **fields):
     """One request; with `cancellable`, Ctrl-C cancels it in the agent
     (livepatch/cancel.py) and this says what became of it."""
-    from .cancel import Interrupted, request as cancellable_request
     from .client import AgentUnavailable, request
+    if cancellable:
+        from .cancel import Interrupted, request
+    else:
+        Interrupted = ()  # only a cancellable request is interrupted: nothing to catch
     try:
-        response = (cancellable_request if cancellable else request)(pid, op, wait=wait, **fields)
+        response = request(pid, op, wait=wait, **fields)
     except Interrupted as exc:
         raise interrupted(op, pid, exc.response) from None
     except AgentUnavailable as exc:
@@ -431,5 +434,12 @@ def add_commands(command) -> None:
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="load from here from now on (default: the store in use)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_trust_reload, prog=p.prog)
-    from .cli_run import add_arguments, cmd_run
-    add_arguments(command("run", cmd_run, "run a Python program (any command line) with the agent in it"))
+    p = command("run", cmd_run, "run a Python program (any command line) with the agent in it")
+    if p:  # not left out of the parser (cli.parser(only=...))
+        from .cli_run import add_arguments
+        add_arguments(p)
+
+
+def cmd_run(args):
+    from .cli_run import cmd_run as run
+    return run(args)
