@@ -20,6 +20,18 @@ def cli(*args, timeout=120, **kw):
                           timeout=timeout, **kw)
 
 
+def end_process(proc, ask=lambda p: p.send_signal(signal.SIGTERM), timeout=10):
+    """Ask `proc` to exit (SIGTERM by default); SIGKILL it if it has not
+    within `timeout` seconds."""
+    if proc.poll() is None:
+        ask(proc)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 _ports = __import__("itertools").count()
 
 
@@ -71,12 +83,6 @@ class Service:
         self._stop.set()
         if self._load.is_alive():
             self._load.join()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
 
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from live import cli
+from live import cli, end_process
 from livepatch import bundle as fmt
 from livepatch.agent import protocol, server
 from livepatch.builder import build
@@ -84,13 +84,7 @@ class Agent:
         return self.err_path.read_text()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, ask=lambda p: p.stdin.close())  # its program exits at the end of its input
         self._err.close()
 
 

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from live import cli
+from live import cli, end_process
 
 BASE = '''\
 import os
@@ -235,13 +235,7 @@ class TreeService:
         return sorted(p for p in self.ports() if p != self.pid)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         for pid in self.ports():  # the workers exit with their parent; make sure by PID
             try:
                 os.kill(pid, signal.SIGKILL)
