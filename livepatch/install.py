@@ -144,6 +144,10 @@ def install(repo, services, *, classifications=None, include=(), exclude=(), can
                 state = sa.state_of(e.id)
                 if state == "needs-baseline" and not _selected(e, classifications, include, exclude):
                     sr.outcomes.append(Outcome(e.id, "skipped", "needs a new baseline: " + _any_reason(sa, e.id)))
+                elif state == "not-applicable" and e.id in include:
+                    sr.outcomes.append(Outcome(e.id, "refused", "not applicable: " + _any_reason(sa, e.id),
+                                               exit_code=EXIT_REFUSED))
+                    emit({"event": "refused", "service": sa.service, "patch": e.id, "reason": sr.outcomes[-1].reason})
                 elif state in INSTALLABLE:
                     why = _selected(e, classifications, include, exclude)
                     if why:

@@ -128,12 +128,22 @@ class App:
     """The program under `livepatch run --name NAME --version VERSION`, with
     WORKERS forked children; stopped by PID."""
 
-    def __init__(self, tmp, keys, name, version="1.0", workers=1, declare=True):
+    def __init__(self, tmp, keys, name, version="1.0", workers=1, declare=True, installed=None):
+        """`installed`: a version for an installed distribution NAME (its
+        dist-info on the program's path), what an undeclared run finds."""
         self.tmp, self.name = str(tmp), name
         trees = _trees(self.tmp)
         self.out = os.path.join(self.tmp, f"out-{name}")
         self.trigger = os.path.join(self.tmp, f"import-{name}")
-        env = dict(os.environ, PYTHONPATH=trees["base"])
+        path = [trees["base"]]
+        if installed:
+            site = os.path.join(self.tmp, f"site-{name}")
+            info = os.path.join(site, f"{name.replace('-', '_')}-{installed}.dist-info")
+            os.makedirs(info)
+            with open(os.path.join(info, "METADATA"), "w") as fh:
+                fh.write(f"Metadata-Version: 2.1\nName: {name}\nVersion: {installed}\n")
+            path.append(site)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         for var in [v for v in env if v.startswith("LIVEPATCH_") and v != "LIVEPATCH_STATE_DIR"]:
             del env[var]
         cmd = [sys.executable, "-m", "livepatch", "run", "--name", name, "--trust", keys["trust"],
@@ -169,6 +179,15 @@ class App:
         while True:
             got = self.answers()
             if set(got.values()) == {expected}:
+                return got
+            assert time.monotonic() < deadline, got
+            time.sleep(0.02)
+
+    def wait_answers_of(self, pid: int, expected: str, timeout=30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.answers()
+            if got[pid] == expected:
                 return got
             assert time.monotonic() < deadline, got
             time.sleep(0.02)
