@@ -374,5 +374,8 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
     defs.exact_sources(diff, new_source)
     from .values import diff_globals
     new_globals.update(diff_globals(diff, module_name, new_filename))  # made at apply time
+    defs.exact_sources(diff, new_source)
+    from .values import diff_globals
+    new_globals.update(diff_globals(diff, module_name, new_filename))  # made at apply time
     return Patch(patch_id, changes, cumulative=cumulative, new_globals=new_globals, requires=tuple(requires),
                  sources={new_filename: new_source})

@@ -401,18 +401,14 @@ def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
     """Manifest entries for a module's values and definitions (made at apply
     time, see livepatch.values), and the references its changed values and
     constants were captured by at import."""
-    for qualname, v in res.get("values", {}).items():
-        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "value",
-                                                     "expression": v["expression"], "line": v["line"]})
-    for qualname, d in res.get("definitions", {}).items():
-        globals_.setdefault(f"{module}:{qualname}", {"name": f"{module}:{qualname}", "kind": "definition",
-                                                     "source": d["statement"], "line": d["line"],
-                                                     "replaces": d["replaces"]})
-    for qualname, c in res.get("captured", {}).items():
-        entry = globals_.get(f"{module}:{qualname}")
-        if entry is not None:
-            entry.update({k: c[k] for k in ("refs", "stale") if c[k]})
-    return bool(res.get("values") or res.get("definitions"))
+    from .definitions import global_entries
+    entries, extra = global_entries(module, res.get("values", {}), res.get("definitions", {}), res.get("captured", {}))
+    for entry in entries:
+        globals_.setdefault(entry["name"], entry)
+    for name, fields in extra.items():
+        if name in globals_:
+            globals_[name].update(fields)
+    return bool(entries)
 
 
 def _same_file(base_tree, new_tree, base_rel: str, rel: str) -> bool:

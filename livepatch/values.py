@@ -274,3 +274,24 @@ def current(owner, name: str, missing):
     if isinstance(owner, types.FunctionType) and name in ("__defaults__", "__kwdefaults__"):
         return getattr(owner, name)
     return vars(owner).get(name, missing)
+
+
+def diff_globals(diff, module_name: str, filename: str) -> dict:
+    """The new globals of a build.ModuleDiff's values, definitions and
+    constants with references, for a patch made in this process."""
+    from .definitions import global_entries
+    from .errors import PatchError, Problem
+
+    def fail(field, message):
+        raise PatchError(f"{field}: {message}", [Problem("invalid", field, message)])
+
+    entries, extra = global_entries(module_name, diff.values, diff.definitions, diff.captured)
+    entries += [{"name": f"{module_name}:{q}", "kind": "constant"} for q in diff.constants]
+    out = {}
+    for entry in entries:
+        entry.update(extra.get(entry["name"], {}))
+        if entry["kind"] == "constant" and not entry.get("refs"):
+            continue
+        value = diff.constants.get(entry["name"].partition(":")[2])
+        out[entry["name"]] = manifest_value(entry, entry["name"], filename, fail, value)
+    return out
