@@ -15,7 +15,7 @@ import json
 import time
 
 from . import fanout, tree
-from .cli import EXIT_NO_AGENT, EXIT_PARTIAL, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, read_bundle_bytes, table
+from .cli import EXIT_NO_AGENT, EXIT_PARTIAL, EXIT_USAGE, EXIT_REFUSED, EXIT_VERIFY, CliError, _emit, _problems_text, read_bundle_bytes, table
 
 ASSESS_WAIT = 60.0
 VERIFY_ERRORS = ("BundleError", "SignatureError")
@@ -26,6 +26,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as for any command
 
 
 def find(args) -> tree.Service:
+    if args.tree and not args.target.isdigit():
+        raise CliError(f"--tree needs a PID, not {args.target!r}", EXIT_USAGE)
     try:
         return tree.find(args.target, args.tree)
     except tree.NoSuchService as exc:

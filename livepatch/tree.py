@@ -61,26 +61,44 @@ class Member:
         return {}
 
     @property
-    def state(self) -> str:
+    def refused_at_import(self) -> list[str]:
+        """Modules that refused a patch as they were imported: they run their own code, not the patch's."""
+        return sorted({m for p in (self.status or {}).get("applied", []) for m in (p.get("refused_at_import") or {})})
+
+    @property
+    def state_code(self) -> str:
+        """baseline, patched, pending, forced, refused_at_import or not_answering."""
         if self.status is None:
-            return "not answering"
+            return "not_answering"
         if self.status.get("forced"):
             return "forced"
-        refused = sorted({m for p in self.status["applied"] for m in (p.get("refused_at_import") or {})})
-        if refused:  # those modules run their own code, not the patch's
-            return "refused at import: " + ", ".join(refused)
+        if self.refused_at_import:
+            return "refused_at_import"
         if self.pending:
             return "pending"
         return "patched" if self.status["applied"] else "baseline"
 
+    @property
+    def state(self) -> str:
+        code = self.state_code
+        if code == "refused_at_import":
+            return "refused at import: " + ", ".join(self.refused_at_import)
+        return code.replace("_", " ")
+
     def row(self) -> dict:
-        """The structured form used by `ps --json` and the service commands."""
+        """The structured form used by `ps --json` and the service commands
+        (docs/json.md): codes, flags and lists, no display text."""
         s = self.status or {}
         base = s.get("baseline") or {}
+        agent = s.get("agent") or {}
+        doing = agent.get("in_progress") or s.get("in_progress")
         return {"pid": self.pid, "parent": self.parent, "name": self.name, "role": self.role, "serves": self.serves,
                 "python": s.get("python", {}).get("version"), "patches": self.applied, "pending": self.pending,
-                "state": self.state, "baseline": base or None, "command": self.command,
-                "development_mode_unsigned_bundles": bool(s.get("agent", {}).get("development_mode_unsigned_bundles")),
+                "state": self.state_code, "refused_at_import": self.refused_at_import,
+                "baseline": base or None, "command": self.command, "argv": list(agent.get("argv") or []),
+                "development_mode_unsigned_bundles": bool(agent.get("development_mode_unsigned_bundles")),
+                "trusted_keys": list(agent.get("trusted_keys") or []),
+                "in_progress": {k: doing.get(k) for k in ("action", "patch", "since")} if doing else None,
                 **({"error": self.error} if self.error else {})}
 
 

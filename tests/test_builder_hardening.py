@@ -476,7 +476,8 @@ def test_cli_json_error_carries_the_exit_code(tmp_path):
     r = run_cli("build", base, new, "-o", str(tmp_path / "x.lpb"), "--id", "HP-J", "--python", "no-such-python",
                 "--json")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert json.loads(r.stdout)["exit_code"] == 2
+    error = json.loads(r.stdout)["error"]
+    assert error["exit_code"] == 2 and error["type"] == "UnknownInterpreter" and "no-such-python" in error["message"]
 
 
 def test_api_error_classes(tmp_path):
