@@ -96,6 +96,8 @@ def cmd_keygen(args):
     from .signing import generate
     prefix = args.output
     directory = os.path.dirname(prefix) or "."
+    if not os.path.basename(prefix) and not prefix.endswith("/"):
+        raise CliError("give a PREFIX for the two files, such as ops (ops.key and ops.pub)", EXIT_USAGE)
     if prefix.endswith("/") or os.path.isdir(prefix):
         raise CliError(f"{prefix} is a directory: give a prefix for the two files, such as {os.path.join(prefix, 'ops')}")
     if not os.path.isdir(directory):

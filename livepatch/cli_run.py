@@ -67,6 +67,10 @@ def cmd_run(args):
     for var in ("LIVEPATCH_TRUST", "LIVEPATCH_STATE_DIR"):
         if env.get(var):
             env[var] = os.path.abspath(env[var])  # the program may chdir before its agent reads them
+    state_dir = env.get("LIVEPATCH_STATE_DIR")
+    if state_dir and os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        raise CliError(f"{'--state-dir' if args.state_dir else 'LIVEPATCH_STATE_DIR'} {state_dir}: not a directory "
+                       "(give a directory for the services' state, or one to be created)")
     if env.get("LIVEPATCH_TRUST"):
         _check_trust(env["LIVEPATCH_TRUST"], "--trust" if args.trust else "LIVEPATCH_TRUST")
     path = _find(command[0], env)

@@ -109,6 +109,7 @@ CASES = [
     ("keygen {tmp}/nodir/ops", 1, "livepatch keygen: cannot write {tmp}/nodir/ops.key: there is no directory {tmp}/nodir"),
     ("keygen {tmp}/outdir/", 1, "livepatch keygen: {tmp}/outdir/ is a directory: give a prefix for the two files, "
                                 "such as {tmp}/outdir/ops"),
+    ("keygen ''", 2, "livepatch keygen: give a PREFIX for the two files, such as ops (ops.key and ops.pub)"),
     # build
     ("build {base} {fix} -o {tmp}/x.lpb --id HP-1 --key {tmp}/missing.key", 1,
      "livepatch build: cannot read the key {tmp}/missing.key: No such file or directory"),
@@ -173,6 +174,9 @@ CASES = [
     ("run --name a/b -- {py} -c pass", 2,
      "livepatch run: argument --name: 'a/b' is not a service name: letters, digits, '.', '_' and '-', starting with a "
      "letter or digit, at most 64, no '..' (see `livepatch run --help`)"),
+    ("run --state-dir {tmp}/junk.lpb -- {py} -c pass", 1,
+     "livepatch run: --state-dir {tmp}/junk.lpb: not a directory (give a directory for the services' state, or one to "
+     "be created)"),
     ("run -- {tmp}/script.sh", 1, "livepatch run: {tmp}/script.sh: not a Python program (a shell script: #!/bin/sh)"),
     ("run -- {py} -S -c pass", 1,
      "livepatch run: {py} -S: -S disables site-packages, where the agent starts; drop -S"),
