@@ -1,24 +1,36 @@
 """The agent's costs, measured side by side in one run:
 
-* idle overhead: throughput of a CPU-bound workload, and of the HTTP demo
-  under client load, with and without an idle agent (runs alternate
-  A/B/A/B so drift on a shared machine hits both sides alike);
-* end to end: wall time of `livepatch apply` and `livepatch rollback` on a
-  live service (CLI start-up, connect, verify, check, commit) and the commit
-  pause inside it."""
+* instructions per HTTP request of the demo service with and without an
+  idle agent, counted by valgrind's callgrind in the service (every thread:
+  the handler's, the accept loop's, the agent's), in batches of requests
+  sent over one keep-alive connection by a client process of its own; a
+  second service without the agent is the A/A control. The three run at
+  once (instruction counts do not depend on the machine's load). Skipped
+  with --quick (valgrind needs minutes);
+* paired runs: the three services (without, without again, with an idle
+  agent) loaded at the same time, each by a client process of its own,
+  for the same window, many rounds; per round the ratio of requests served
+  and of the service's CPU time per request, against the same ratio of
+  the two services without an agent (A/A); median with a bootstrap 95%
+  confidence interval. The same for a CPU-bound program (three at once);
+* end to end: `livepatch apply` and `livepatch rollback` on a live service:
+  the agent's side of the apply and the commit pause inside it (the
+  command's own start-up is measured in the installed package by
+  startup.py)."""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, summary, write_result  # noqa: E402
@@ -33,70 +45,226 @@ if sys.argv[1] == "agent":
     import livepatch.agent; livepatch.agent.start()
 def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
-end = time.perf_counter() + float(sys.argv[2]); n = 0
-while time.perf_counter() < end:
+print("ready", flush=True)
+start, end = (float(x) for x in sys.stdin.readline().split())  # one window for all (CLOCK_MONOTONIC)
+while time.monotonic() < start:
+    pass
+n = 0
+while time.monotonic() < end:
     fib(18); n += 1
-print(n)
+print(n, flush=True)
 """
 
+# one client per service: a keep-alive connection, requests one after the
+# other within the window it is given (CLOCK_MONOTONIC, one clock for all)
+LOAD = r"""
+import http.client, sys, time
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
+conn.request("GET", "/health")
+conn.getresponse().read()
+print("ready", flush=True)
+start, end = (float(x) for x in sys.stdin.readline().split())
+while time.monotonic() < start:
+    time.sleep(0.001)
+n = 0
+while time.monotonic() < end:
+    conn.request("GET", "/quote?sku=widget&qty=2")
+    conn.getresponse().read()
+    n += 1
+print(n, flush=True)
+"""
 
-def _order(round_number: int) -> tuple:
-    # alternate which goes first: the second run of a pair inherits the
-    # first one's leftovers (TIME_WAIT sockets, page cache, CPU frequency)
-    return ("none", "agent") if round_number % 2 == 0 else ("agent", "none")
+# a fixed number of requests (callgrind: the count, not the time, matters)
+REQUESTS = r"""
+import http.client, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=600)
+for _ in range(int(sys.argv[2])):
+    conn.request("GET", "/quote?sku=widget&qty=2")
+    conn.getresponse().read()
+"""
+
+VARIANTS = ("none", "none_again", "agent")
 
 
-def cpu_overhead(seconds: float, rounds: int) -> dict:
-    runs = {"none": [], "agent": []}
-    for r in range(rounds):
-        for mode in _order(r):
-            out = subprocess.run([sys.executable, "-c", CPU_WORKLOAD, mode, str(seconds)], capture_output=True, text=True, timeout=120)
-            runs[mode].append(int(out.stdout) / seconds)
-    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
-    return {"iterations_per_s": {k: summary(v) for k, v in runs.items()},
-            "ratio_agent_over_none": round(med["agent"] / med["none"], 4)}
+def _env(variant: str, work: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPATCH_")}
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in every run
+    if variant == "agent":  # what `livepatch run` sets for the program it starts
+        env.update(LIVEPATCH_AUTOSTART="1", LIVEPATCH_NAME="idle-bench", LIVEPATCH_ALLOW_UNSIGNED="1",
+                   LIVEPATCH_STATE_DIR=os.path.join(work, "state"))
+    return env
 
 
-def _service(port_file, with_agent):
-    launcher = [sys.executable, "-m", "livepatch", "run", "--allow-unsigned", "--"] if with_agent else []
-    proc = subprocess.Popen([*launcher, sys.executable, "-m", "inventory.server", "--port", "0", "--port-file", port_file],
-                            cwd=DEMO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _bootstrap_median(values, resamples: int = 2000, seed: int = 0) -> list:
+    """95% confidence interval of the median, by resampling the rounds."""
+    rng = random.Random(seed)
+    meds = sorted(_median([rng.choice(values) for _ in values]) for _ in range(resamples))
+    return [round(meds[int(0.025 * resamples)], 4), round(meds[int(0.975 * resamples) - 1], 4)]
+
+
+def _median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def _ratios(rows: list, key: str) -> dict:
+    """rows: per round {variant: value}. Ratio agent/none and none_again/none."""
+    out = {}
+    for name, (top, bottom) in (("agent_over_none", ("agent", "none")), ("aa_control", ("none_again", "none"))):
+        values = [r[top] / r[bottom] for r in rows if r[bottom]]
+        out[name] = {"median": round(_median(values), 4), "ci95": _bootstrap_median(values), "rounds": len(values)}
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_service(variant: str, work: str, tag: str, prefix=()):
+    port_file = os.path.join(work, f"port-{tag}-{variant}")
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "inventory.server", "--port", "0", "--port-file", port_file],
+                            cwd=DEMO, env=_env(variant, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port_file
+
+
+def _wait_port(proc, port_file: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
     while not os.path.exists(port_file):
-        time.sleep(0.01)
-    time.sleep(0.05)
-    return proc, int(open(port_file).read())
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the demo service ({port_file}) did not start")
+        time.sleep(0.05)
+    with open(port_file) as fh:
+        return int(fh.read())
 
 
-def _throughput(port, threads, seconds):
-    count = [0]
-    stop = time.perf_counter() + seconds
-
-    def run():
-        n = 0
-        while time.perf_counter() < stop:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/quote?sku=widget&qty=2", timeout=5) as r:
-                r.read()
-            n += 1
-        count[0] += n
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    return count[0] / seconds
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def http_overhead(seconds: float, rounds: int, work: str) -> dict:
-    runs = {"none": [], "agent": []}
+def _window(procs, seconds: float) -> None:
+    """Once every process said it is ready, give all one window to work in."""
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit("a measured process did not start")
+    start = time.monotonic() + 0.05
+    for p in procs:
+        p.stdin.write(f"{start} {start + seconds}\n")
+        p.stdin.flush()
+
+
+def http_paired(seconds: float, rounds: int, work: str) -> dict:
+    procs = {v: _start_service(v, work, "paired") for v in VARIANTS}
+    try:
+        ports = {v: _wait_port(p, f, 60) for v, (p, f) in procs.items()}
+        rows_rps, rows_cpu = [], []
+        for r in range(rounds + 1):  # the first round warms up
+            clients = {v: subprocess.Popen([sys.executable, "-c", LOAD, str(ports[v])], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True) for v in VARIANTS}
+            _window(clients.values(), seconds)
+            cpu0 = {v: _cpu_seconds(procs[v][0].pid) for v in VARIANTS}
+            counts = {v: int(c.communicate(timeout=seconds + 60)[0]) for v, c in clients.items()}
+            cpu = {v: _cpu_seconds(procs[v][0].pid) - cpu0[v] for v in VARIANTS}
+            if r and all(counts.values()):
+                rows_rps.append({v: counts[v] / seconds for v in VARIANTS})
+                rows_cpu.append({v: cpu[v] / counts[v] * 1e6 for v in VARIANTS})
+            elif r:
+                print(f"round {r}: a service answered nothing in the window ({counts}); round left out")
+        if not rows_rps:
+            raise SystemExit("no round in which every service answered")
+    finally:
+        for p, _ in procs.values():
+            _stop(p)
+    return {"requests_per_s": {v: round(_median([x[v] for x in rows_rps]), 1) for v in VARIANTS},
+            "service_cpu_us_per_request": {v: round(_median([x[v] for x in rows_cpu]), 1) for v in VARIANTS},
+            "throughput_ratio": _ratios(rows_rps, "rps"), "cpu_per_request_ratio": _ratios(rows_cpu, "cpu"),
+            "seconds_per_round": seconds}
+
+
+def cpu_paired(seconds: float, rounds: int) -> dict:
+    rows = []
     for r in range(rounds):
-        for mode in _order(r):
-            proc, port = _service(os.path.join(work, f"port-{mode}-{r}"), mode == "agent")
-            try:
-                runs[mode].append(_throughput(port, 4, seconds))
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(10)
-    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
-    return {"requests_per_s": {k: summary(v) for k, v in runs.items()},
-            "ratio_agent_over_none": round(med["agent"] / med["none"], 4)}
+        procs = {v: subprocess.Popen([sys.executable, "-c", CPU_WORKLOAD, "agent" if v == "agent" else "none"],
+                                     env=_env("none", ""), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for v in VARIANTS}
+        _window(procs.values(), seconds)
+        rows.append({v: int(p.communicate(timeout=seconds + 60)[0]) / seconds for v, p in procs.items()})
+    return {"iterations_per_s": {v: round(_median([x[v] for x in rows]), 1) for v in VARIANTS},
+            "ratio": _ratios(rows, "it"), "seconds_per_round": seconds,
+            "ratio_agent_over_none": _ratios(rows, "it")["agent_over_none"]["median"]}
+
+
+def _callgrind_total(path: str) -> int:
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("summary:") or line.startswith("totals:"):
+                return int(line.split()[1])
+    raise SystemExit(f"no instruction total in {path}")
+
+
+def http_instructions(batches: int, per_batch: int, work: str) -> dict:
+    """Instructions per request (callgrind's Ir, every thread) of the three
+    services, batch by batch: zero the counters, send the batch, dump."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        return {"skipped": "valgrind is not installed"}
+    out_dir = os.path.join(work, "callgrind")
+    os.makedirs(out_dir)
+    procs = {}
+    for v in VARIANTS:
+        prefix = ("valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={out_dir}/{v}.out")
+        procs[v] = _start_service(v, work, "callgrind", prefix)
+    try:
+        ports = {v: _wait_port(p, f, 900) for v, (p, f) in procs.items()}
+
+        def send(n):
+            clients = [subprocess.Popen([sys.executable, "-c", REQUESTS, str(ports[v]), str(n)]) for v in VARIANTS]
+            for c in clients:
+                if c.wait(timeout=1800) != 0:
+                    raise SystemExit("the callgrind client failed")
+
+        def control(*args):
+            for v in VARIANTS:
+                subprocess.run(["callgrind_control", *args, str(procs[v][0].pid)], check=True, capture_output=True,
+                               timeout=300)
+
+        send(20)  # warm-up: first-request imports, specialised bytecode
+        per_request = {v: [] for v in VARIANTS}
+        for b in range(batches):
+            control("--zero")
+            send(per_batch)
+            control(f"--dump=batch{b}")
+            for v in VARIANTS:
+                dumps = sorted(glob.glob(f"{out_dir}/{v}.out.*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+                per_request[v].append(_callgrind_total(dumps[-1]) / per_batch)
+    finally:
+        for p, _ in procs.values():
+            _stop(p)
+    mean = {v: sum(x) / len(x) for v, x in per_request.items()}
+
+    def difference(top, bottom):
+        diffs = [a - b for a, b in zip(per_request[top], per_request[bottom])]
+        m = sum(diffs) / len(diffs)
+        sd = (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+        half = _T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
+        return {"instructions": round(m), "ci95": [round(m - half), round(m + half)],
+                "percent": round(100 * m / mean[bottom], 4),
+                "percent_ci95": [round(100 * (m - half) / mean[bottom], 4), round(100 * (m + half) / mean[bottom], 4)]}
+    return {"batches": batches, "requests_per_batch": per_batch,
+            "instructions_per_request": {v: round(m) for v, m in mean.items()},
+            "per_batch": {v: [round(x) for x in xs] for v, xs in per_request.items()},
+            "agent_minus_none": difference("agent", "none"), "aa_control": difference("none_again", "none")}
+
+
+# two-sided 95% t quantiles by degrees of freedom
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13, 20: 2.09}
 
 
 def end_to_end(cycles: int, work: str) -> dict:
@@ -113,9 +281,7 @@ def end_to_end(cycles: int, work: str) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "livepatch", "run", "--trust", trust, "--", sys.executable, "-m",
                              "inventory.server", "--port", "0", "--port-file", port_file], cwd=DEMO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists(port_file):
-        time.sleep(0.01)
-    time.sleep(0.3)
+    _wait_port(proc, port_file, 60)
     rows = {"apply_wall_ms": [], "apply_pause_us": [], "apply_in_agent_ms": [], "rollback_wall_ms": [], "rollback_pause_us": []}
     try:
         for _ in range(cycles):
@@ -132,32 +298,53 @@ def end_to_end(cycles: int, work: str) -> dict:
             rows["rollback_wall_ms"].append((time.perf_counter() - t0) * 1000)
             rows["rollback_pause_us"].append(json.loads(out.stdout)[0]["pause_ns"] / 1000)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import livepatch.cli"], check=True)
-    startup_ms = (time.perf_counter() - t0) * 1000
-    return {"cycles": cycles, **{k: summary(v) for k, v in rows.items()}, "cli_interpreter_startup_ms": round(startup_ms, 1)}
+        _stop(proc)
+    return {"cycles": cycles, "cli": "python -m livepatch of the running environment", **{k: summary(v) for k, v in rows.items()}}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, help="paired rounds (default 30)")
+    ap.add_argument("--batches", type=int, help="callgrind batches (default 5)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="lpagent-")
-    seconds, rounds, cycles = (0.5, 2, 3) if args.quick else (3.0, 5, 20)
-    cpu = cpu_overhead(seconds, rounds)
-    print(f"CPU-bound: {cpu['iterations_per_s']['none']['p50']:.1f} it/s without agent, "
-          f"{cpu['iterations_per_s']['agent']['p50']:.1f} with an idle agent (ratio {cpu['ratio_agent_over_none']})")
-    http = http_overhead(seconds, rounds, work)
-    print(f"HTTP demo: {http['requests_per_s']['none']['p50']:.0f} req/s without agent, "
-          f"{http['requests_per_s']['agent']['p50']:.0f} with an idle agent (ratio {http['ratio_agent_over_none']})")
-    e2e = end_to_end(cycles, work)
-    print(f"livepatch apply end to end: p50 {e2e['apply_wall_ms']['p50']:.0f} ms wall (of which agent side "
-          f"{e2e['apply_in_agent_ms']['p50']:.1f} ms, commit pause {e2e['apply_pause_us']['p50']:.0f} us); "
-          f"rollback p50 {e2e['rollback_wall_ms']['p50']:.0f} ms; CLI interpreter start-up {e2e['cli_interpreter_startup_ms']} ms")
-    path = write_result("agent", {"machine": machine(), "params": {"seconds": seconds, "rounds": rounds, "cycles": cycles},
-                                  "idle_cpu": cpu, "idle_http": http, "end_to_end": e2e}, args.quick)
+    seconds, rounds, cycles = (0.5, 2, 3) if args.quick else (2.0, args.rounds or 30, 20)
+    batches, per_batch = args.batches or 5, 40
+    try:
+        if args.quick:
+            instructions = {"skipped": "--quick"}
+        else:
+            instructions = http_instructions(batches, per_batch, work)
+            if "skipped" not in instructions:
+                d, aa = instructions["agent_minus_none"], instructions["aa_control"]
+                print(f"HTTP demo under callgrind: {instructions['instructions_per_request']['none']:,} instructions per "
+                      f"request without an agent, {instructions['instructions_per_request']['agent']:,} with an idle one: "
+                      f"{d['instructions']:+,} ({d['percent']:+.3f}%, 95% CI {d['percent_ci95'][0]:+.3f}% to "
+                      f"{d['percent_ci95'][1]:+.3f}%); A/A control {aa['instructions']:+,} ({aa['percent']:+.3f}%)")
+        http = http_paired(seconds, rounds, work)
+        for what in ("throughput_ratio", "cpu_per_request_ratio"):
+            r = http[what]
+            print(f"HTTP demo, paired ({rounds} rounds of {seconds:g} s), {what}: agent/none "
+                  f"{r['agent_over_none']['median']} (95% CI {r['agent_over_none']['ci95'][0]} to "
+                  f"{r['agent_over_none']['ci95'][1]}); A/A control {r['aa_control']['median']} "
+                  f"(95% CI {r['aa_control']['ci95'][0]} to {r['aa_control']['ci95'][1]})")
+        cpu = cpu_paired(seconds, rounds)
+        r = cpu["ratio"]
+        print(f"CPU-bound, paired: agent/none {r['agent_over_none']['median']} (95% CI {r['agent_over_none']['ci95'][0]} "
+              f"to {r['agent_over_none']['ci95'][1]}); A/A control {r['aa_control']['median']} "
+              f"(95% CI {r['aa_control']['ci95'][0]} to {r['aa_control']['ci95'][1]})")
+        e2e = end_to_end(cycles, work)
+        print(f"livepatch apply on a live service: agent side p50 {e2e['apply_in_agent_ms']['p50']:.1f} ms, commit pause "
+              f"p50 {e2e['apply_pause_us']['p50']:.0f} us (whole command from the editable install p50 "
+              f"{e2e['apply_wall_ms']['p50']:.0f} ms; startup.py measures the installed one)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = write_result("agent", {"machine": machine(), "params": {"seconds": seconds, "rounds": rounds, "cycles": cycles,
+                                                                   "batches": batches, "requests_per_batch": per_batch},
+                                  "idle_http_instructions": instructions, "idle_http": http, "idle_cpu": cpu,
+                                  "end_to_end": e2e, "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+                        args.quick)
     print("results:", path)
 
 

@@ -1,4 +1,9 @@
-"""What the agent costs a process at start, measured side by side:
+"""What the agent costs a process at start, and what a `livepatch`
+command costs from start to exit, measured side by side in the package as a
+user has it: a wheel built from this checkout, installed (not editable) in
+a private virtual environment (benchmarks/installed.py; an editable
+install's finder runs at every start and costs more than most of what is
+measured here):
 
 * start to main: wall time from just before the interpreter is started to
   the first statement of `__main__` (CLOCK_MONOTONIC is one clock for every
@@ -12,11 +17,19 @@
   identical except that one has livepatch-autostart.pth in site-packages,
   started alternately (plus an A/A pair), and the cost of processing that
   one line in-process (site.addpackage: open, read, exec);
-* the CLI: `livepatch status PID` against a live agent, its wall time split
-  at the first statement of main and at the connect to the agent (an audit
-  hook on socket.connect) into interpreter, imports and argument parsing,
-  the request, and exit; twice (A/A) and, with --baseline REV, as the code
-  was at REV; plus the modules it imports (-X importtime).
+* the commands end to end: the installed `livepatch` console script
+  running `status PID`, `apply PID BUNDLE` (a signed bundle for the HTTP
+  demo service, which the agent verifies) and `rollback PID` against a live
+  service, from just before the process is started to its exit, wall and
+  CPU time, alternating with a bare interpreter of the same environment
+  (the floor) and `status` again (an A/A control); and the first
+  `status` a freshly started agent answers (it loads its request handling
+  then);
+* the CLI split: `livepatch status PID` against a live agent, its wall time
+  split at the first statement of main and at the connect to the agent (an
+  audit hook on socket.connect) into interpreter, imports and argument
+  parsing, the request, and exit; twice (A/A) and, with --baseline REV, as
+  the code was at REV; plus the modules it imports (-X importtime).
 
 With `--baseline REV` the package as it was at git revision REV (livepatch/
 and agent/, laid out as installed) is put first on PYTHONPATH for an extra
@@ -39,10 +52,16 @@ import time
 import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import installed  # noqa: E402
 from common import machine, summary, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(ROOT, "livepatch-autostart.pth")
+DEMO = os.path.join(ROOT, "demo_apps", "http_api")
+PATCHES = os.path.join(DEMO, "patches")
+# the installed environment's interpreter and console script (set in main)
+PYTHON = sys.executable
+LIVEPATCH = None
 MAIN = "import time; print(time.monotonic_ns())"
 
 
@@ -109,10 +128,10 @@ def _agent_env(state_dir: str, **extra) -> dict:
 
 def agent_start(rounds: int, state_dir: str, baseline: str | None = None) -> dict:
     plain = _clean_env()
-    modes = {"plain": (sys.executable, plain), "plain_again": (sys.executable, plain),
-             "agent": (sys.executable, _agent_env(state_dir))}
+    modes = {"plain": (PYTHON, plain), "plain_again": (PYTHON, plain),
+             "agent": (PYTHON, _agent_env(state_dir))}
     if baseline:
-        modes["agent_baseline"] = (sys.executable, _agent_env(state_dir, PYTHONPATH=baseline))
+        modes["agent_baseline"] = (PYTHON, _agent_env(state_dir, PYTHONPATH=baseline))
     runs = _alternate(modes, rounds)
     out = _report(runs, "plain", "plain_again", "agent")
     if baseline:
@@ -124,7 +143,7 @@ def agent_start(rounds: int, state_dir: str, baseline: str | None = None) -> dic
 
 
 def _imports(env: dict, code: str = "pass", args=()) -> tuple[list, int]:
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args], env=env, capture_output=True,
+    out = subprocess.run([PYTHON, "-X", "importtime", "-c", code, *args], env=env, capture_output=True,
                          text=True, timeout=60, cwd="/")
     modules, agent_us = [], 0
     for line in out.stderr.splitlines():
@@ -174,7 +193,7 @@ _CLI_PARTS = ("interpreter_ms", "imports_and_parsing_ms", "request_ms", "exit_ms
 def _cli_once(env: dict, pid: int) -> tuple:
     cpu0 = _children_cpu_ms()
     t0 = time.monotonic_ns()
-    out = subprocess.run([sys.executable, "-c", CLI_TIMED, "status", str(pid)], env=env, capture_output=True,
+    out = subprocess.run([PYTHON, "-c", CLI_TIMED, "status", str(pid)], env=env, capture_output=True,
                          text=True, timeout=60, cwd="/")
     t_end = time.monotonic_ns()
     cpu = _children_cpu_ms() - cpu0
@@ -189,7 +208,7 @@ def _cli_once(env: dict, pid: int) -> tuple:
 def _service(state_dir: str):
     """A process with an agent, for the CLI to ask."""
     env = _agent_env(state_dir, LIVEPATCH_ALLOW_UNSIGNED="1", LIVEPATCH_NAME="startup-bench-cli")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"], env=env,
+    proc = subprocess.Popen([PYTHON, "-c", "import sys; print('up', flush=True); sys.stdin.read()"], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd="/")
     if proc.stdout.readline().strip() != "up":
         raise SystemExit("the service for the CLI measurement did not start")
@@ -232,6 +251,106 @@ def cli_status(rounds: int, state_dir: str, baseline: str | None = None) -> dict
     finally:
         service.stdin.close()
         service.wait(timeout=30)
+
+
+def _timed(argv: list, env: dict, expect: int = 0) -> tuple[float, float]:
+    """Wall time from just before the process starts to its exit, and its CPU time."""
+    cpu0 = _children_cpu_ms()
+    t0 = time.perf_counter()
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    wall = (time.perf_counter() - t0) * 1e3
+    if out.returncode != expect:
+        raise SystemExit(f"{' '.join(argv[:3])} ... exited {out.returncode}: {(out.stderr or out.stdout).strip()[-500:]}")
+    return wall, _children_cpu_ms() - cpu0
+
+
+def _signed_bundle(work: str) -> tuple[str, str]:
+    """A signed bundle of the HTTP demo's path-traversal fix, and the trust
+    directory holding its key (made with the installed command)."""
+    key, trust, bundle = os.path.join(work, "ops"), os.path.join(work, "trust"), os.path.join(work, "fix.lpb")
+    env = _clean_env()
+    subprocess.run([LIVEPATCH, "keygen", key], check=True, capture_output=True, env=env)
+    os.mkdir(trust, 0o700)
+    os.replace(key + ".pub", os.path.join(trust, "ops.pub"))
+    subprocess.run([LIVEPATCH, "build", os.path.join(PATCHES, "baseline"), os.path.join(PATCHES, "fix-path-traversal"),
+                    "-o", bundle, "--id", "HP-STARTUP", "--key", key + ".key"], check=True, capture_output=True, env=env)
+    return bundle, trust
+
+
+def _demo_service(work: str, trust: str, tag: str):
+    """The HTTP demo under the installed agent (LIVEPATCH_AUTOSTART, as
+    `livepatch run` starts it), listening."""
+    port_file = os.path.join(work, f"port-{tag}")
+    env = _agent_env(os.path.join(work, f"state-{tag}"), LIVEPATCH_TRUST=trust, LIVEPATCH_NAME=f"startup-{tag}")
+    proc = subprocess.Popen([PYTHON, "-m", "inventory.server", "--port", "0", "--port-file", port_file], cwd=DEMO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(port_file):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the demo service did not start")
+        time.sleep(0.01)
+    return proc  # the agent listened before main ran (autostart), so before the port file
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+_COMMANDS = ("bare_interpreter", "status", "status_again", "apply", "rollback")
+
+
+def commands_end_to_end(rounds: int, work: str, fresh: int) -> dict:
+    """The installed console script: status, apply and rollback against the
+    live demo service, alternating with a bare interpreter and an A/A
+    status; then the first status of `fresh` newly started agents."""
+    bundle, trust = _signed_bundle(work)
+    env = _clean_env()
+    proc = _demo_service(work, trust, "e2e")
+    pid = str(proc.pid)
+    argv = {"bare_interpreter": [PYTHON, "-c", "pass"], "status": [LIVEPATCH, "status", pid],
+            "status_again": [LIVEPATCH, "status", pid], "apply": [LIVEPATCH, "apply", pid, bundle],
+            "rollback": [LIVEPATCH, "rollback", pid]}
+    # apply and rollback stay a pair (the service is back at its baseline after each)
+    units = [("bare_interpreter",), ("status",), ("status_again",), ("apply", "rollback")]
+    runs = {n: [] for n in _COMMANDS}
+    try:
+        for r in range(rounds + 2):  # two rounds of warm-up
+            k = r % len(units)
+            for unit in units[k:] + units[:k]:
+                for name in unit:
+                    sample = _timed(argv[name], env)
+                    if r >= 2:
+                        runs[name].append(sample)
+        out = {}
+        for i, what in enumerate(("wall_ms", "process_cpu_ms")):
+            values = {n: [round(x[i], 3) for x in v] for n, v in runs.items()}
+            med = {n: _median(v) for n, v in values.items()}
+            out[what] = {n: summary(v) for n, v in values.items()}
+            out[what]["aa_control_median_diff_ms"] = round(med["status_again"] - med["status"], 3)
+            out[what]["over_bare_interpreter_median_ms"] = {n: round(med[n] - med["bare_interpreter"], 3)
+                                                           for n in _COMMANDS[1:]}
+    finally:
+        _stop(proc)
+    first, second = [], []
+    for i in range(fresh):
+        proc = _demo_service(work, trust, f"fresh-{i}")
+        try:
+            pid = str(proc.pid)
+            first.append(_timed([LIVEPATCH, "status", pid], env)[0])
+            second.append(_timed([LIVEPATCH, "status", pid], env)[0])
+        finally:
+            _stop(proc)
+    out["fresh_agent"] = {"agents": fresh,
+                          "first_status_wall_ms": summary([round(x, 3) for x in first]),
+                          "next_status_wall_ms": summary([round(x, 3) for x in second])}
+    out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    return out
 
 
 def baseline_tree(rev: str, work: str) -> str:
@@ -288,8 +407,12 @@ def main():
     rounds = args.rounds or (3 if args.quick else 60)
     if os.environ.get("LIVEPATCH_AUTOSTART") == "1":
         os.environ.pop("LIVEPATCH_AUTOSTART")
+    global PYTHON, LIVEPATCH
     work = tempfile.mkdtemp(prefix="lpstartup-")
     try:
+        install = installed.install(os.path.join(work, "installed"))
+        PYTHON, LIVEPATCH = install["python"], install["livepatch"]
+        print(f"measuring {install['wheel']} installed in {install['venv']}")
         state_dir = os.path.join(work, "state")
         baseline = baseline_tree(args.baseline, work) if args.baseline else None
         start = agent_start(rounds, state_dir, baseline)
@@ -302,6 +425,15 @@ def main():
         print(f"modules at start: {mods['modules_without_agent']} without, {mods['modules_with_agent']} with the "
               f"agent (+{mods['modules_added']})"
               + (f"; at {args.baseline}: +{mods['baseline']['modules_added']}" if baseline else ""))
+        e2e = commands_end_to_end(rounds, work, 3 if args.quick else 10)
+        for name in _COMMANDS:
+            w, c = e2e["wall_ms"][name], e2e["process_cpu_ms"][name]
+            extra = "" if name == "bare_interpreter" else \
+                f" ({e2e['wall_ms']['over_bare_interpreter_median_ms'][name]:+.1f} ms over a bare interpreter)"
+            print(f"{name}: wall p50 {w['p50']:.1f} ms, p99 {w['p99']:.1f} ms{extra}; CPU time p50 {c['p50']:.1f} ms")
+        print(f"status A/A control: {e2e['wall_ms']['aa_control_median_diff_ms']:+.1f} ms wall; first status of a "
+              f"fresh agent p50 {e2e['fresh_agent']['first_status_wall_ms']['p50']:.1f} ms, the next "
+              f"{e2e['fresh_agent']['next_status_wall_ms']['p50']:.1f} ms; load average {e2e['load_average_1min_at_end']}")
         cli = cli_status(rounds, state_dir, baseline)
         for part in _CLI_PARTS:
             r = cli[part]
@@ -318,8 +450,10 @@ def main():
               f"{pth['process_cpu_ms']['aa_control_median_diff_ms']:+.2f} ms)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    install.pop("python"), install.pop("livepatch")
     path = write_result("startup", {"machine": machine(), "params": {"rounds": rounds, "baseline": args.baseline},
-                                    "agent_start": start, "imports": mods, "cli_status": cli,
+                                    "installed": install, "agent_start": start, "imports": mods,
+                                    "commands_end_to_end": e2e, "cli_status": cli,
                                     "pth_check_unset": pth}, args.quick)
     print("results:", path)
 
