@@ -236,7 +236,7 @@ def _located(problem: dict, files: dict) -> Problem:
 def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str = "", description: str = "",
           references=(), classification: str = "bugfix", requires=(), cumulative: bool = False,
           name: str | None = None, version: str | None = None, allow=(), allow_active=(),
-          private_key=None, sequence: int = 1, lineage: str | None = None) -> tuple[bytes, dict]:
+          private_key=None, sequence: int = 1, lineage: str | None = None, hooks: str | None = None) -> tuple[bytes, dict]:
     """Build a bundle; returns (bundle bytes, summary). Raises BuildRefused
     listing every refused change (nothing is written then). `sequence`
     orders the bundles of one baseline (a later bundle needs a higher one),
@@ -250,6 +250,7 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
         raise BuildRefused(f"--allow {bad[0]}: only {', '.join(OVERRIDABLE)} can be overridden")
     if cumulative and requires:
         raise BuildRefused("--requires and --cumulative exclude each other")
+    hooks_source = _hooks_source(hooks)
     base_tree = _tree(baseline, "baseline", follow_top_packages=True)  # may link to the deployed release
     new_tree = _tree(patched, "patched")
     runners = [interpreter(p) for p in pythons] or [(None, PYTHON_TAG)]
@@ -385,6 +386,9 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     }
     if ignored:
         manifest["ignored"] = [p.to_dict() for p in ignored]
+    if hooks_source is not None:  # signed with the manifest like the code; run only at apply time
+        payloads[fmt.HOOKS_PAYLOAD] = hooks_source[0].encode()
+        manifest["hooks"] = {"file": os.path.basename(hooks), "payload": fmt.HOOKS_PAYLOAD, "functions": hooks_source[1]}
     if lineage is not None:
         manifest["lineage"] = lineage
     try:  # the builder never emits what the loader refuses
@@ -409,6 +413,16 @@ def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
         if name in globals_:
             globals_[name].update(fields)
     return bool(entries)
+
+
+def _hooks_source(path):
+    if path is None:
+        return None
+    from .hooks import read_source
+    try:
+        return read_source(path)
+    except ValueError as exc:
+        raise BuildRefused(str(exc)) from None
 
 
 def _same_file(base_tree, new_tree, base_rel: str, rel: str) -> bool:
@@ -459,6 +473,7 @@ def summary(manifest: dict) -> dict:
         "new_globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
         "overridden": manifest["overrides"],
         "ignored": manifest.get("ignored", []),
+        "hooks": manifest.get("hooks", {}).get("functions", []),
         "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
         "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }

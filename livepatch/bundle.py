@@ -48,7 +48,8 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _QUALNAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|<locals>|<lambda>)(\.([A-Za-z_][A-Za-z0-9_]*|<locals>|<lambda>))*$")
 _TAG = re.compile(r"^[a-z]+-3[0-9]{1,2}$")
-_PAYLOAD = re.compile(r"^(code/[a-z]+-3[0-9]{1,2}|source|baseline)/[A-Za-z_][A-Za-z0-9_.]*$")
+_PAYLOAD = re.compile(r"^(code/[a-z]+-3[0-9]{1,2}|source|baseline|hooks)/[A-Za-z_][A-Za-z0-9_.]*$")
+HOOKS_PAYLOAD = "hooks/module"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEXFP = re.compile(r"^[0-9a-f]{16,128}$")
 _REF = re.compile(r"^((defaults|kwdefaults):[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z0-9_]+|alias:[A-Za-z_][A-Za-z0-9_.]*)$")
@@ -374,7 +375,12 @@ _SCHEMA = _object({
     "lineage": _text(128, _ID),
     # what the release changed that never runs (docs/bundle-format.md#ignored)
     "ignored": _list(_object({"category": _text(64), "target": _text(600), "message": _text()}), MAX_TARGETS),
-}, optional=("sequence", "lineage", "ignored"))
+    # migration hooks run around apply and rollback (docs/bundle-format.md#hooks)
+    "hooks": _object({"file": _text(1024), "payload": _choice((HOOKS_PAYLOAD,)),
+                      "functions": _list(_choice(("pre_apply", "post_apply", "pre_rollback", "post_rollback")), 4, unique=True)}),
+    # the --only patterns a build selected with, and what they left out
+    "selection": _object({"only": _list(_text(512), 64, unique=True), "left_out": _list(_text(600), MAX_TARGETS)}),
+}, optional=("sequence", "lineage", "ignored", "hooks", "selection"))
 
 
 def validate(manifest: dict) -> None:
@@ -409,6 +415,8 @@ def validate(manifest: dict) -> None:
         for key in ("source", "baseline"):
             if module[key] not in manifest["payloads"]:
                 _fail(f"modules.{name}.{key}", "not listed in payloads")
+    if "hooks" in manifest and manifest["hooks"]["payload"] not in manifest["payloads"]:
+        _fail("hooks.payload", "not listed in payloads")
 
 
 # ---------------------------------------------------------------- loading
@@ -515,7 +523,7 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
             from .values import manifest_value
             filename = _patched_file(bundle, module_name)
             new_globals[g["name"]] = manifest_value(g, f"globals[{i}]", filename, _fail,
-                                                    _literal(g.get("value"), f"globals[{i}].value"))
+                                                    _literal(g.get("value"), f"globals[{i}].value"), new_globals)
             if module_name in m["modules"]:  # tracebacks show the patched lines
                 sources[filename] = bundle.payloads[m["modules"][module_name]["source"]].decode("utf-8", "replace")
         elif g["kind"] == "import":
@@ -533,7 +541,20 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
     metadata = {k: m[k] for k in ("title", "classification", "references", "baseline", "created")}
     metadata.update(signed_by=bundle.signed_by, **ordering(m), bundle_sha256=digest(bundle))
     return Patch(m["id"], changes, cumulative=m["cumulative"], new_globals=new_globals,
-                 requires=tuple(m["requires"]), sources=sources, metadata=metadata)
+                 requires=tuple(m["requires"]), sources=sources, metadata=metadata, hooks=_hooks(bundle))
+
+
+def _hooks(bundle: Bundle):
+    """The bundle's migration hooks, compiled (not run), or None."""
+    entry = bundle.manifest.get("hooks")
+    if entry is None:
+        return None
+    from .hooks import BundleHooks
+    try:
+        source = bundle.payloads[entry["payload"]].decode("utf-8")
+        return BundleHooks(bundle.id, source, entry["functions"])
+    except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
+        _fail("hooks.payload", "not a Python module this interpreter compiles")
 
 
 _ABSENT = object()

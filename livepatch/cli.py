@@ -141,7 +141,7 @@ def cmd_build(args):
                               classification=args.classification, requires=args.requires or (),
                               cumulative=args.cumulative, name=args.name, version=args.version,
                               allow=args.allow or (), allow_active=args.allow_active or (), private_key=key,
-                              sequence=args.sequence or 1, lineage=args.lineage)
+                              sequence=args.sequence or 1, lineage=args.lineage, hooks=args.hooks)
     except UnknownInterpreter as exc:
         raise CliError(str(exc).splitlines()[0], EXIT_USAGE, exc.to_dict()) from None
     except BuildError as exc:
@@ -179,6 +179,8 @@ def cmd_build(args):
             lines.append(f"  new globals: {', '.join(s['new_globals'])}")
         for o in s["overridden"]:
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        if s.get("hooks"):
+            lines.append(f"  hooks: {', '.join(s['hooks'])} (run around apply and rollback, never by the build)")
         for i in s.get("ignored", ()):
             lines.append(f"  ignored [{i['category'].partition(':')[2]}] {i['target']}: {i['message']}")
         for skipped in s.get("skipped", ()):
@@ -509,6 +511,8 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="orders the bundles of one baseline: a later bundle needs a higher N (default 1)")
     p.add_argument("--lineage", type=_lineage, metavar="NAME",
                    help="the family of successive versions of one fix (e.g. HP-DOCS for HP-DOCS-1, HP-DOCS-2)")
+    p.add_argument("--hooks", metavar="FILE", help="a module of state migration hooks (pre_apply, post_apply, "
+                   "pre_rollback, post_rollback) carried and signed in the bundle; never run by the build")
 
     p = command("authorize-rollback", cmd_authorize_rollback,
                 "sign a document that lets agents roll back one security or critical patch")

@@ -49,3 +49,4 @@ class Patch:
     requires: Sequence[str] = ()
     sources: Mapping[str, str] | None = None
     metadata: Mapping[str, object] = field(default_factory=dict)
+    hooks: object = None  # hooks.BundleHooks run around apply and rollback, or None

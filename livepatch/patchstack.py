@@ -88,6 +88,7 @@ class AppliedPatch:
     pending: frozenset = frozenset()  # modules whose part waits for their import
     refused: dict = field(default_factory=dict)  # module -> why its part was refused at import
     sources: dict = field(default_factory=dict)  # filename -> its linecache entry, there while in effect
+    hooks: object = None  # the patch's migration hooks (livepatch.hooks), run by its rollback
 
     @property
     def targets(self) -> list[str]:
@@ -220,7 +221,14 @@ class Engine:
     # ---------------------------------------------------------------- apply
     def apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False, cancelled=None) -> Result:
         """`cancelled()`, if given, is asked between attempts: true abandons
-        the apply before any store (Cancelled, recorded as "cancelled")."""
+        the apply before any store (Cancelled, recorded as "cancelled").
+        A patch with hooks runs them around the commit (livepatch.hooks)."""
+        if getattr(patch, "hooks", None) is None:
+            return self._apply(patch, timeout=timeout, force=force, cancelled=cancelled)
+        from .hooks import around_apply
+        return around_apply(self, patch, timeout=timeout, force=force, cancelled=cancelled)
+
+    def _apply(self, patch: Patch, *, timeout: float = 5.0, force: bool = False, cancelled=None) -> Result:
         require_supported_runtime()
         self._check_shape(patch)
         try:
@@ -248,6 +256,7 @@ class Engine:
             applied.cumulative = patch.cumulative
             applied.requires = tuple(patch.requires)
             applied.metadata = dict(patch.metadata or {})
+            applied.hooks = getattr(patch, "hooks", None)
             applied.parts, applied.pending = parts, frozenset(pending)
             result.pending = targets_by_module(parts, pending)
             if patch.cumulative:
@@ -474,6 +483,17 @@ class Engine:
     # --------------------------------------------------------------- rollback
     def rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False,
                  cancelled=None) -> Result:
+        """The patch's hooks, if it has any, run around it (livepatch.hooks)."""
+        stack = self._stack
+        target = next((p for p in stack if p.id == patch_id), None) if patch_id is not None else \
+            (stack[-1] if stack else None)
+        if target is None or target.hooks is None:
+            return self._rollback(patch_id, timeout=timeout, force=force, cancelled=cancelled)
+        from .hooks import around_rollback
+        return around_rollback(self, target.hooks, target.id, timeout=timeout, force=force, cancelled=cancelled)
+
+    def _rollback(self, patch_id: str | None = None, *, timeout: float = 5.0, force: bool = False,
+                  cancelled=None) -> Result:
         require_supported_runtime()
         with self._exclusive():
             target = None
