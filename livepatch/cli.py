@@ -368,19 +368,27 @@ def cmd_inspect(args):
     from .signing import SignatureError
     if args.trust:
         trust_path("--trust", args.trust)
+    problem = None
     try:
         bundle = _read_bundle(args.bundle, args.trust, allow_unsigned=args.trust is None)
-        signature = ("signed by trusted key " + bundle.signed_by) if bundle.signed_by else None
     except CliError as exc:
         if exc.details.get("error") != SignatureError.__name__:
             raise
         bundle = _read_bundle(args.bundle, None, allow_unsigned=True)
-        signature = f"SIGNATURE NOT VALID: {exc}"
+        problem = str(exc)
     from .bundle import source_diffs
     m = bundle.manifest
     sig = bundle.signature
-    if signature is None:
-        signature = f"signed by key {sig['key_id']} (not checked: give --trust)" if sig else "UNSIGNED"
+    # checked: against --trust; valid: None when not checked
+    signature = {"signed": sig is not None, "key_id": sig["key_id"] if sig else None, "checked": args.trust is not None,
+                 "valid": (problem is None and bool(bundle.signed_by)) if args.trust is not None else None,
+                 "problem": problem}
+    if problem:
+        signature_text = f"SIGNATURE NOT VALID: {problem}"
+    elif bundle.signed_by:
+        signature_text = "signed by trusted key " + bundle.signed_by
+    else:
+        signature_text = f"signed by key {sig['key_id']} (not checked: give --trust)" if sig else "UNSIGNED"
     out = {"manifest": m, "signature": signature, "diffs": source_diffs(bundle)}
 
     def human(d):
@@ -390,7 +398,7 @@ def cmd_inspect(args):
                  f"sequence {m.get('sequence', '0 (made before bundles were ordered)')}"
                  + (f" in lineage {m['lineage']}" if m.get("lineage") else ""),
                  f"  {'cumulative' if m['cumulative'] else 'requires ' + (', '.join(m['requires']) or 'nothing')}",
-                 f"  {d['signature']}", ""]
+                 f"  {signature_text}", ""]
         rows = [{"target": t["target"], "kind": t["kind"], "line": f"{t['file']}:{t['line']}",
                  "baseline": next(iter(t["code"].values()))["baseline"][:12],
                  "patched": next(iter(t["code"].values()))["patched"][:12]} for t in m["targets"]]

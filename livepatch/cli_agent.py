@@ -371,7 +371,7 @@ def cmd_trust_reload(args):
                 raise
             failed.append((pid, exc))
     _emit(args, {"reloaded": {str(p): r for p, r in results.items()},
-                 "failed": {str(p): str(e) for p, e in failed}},
+                 "failed": {str(p): e.to_json()["error"] for p, e in failed}},
           lambda d: "\n".join([f"process {p}: {_reloaded_line(r)}" for p, r in results.items()]
                               + [f"process {p}: not reloaded: {e}" for p, e in failed]))
     if failed:
