@@ -12,11 +12,11 @@ from live import cli
 from repo_fixtures import App, build, served, unique_name
 
 from livepatch import publish, tree
-from livepatch.catalog import CatalogEntry
-from livepatch.signing import load_private
 from livepatch.assess import assess
+from livepatch.catalog import CatalogEntry
 from livepatch.install import install
 from livepatch.repository import Repository, RepositoryError
+from livepatch.signing import load_private
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def _repository(tmp_path, keys, name):
                build(tmp_path, keys, "core2", "HP-CORE-2", name, classification="security", lineage="CORE",
                      sequence=2),
                build(tmp_path, keys, "lazy", "HP-LAZY", name, classification="bugfix", sequence=3),
-               build(tmp_path, keys, "core", "HP-OTHER", "shop", "9.9", classification="security")]
+               build(tmp_path, keys, "lazy", "HP-OTHER", "shop", "9.9", classification="bugfix")]
     release = CatalogEntry(id="REL-1.1", kind="baseline", classification="security",
                            baseline={"name": name, "version": "1.0"}, references=("CVE-2026-1",), fixed_in="1.1")
     publish.add(str(repo), load_private(keys["key"]), bundles=bundles, releases=[release])
@@ -92,9 +92,8 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
         (sa,) = result.assessments
         assert {s["HP-CORE-2"] for s in sa.processes.values()} == {"installed"}
         assert {s["HP-LAZY"] for s in sa.processes.values()} == {"pending-import"}
-        r = cli("install", name, "--repo", url, "--trust", keys["trust"], "--cache-dir", cache, "--include", "HP-LAZY")
-        assert r.returncode == 0, r.stderr
-        assert "HP-LAZY" in r.stdout and "installed" in r.stdout
+        result = install(repository, [tree.by_name(name)], include=["HP-LAZY"])
+        assert [(o.patch_id, o.outcome) for o in result.services[0].outcomes] == [("HP-LAZY", "installed")]
     app.import_lazy()  # the pending fix is committed as the module is imported
     app.wait_answers("fixed-2 lazy-fixed")
     # status and ps name the release the processes run
@@ -102,10 +101,10 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
     assert r.returncode == 0 and r.stdout.count(f"{name} 1.0") == len(app.pids), r.stdout
 
 
-def test_install_refuses_other_releases_and_tampered_bundles_changing_nothing(tmp_path, keys, apps):
+def test_install_refuses_other_releases_and_tampered_bundles_then_canary_first(tmp_path, keys, apps):
     name = unique_name()
     repo, bundles = _repository(tmp_path, keys, name)
-    app = App(tmp_path, keys, name, workers=1, declare=False, installed="1.0")
+    app = App(tmp_path, keys, name, workers=2, declare=False, installed="1.0")
     apps.append(app)
     repository = Repository(str(repo), trusted_keys=keys["trust"], cache_dir=str(tmp_path / "cache"))
     svc = tree.by_name(name)
@@ -124,9 +123,8 @@ def test_install_refuses_other_releases_and_tampered_bundles_changing_nothing(tm
 
     # a bundle changed in the repository: refused, reported, nothing applied anywhere
     path = repo / "bundles" / "HP-CORE-2.lpb"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    good = path.read_bytes()
+    path.write_bytes(good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 1]) + good[len(good) // 2 + 1:])
     fresh = Repository(str(repo), trusted_keys=keys["trust"], cache_dir=str(tmp_path / "fresh-cache"))
     with pytest.raises(RepositoryError, match="HP-CORE-2 .* does not match its catalog entry"):
         install(fresh, [svc], classifications=["security"])
@@ -135,28 +133,14 @@ def test_install_refuses_other_releases_and_tampered_bundles_changing_nothing(tm
     assert set(app.answers().values()) == {"old"}
     assert all(not m.applied for m in tree.by_name(name).members)
 
-    # status reports what the process runs, also when a bundle for another release is applied by hand
-    r = cli("apply", str(app.pid), bundles["other"], "--json")
-    assert r.returncode == 0, r.stderr
-    r = cli("status", str(app.pid), "--json")
-    status = json.loads(r.stdout)
-    assert status["baseline"] == {"name": name, "version": "1.0", "source": "metadata"}
-    assert status["applied"][0]["metadata"]["baseline"] == {"name": "shop", "version": "9.9"}
-
-
-def test_canary_goes_first(tmp_path, keys, apps):
-    name = unique_name()
-    repo, _ = _repository(tmp_path, keys, name)
-    app = App(tmp_path, keys, name, workers=2)
-    apps.append(app)
-    repository = Repository(str(repo), trusted_keys=keys["trust"], cache_dir=str(tmp_path / "cache"))
+    # canary: one worker has the fix before any other process gets it
+    path.write_bytes(good)
     seen = []
 
     def on_event(event):
         if event["event"] == "canary":
             answers = app.wait_answers_of(event["pid"], "fixed-2")
             seen.append((event["pid"], sorted(a for p, a in answers.items() if p != event["pid"])))
-        return None
 
     result = install(repository, [tree.by_name(name)], include=["HP-CORE-2"], canary=True, on_event=on_event)
     assert result.exit_code == 0, result.to_json()
@@ -164,3 +148,10 @@ def test_canary_goes_first(tmp_path, keys, apps):
     workers = [m.pid for m in tree.by_name(name).members if m.role == "worker"]
     assert canary in workers and others == ["old", "old"]  # the master and the other worker waited
     app.wait_answers("fixed-2")
+
+    # status reports what the process runs, also when a bundle for another release is applied by hand
+    r = cli("apply", str(app.pid), bundles["other"], "--json")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(cli("status", str(app.pid), "--json").stdout)
+    assert status["baseline"] == {"name": name, "version": "1.0", "source": "metadata"}
+    assert status["applied"][-1]["metadata"]["baseline"] == {"name": "shop", "version": "9.9"}
