@@ -2,7 +2,7 @@
 PYTHONS ?= 3.11 3.12 3.13
 PY ?= 3.11
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test bench bench-quick corpus clean
 .venv-%/.ready: pyproject.toml setup.py livepatch-autostart.pth
 	@py=$$(sh scripts/find-python $*) && rm -rf .venv-$* && $$py -m venv .venv-$* \
 	  && .venv-$*/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' \
@@ -31,6 +31,10 @@ bench: .venv-$(PY)/.ready
 
 bench-quick: .venv-$(PY)/.ready
 	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py --quick; done
+
+# real security releases built from their wheels and applied live (needs PyPI; not part of test or bench)
+corpus: .venv-$(PY)/.ready
+	.venv-$(PY)/bin/python benchmarks/corpus.py
 
 clean:
 	rm -rf .venv-* *.egg-info
