@@ -536,7 +536,7 @@ def test_dry_run_and_bad_input(service, bundle, tmp_path):
     r = cli("apply", "no-such-service-" + uuid.uuid4().hex[:6], bundle)
     assert r.returncode == 5 and r.stderr.count("\n") == 1 and "no live agent belongs to a service" in r.stderr
     r = cli("status", "not-a-pid", "--tree")
-    assert r.returncode == 5 and "--tree needs a PID" in r.stderr
+    assert r.returncode == 2 and "--tree needs a PID" in r.stderr  # a usage error
     tampered = tmp_path / "tampered.lpb"
     data = bytearray(open(bundle, "rb").read())
     data[len(data) // 2] ^= 0xFF
