@@ -271,7 +271,8 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
             if defs.inside_new_class(qualname, base_defs, new_defs):
                 continue  # defined by the new class's definition
             lit = _literal_defaults(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else (None, None)
-            if isinstance(node, ast.ClassDef) or (node is not None and node.decorator_list) or lit is None:
+            if isinstance(node, ast.ClassDef) or (node is not None and node.decorator_list) or lit is None \
+                    or news[0].co_freevars:  # zero-argument super() needs the class cell a definition makes
                 defs.add_definition(diff, qualname, node)  # executed at apply time
                 continue
             diff.new_functions.append((qualname, news[0], *lit))
@@ -373,9 +374,6 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
         new_globals[f"{module_name}:{name}"] = value
     defs.exact_sources(diff, new_source)
     from .values import diff_globals
-    new_globals.update(diff_globals(diff, module_name, new_filename))  # made at apply time
-    defs.exact_sources(diff, new_source)
-    from .values import diff_globals
-    new_globals.update(diff_globals(diff, module_name, new_filename))  # made at apply time
+    new_globals.update(diff_globals(diff, module_name, new_filename, new_globals))  # made at apply time
     return Patch(patch_id, changes, cumulative=cumulative, new_globals=new_globals, requires=tuple(requires),
                  sources={new_filename: new_source})

@@ -151,26 +151,72 @@ def _functions_of(value) -> list:
     return found
 
 
-def _class_namespace(module, qualname: str):
-    """(globals, locals) an assignment or definition at `qualname` ran in."""
-    owner_path = qualname.rpartition(".")[0]
+def _owner(module, owner_path: str):
+    """The class at `owner_path` in `module`, or None for the module itself."""
     if not owner_path:
-        return module.__dict__, None
+        return None
     owner = _resolve(module, owner_path)
     if not isinstance(owner, type):
         raise LookupError(f"{owner_path!r} is not a class in {module.__name__!r}")
-    return module.__dict__, dict(vars(owner))
+    return owner
 
 
-def evaluate(module, qualname: str, expression: str, filename: str, line: int, refs=()) -> Recomputed:
+class _Namespace(dict):
+    """The local namespace code made at apply time runs in: a class's
+    attributes for code of a class body, then the names the same patch
+    binds in the module (a new import, function, class or value), as they
+    will be once it commits; then the module's globals, as for any code."""
+
+    __slots__ = ("lookup",)
+
+    def __missing__(self, name):
+        return self.lookup(name)
+
+
+def _siblings(module, scope: str, bundled, making: set):
+    """lookup(name) -> the value the patch binds to `name` (in class `scope`
+    first), made now if it is made at commit (each once); KeyError if the
+    patch binds no such name."""
+    from .pending import AtImport
+
+    def lookup(name):
+        for key in ([f"{module.__name__}:{scope}.{name}"] if scope else []) + [f"{module.__name__}:{name}"]:
+            value = (bundled or {}).get(key, _ABSENT)
+            if value is _ABSENT or key in making:
+                continue
+            if isinstance(value, AtImport):
+                making.add(key)
+                try:
+                    value = value.make(module)
+                finally:
+                    making.discard(key)
+            return value.value if isinstance(value, Recomputed) else value
+        raise KeyError(name)
+    return lookup
+
+
+_ABSENT = object()
+
+
+def _namespace(module, scope: str, bundled, making, start=()) -> _Namespace:
+    ns = _Namespace(start)
+    ns.lookup = _siblings(module, scope, bundled, making)
+    return ns
+
+
+def evaluate(module, qualname: str, expression: str, filename: str, line: int, refs=(), bundled=None,
+             making=None) -> Recomputed:
     """The value of `expression` as the assignment to `qualname` computes
     it: module globals, and the class namespace for a class attribute."""
     import ast
     tree = ast.parse(expression, filename, "eval")
     ast.increment_lineno(tree, max(0, line - 1))
     code = compile(tree, filename, "eval", dont_inherit=True)
-    namespace, local = _class_namespace(module, qualname)
-    return Recomputed(eval(code, namespace, local), module, refs)  # the bundle's code: see docs/bundle-format.md
+    scope = qualname.rpartition(".")[0]
+    owner = _owner(module, scope)
+    local = _namespace(module, scope, bundled, making if making is not None else set(),
+                       vars(owner) if owner is not None else ())
+    return Recomputed(eval(code, module.__dict__, local), module, refs)  # the bundle's code: see docs/bundle-format.md
 
 
 class _ClassBody(type):
@@ -179,13 +225,13 @@ class _ClassBody(type):
     the namespace instead of making a class."""
 
     def __prepare__(name, bases, namespace=None, **kw):
-        return dict(namespace or {})
+        return namespace
 
     def __new__(mcs, name, bases, ns, **kw):
         return ns
 
 
-def define(module, qualname: str, statement: str, filename: str, line: int):
+def define(module, qualname: str, statement: str, filename: str, line: int, bundled=None, making=None):
     """Execute one def or class statement binding the last part of
     `qualname`; returns the object it bound (its globals are the module's).
     A member of an existing class is run inside a class body whose
@@ -196,14 +242,13 @@ def define(module, qualname: str, statement: str, filename: str, line: int):
     ast.increment_lineno(tree, max(0, line - 1))
     name = qualname.rpartition(".")[2]
     owner_path = qualname.rpartition(".")[0]
-    if not owner_path:
+    making = making if making is not None else set()
+    owner = _owner(module, owner_path)
+    if owner is None:
         code = compile(tree, filename, "exec", dont_inherit=True)
-        local: dict = {}
+        local = _namespace(module, "", bundled, making)
         exec(code, module.__dict__, local)  # the bundle's code: see docs/bundle-format.md
         return local[name]
-    owner = _resolve(module, owner_path)
-    if not isinstance(owner, type):
-        raise LookupError(f"{owner_path!r} is not a class in {module.__name__!r}")
     # class <Owner>(metaclass=__livepatch_body__, namespace=...): <statement>
     shell = ast.ClassDef(name=owner.__name__, bases=[], keywords=[
         ast.keyword("metaclass", ast.Name("__livepatch_body__", ast.Load())),
@@ -211,7 +256,8 @@ def define(module, qualname: str, statement: str, filename: str, line: int):
         body=tree.body, decorator_list=[], **({"type_params": []} if sys.version_info >= (3, 12) else {}))
     ast.copy_location(shell, tree.body[0])
     shell_tree = ast.fix_missing_locations(ast.Module([shell], []))
-    local = {"__livepatch_body__": _ClassBody, "__livepatch_namespace__": dict(vars(owner))}
+    local = {"__livepatch_body__": _ClassBody,
+             "__livepatch_namespace__": _namespace(module, owner_path, bundled, making, vars(owner))}
     exec(compile(shell_tree, filename, "exec", dont_inherit=True), module.__dict__, local)
     ns = local[owner.__name__]
     cell = ns.get("__classcell__")
@@ -226,7 +272,7 @@ def define(module, qualname: str, statement: str, filename: str, line: int):
     return value
 
 
-def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=None):
+def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=None, bundled=None):
     """The new global for a manifest entry of kind "value", "definition" or
     a "constant" with references: checked now (parsed, never run), made on
     the way to a commit for the first two (they run the bundle's code)."""
@@ -240,7 +286,7 @@ def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=N
     if entry["kind"] == "value":
         text = entry["expression"]
         _parsed(text, "eval", f"{field}.expression", fail)
-        make = lambda module: evaluate(module, qualname, text, filename, line, refs)  # noqa: E731
+        make = _once(lambda module, making: evaluate(module, qualname, text, filename, line, refs, bundled, making))
         return value_for(module_name, make, runs_code=f"{qualname} = {text.strip()}"[:200])
     text = entry["source"]
     tree = _parsed(text, "exec", f"{field}.source", fail)
@@ -248,13 +294,30 @@ def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=N
     if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
             or tree.body[0].name != name:
         fail(f"{field}.source", f"must be one def or class statement named {name!r}")
-    make = lambda module: _defined(module, qualname, text, filename, line, entry.get("replaces", False))  # noqa: E731
+    make = _once(lambda module, making: _defined(module, qualname, text, filename, line, entry.get("replaces", False),
+                                                 bundled, making))
     first = text.strip().splitlines()[0] if text.strip() else ""
     return value_for(module_name, make, runs_code=f"definition of {qualname} ({first[:120]})")
 
 
-def _defined(module, qualname, text, filename, line, replaces: bool):
-    value = define(module, qualname, text, filename, line)
+def _once(make):
+    """`make(module)` made once per module: a value another one of the same
+    patch needed first is the very object the commit stores."""
+    made: list = []  # [(module, value)]
+    making: set = set()
+
+    def once(module):
+        for m, value in made:
+            if m is module:
+                return value
+        value = make(module, making)
+        made.append((module, value))
+        return value
+    return once
+
+
+def _defined(module, qualname, text, filename, line, replaces: bool, bundled, making):
+    value = define(module, qualname, text, filename, line, bundled, making)
     # a re-applied decorator: what held the old object (an import of it
     # elsewhere, an alias) gets the new one, as for a changed value
     return Recomputed(value, module) if replaces else value
@@ -276,7 +339,7 @@ def current(owner, name: str, missing):
     return vars(owner).get(name, missing)
 
 
-def diff_globals(diff, module_name: str, filename: str) -> dict:
+def diff_globals(diff, module_name: str, filename: str, bundled: dict) -> dict:
     """The new globals of a build.ModuleDiff's values, definitions and
     constants with references, for a patch made in this process."""
     from .definitions import global_entries
@@ -293,5 +356,5 @@ def diff_globals(diff, module_name: str, filename: str) -> dict:
         if entry["kind"] == "constant" and not entry.get("refs"):
             continue
         value = diff.constants.get(entry["name"].partition(":")[2])
-        out[entry["name"]] = manifest_value(entry, entry["name"], filename, fail, value)
+        out[entry["name"]] = manifest_value(entry, entry["name"], filename, fail, value, bundled)
     return out
