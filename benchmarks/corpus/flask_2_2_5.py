@@ -23,10 +23,6 @@ def check():
     def public():
         return "ok"  # the session is not touched by the view
 
-    @app.before_request
-    def touch():
-        flask.session.permanent = True
-
     client = app.test_client()
     client.get("/login")
     response = client.get("/public")

@@ -18,5 +18,6 @@ def attempt(label):
 
 
 def check():
-    # a non-joining letter before each ZERO WIDTH NON-JOINER: every joiner scans the whole label
-    return superlinear(attempt, lambda n: "a" * n + "\u200c" * n, 300)
+    # ZERO WIDTH NON-JOINERs between non-joining letters, with a dual-joining letter at each end:
+    # the vulnerable check scans past the letters to the label's ends for every joiner
+    return superlinear(attempt, lambda n: "\u0628" + "a\u200c" * n + "\u0628", 300)
