@@ -594,7 +594,7 @@ def main(argv=None) -> int:
     except CliError as exc:
         return _report(exc, args.json, getattr(args, "prog", f"livepatch {args.command}"))
     except KeyboardInterrupt:
-        return 130
+        return _report(CliError("interrupted (Ctrl-C)", 130), args.json, getattr(args, "prog", "livepatch"))
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
