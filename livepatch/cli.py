@@ -183,6 +183,10 @@ def cmd_build(args):
             lines.append(f"  hooks: {', '.join(s['hooks'])} (run around apply and rollback, never by the build)")
         for i in s.get("ignored", ()):
             lines.append(f"  ignored [{i['category'].partition(':')[2]}] {i['target']}: {i['message']}")
+        if s.get("made_at_apply"):
+            lines.append(f"  made at apply time, before the pause (runs the bundle's code): {', '.join(s['made_at_apply'])}")
+        for note in s.get("not_updated", ()):
+            lines.append(f"  NOT UPDATED {note}")
         for skipped in s.get("skipped", ()):
             lines.append(f"  skipped {skipped}")
         return "\n".join(lines)
