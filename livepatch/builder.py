@@ -236,7 +236,8 @@ def _located(problem: dict, files: dict) -> Problem:
 def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str = "", description: str = "",
           references=(), classification: str = "bugfix", requires=(), cumulative: bool = False,
           name: str | None = None, version: str | None = None, allow=(), allow_active=(),
-          private_key=None, sequence: int = 1, lineage: str | None = None, hooks: str | None = None) -> tuple[bytes, dict]:
+          private_key=None, sequence: int = 1, lineage: str | None = None, hooks: str | None = None,
+          only=()) -> tuple[bytes, dict]:
     """Build a bundle; returns (bundle bytes, summary). Raises BuildRefused
     listing every refused change (nothing is written then). `sequence`
     orders the bundles of one baseline (a later bundle needs a higher one),
@@ -251,6 +252,11 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if cumulative and requires:
         raise BuildRefused("--requires and --cumulative exclude each other")
     hooks_source = _hooks_source(hooks)
+    from . import selection
+    try:
+        only = selection.check_patterns(only)
+    except ValueError as exc:
+        raise BuildRefused(str(exc)) from None
     base_tree = _tree(baseline, "baseline", follow_top_packages=True)  # may link to the deployed release
     new_tree = _tree(patched, "patched")
     runners = [interpreter(p) for p in pythons] or [(None, PYTHON_TAG)]
@@ -358,6 +364,14 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
                 payloads[fmt.baseline_payload(module)] = item["base"].encode()
                 module_entries[module] = {"file": files[module], "source": fmt.source_payload(module),
                                           "baseline": fmt.baseline_payload(module)}
+    left_out = None
+    if only:  # the operator's choice of what the release diff contributes
+        try:
+            packages = {m for m, rel in files.items() if rel.endswith("__init__.py")}
+            refused, left_out = selection.select(only, targets, globals_, refused, packages)
+        except ValueError as exc:
+            raise BuildRefused(f"cannot build {patch_id}: {exc}") from None
+        selection.keep_modules(module_entries, payloads, targets, globals_)
     for key, entry in targets.items():
         missing = [t for t in tags if t not in entry["code"]]
         if missing:
@@ -386,6 +400,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     }
     if ignored:
         manifest["ignored"] = [p.to_dict() for p in ignored]
+    if left_out is not None:
+        manifest["selection"] = {"only": only, "left_out": left_out}
     if hooks_source is not None:  # signed with the manifest like the code; run only at apply time
         payloads[fmt.HOOKS_PAYLOAD] = hooks_source[0].encode()
         manifest["hooks"] = {"file": os.path.basename(hooks), "payload": fmt.HOOKS_PAYLOAD, "functions": hooks_source[1]}
@@ -474,6 +490,7 @@ def summary(manifest: dict) -> dict:
         "overridden": manifest["overrides"],
         "ignored": manifest.get("ignored", []),
         "hooks": manifest.get("hooks", {}).get("functions", []),
+        "left_out": manifest.get("selection", {}).get("left_out", []),
         "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
         "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }

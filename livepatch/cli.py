@@ -141,7 +141,8 @@ def cmd_build(args):
                               classification=args.classification, requires=args.requires or (),
                               cumulative=args.cumulative, name=args.name, version=args.version,
                               allow=args.allow or (), allow_active=args.allow_active or (), private_key=key,
-                              sequence=args.sequence or 1, lineage=args.lineage, hooks=args.hooks)
+                              sequence=args.sequence or 1, lineage=args.lineage, hooks=args.hooks,
+                              only=args.only or ())
     except UnknownInterpreter as exc:
         raise CliError(str(exc).splitlines()[0], EXIT_USAGE, exc.to_dict()) from None
     except BuildError as exc:
@@ -179,6 +180,8 @@ def cmd_build(args):
             lines.append(f"  new globals: {', '.join(s['new_globals'])}")
         for o in s["overridden"]:
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        if s.get("left_out"):
+            lines.append(f"  left out (not selected by --only): {', '.join(s['left_out'])}")
         if s.get("hooks"):
             lines.append(f"  hooks: {', '.join(s['hooks'])} (run around apply and rollback, never by the build)")
         for i in s.get("ignored", ()):
@@ -209,9 +212,13 @@ def _build_trees(args):
     import contextlib
     stack = contextlib.ExitStack()
     if args.from_release is None and args.to_release is None:
+        if args.diff is not None:
+            return _diff_tree(args, stack)
         if args.patched is None:
-            raise CliError("build needs BASELINE and PATCHED trees, or --from PKG==A --to PKG==B", EXIT_USAGE)
+            raise CliError("build needs BASELINE and PATCHED trees, BASELINE --diff FIX.patch, "
+                           "or --from PKG==A --to PKG==B", EXIT_USAGE)
         return args.baseline, args.patched, stack
+
     if args.from_release is None or args.to_release is None or args.baseline is not None:
         raise CliError("--from PKG==A and --to PKG==B go together, in place of the BASELINE and PATCHED trees",
                        EXIT_USAGE)
@@ -225,6 +232,25 @@ def _build_trees(args):
     except PatchError as exc:
         raise _patch_error(exc) from None
     return baseline, patched, stack
+
+
+def _diff_tree(args, stack):
+    """The baseline and a private copy of it with --diff applied."""
+    if args.baseline is None or args.patched is not None:
+        raise CliError("--diff FIX.patch takes the place of the PATCHED tree: build BASELINE --diff FIX.patch", EXIT_USAGE)
+    from .difftree import DiffRefused, patched_copy
+    try:
+        return args.baseline, stack.enter_context(patched_copy(args.baseline, args.diff)), stack
+    except DiffRefused as exc:
+        raise CliError(str(exc), EXIT_REFUSED) from None
+
+
+def _only_pattern(text: str) -> str:
+    from .selection import check_patterns
+    try:
+        return check_patterns([text])[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _release_spec(text: str) -> str:
@@ -368,6 +394,19 @@ def cmd_verify(args):
           lambda d: f"{d['bundle']}: {d['id']} is intact and signed by trusted key {d['signed_by']}")
 
 
+def _inspect_choices(m: dict) -> list[str]:
+    """What the build included beyond code (hooks), ignored and left out."""
+    lines = []
+    if "hooks" in m:
+        lines.append(f"hooks {m['hooks']['file']}: {', '.join(m['hooks']['functions'])} (run around apply and rollback)")
+    if "selection" in m:
+        lines.append(f"selected with --only {' --only '.join(m['selection']['only'])}; left out: "
+                     f"{', '.join(m['selection']['left_out']) or 'nothing'}")
+    for i in m.get("ignored", ()):
+        lines.append(f"ignored [{i['category'].partition(':')[2]}] {i['target']}: {i['message']}")
+    return lines
+
+
 def cmd_inspect(args):
     from .signing import SignatureError
     if args.trust:
@@ -413,6 +452,7 @@ def cmd_inspect(args):
                                 ["global", "kind", "value"])]
         for o in m["overrides"]:
             lines.append(f"OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        lines += _inspect_choices(m)
         for diff in d["diffs"].values():
             lines += ["", diff.rstrip()]
         return "\n".join(lines)
@@ -523,6 +563,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="orders the bundles of one baseline: a later bundle needs a higher N (default 1)")
     p.add_argument("--lineage", type=_lineage, metavar="NAME",
                    help="the family of successive versions of one fix (e.g. HP-DOCS for HP-DOCS-1, HP-DOCS-2)")
+    p.add_argument("--diff", metavar="FIX.patch", help="build from BASELINE and this unified diff applied to a "
+                   "private copy of it (in place of PATCHED)")
+    p.add_argument("--only", action="append", type=_only_pattern, metavar="PATTERN",
+                   help="include only the changed functions matching MODULE:QUALNAME (fnmatch); repeatable")
     p.add_argument("--hooks", metavar="FILE", help="a module of state migration hooks (pre_apply, post_apply, "
                    "pre_rollback, post_rollback) carried and signed in the bundle; never run by the build")
 
