@@ -172,8 +172,10 @@ def assess(repo, services) -> list[ServiceAssessment]:
             else:
                 sa.errors[pid] = o.describe()
         # the bundles some process of this service runs the baseline of
+        # (and that not every one of them has applied already)
+        applied = {p: {a["id"] for a in statuses[p].result.get("applied", [])} for p in live}
         wanted = [e for e in catalog if e.kind == "hotpatch" and superseded_by(e, catalog) is None
-                  and any(runs_version(sa.runs[p], e.distribution)[0] for p in live)]
+                  and any(runs_version(sa.runs[p], e.distribution)[0] and e.id not in applied[p] for p in live)]
         for e in wanted:
             if e.id not in blobs:
                 blobs[e.id] = encode_bundle(repo.fetch(e))

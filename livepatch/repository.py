@@ -97,6 +97,7 @@ class Repository:
         self.cache_dir = cache_dir or os.path.join(default_cache_root(), key)
         self.info: CatalogInfo | None = None
         self._entries: list[CatalogEntry] | None = None
+        self._verified: dict[str, bytes] = {}  # sha256 -> bundle bytes verified by this object
 
     def __repr__(self):
         return f"Repository({self.location!r})"
@@ -178,11 +179,14 @@ class Repository:
         if entry.kind != "hotpatch":
             raise RepositoryError(f"{entry.id} exists only as a release ({entry.distribution} "
                                   f"{entry.fixed_in or 'a later version'}): upgrade and restart the service")
+        if entry.sha256 in self._verified:
+            return self._verified[entry.sha256]
         cached_path = self._cache("bundles", f"{entry.sha256}.lpb")
         try:
             data = _read_limited(cached_path, entry.size)
             if hashlib.sha256(data).hexdigest() == entry.sha256:
                 self._check_bundle(entry, data)
+                self._verified[entry.sha256] = data
                 return data
         except (OSError, RepositoryError):
             pass  # not cached, or damaged: fetched again
@@ -197,6 +201,7 @@ class Repository:
                                   verification=True)
         self._check_bundle(entry, data)
         _write_atomic(cached_path, data)
+        self._verified[entry.sha256] = data
         return data
 
     def _check_bundle(self, entry: CatalogEntry, data: bytes) -> None:
