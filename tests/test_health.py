@@ -76,7 +76,7 @@ def test_patched_errors_are_counted_in_every_worker(tmp_path, keys):
     caught afterwards; other exceptions and normal calls do not."""
     server = updater_apps.start(tmp_path, keys, workers=2)
     try:
-        bundle = updater_apps.build(keys, tmp_path, "HP-RAISES-1", updater_apps.RAISES)
+        bundle = updater_apps.build(keys, tmp_path, "HP-RAISES-1", updater_apps.RAISES, name=server.name)
         r = cli("apply", server.name, bundle)
         assert r.returncode == 0, r.stderr + r.stdout
         pids = server.agents()
@@ -105,7 +105,7 @@ def test_patched_errors_are_counted_in_every_worker(tmp_path, keys):
 def test_observe_fails_on_patched_errors_and_passes_without(tmp_path, keys):
     server = updater_apps.start(tmp_path, keys)
     try:
-        bundle = updater_apps.build(keys, tmp_path, "HP-RAISES-2", updater_apps.RAISES)
+        bundle = updater_apps.build(keys, tmp_path, "HP-RAISES-2", updater_apps.RAISES, name=server.name)
         r = cli("apply", server.name, bundle)
         assert r.returncode == 0, r.stdout + r.stderr
         pids = server.agents()

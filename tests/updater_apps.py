@@ -39,13 +39,15 @@ def tree(root, name: str, source: str) -> str:
     return path
 
 
-def build(keys, root, patch_id: str, source: str, *, classification="security", sequence=1, lineage=None) -> str:
-    """A signed bundle changing the baseline `calc` into `source`."""
+def build(keys, root, patch_id: str, source: str, *, name: str, classification="security", sequence=1,
+          lineage=None) -> str:
+    """A signed bundle changing the baseline `calc` into `source`, for the
+    service `name` at version 1.0 (what `start` declares it runs)."""
     base = tree(root, "baseline", BASELINE)
     fixed = tree(root, f"src-{patch_id}", source)
     out = os.path.join(str(root), f"{patch_id}.lpb")
     args = ["build", base, fixed, "-o", out, "--id", patch_id, "--classification", classification,
-            "--ref", f"CVE-2026-{1000 + sum(map(ord, patch_id))}", "--name", "calc", "--version", "1.0",
+            "--ref", f"CVE-2026-{1000 + sum(map(ord, patch_id))}", "--name", name, "--version", "1.0",
             "--key", keys.key, "--sequence", str(sequence)]
     if lineage:
         args += ["--lineage", lineage]
@@ -61,8 +63,11 @@ def start(tmp_path, keys, *, workers=1, state_dir=None, name=None) -> Server:
     state_dir = state_dir or os.path.join(str(tmp_path), "state")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     port_file = os.path.join(str(tmp_path), f"{name}.port")
+    if os.path.exists(port_file):  # from an earlier start of the same service
+        os.unlink(port_file)
     server = Server(["python", SERVICE, app, "--port-file", port_file, "--workers", str(workers)], name=name,
-                    cwd=str(tmp_path), logs=tmp_path, keys=keys, state_dir=state_dir)
+                    cwd=str(tmp_path), logs=tmp_path, keys=keys, state_dir=state_dir,
+                    run_options=("--version", "1.0"))
     deadline = time.monotonic() + 30
     while not os.path.exists(port_file):
         assert server.proc.poll() is None, server.log()
