@@ -162,7 +162,10 @@ def cmd_status(args):
 
     def human(s):
         a = s["agent"]
+        base = s.get("baseline") or {}
         lines = [f"process {a['pid']} ({a['name']}), Python {s['python']['version']}, agent {a['version']} on {a['socket']}",
+                 f"runs {base.get('name') or a['name']} {base.get('version') or '(version unknown)'}"
+                 + (f" ({base['source']})" if base.get("version") else ""),
                  _trust_line(a)
                  + ("; DEVELOPMENT MODE: unsigned bundles accepted" if a["development_mode_unsigned_bundles"] else ""),
                  f"state: {'FORCED' if s['forced'] else 'normal'}"]
