@@ -589,6 +589,9 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     cli_agent.add_commands(command)
     from . import cli_repo
     cli_repo.add_commands(command)
+    from . import cli_updater, hotfixes
+    cli_updater.add_commands(command)
+    hotfixes.add_commands(command)
     p = command("completion", cmd_completion, "print a shell completion script (bash or zsh)")
     p.add_argument("shell", choices=["bash", "zsh"])
     return ap

@@ -186,6 +186,9 @@ def cmd_status(args):
 
 
 def cmd_history(args):
+    from . import hotfixes
+    if hotfixes.wants_persisted(args):  # the state directories: across restarts and services
+        return hotfixes.history(args)
     if not _one_process(args):
         from . import cli_tree
         return cli_tree.history(args)
@@ -390,7 +393,11 @@ def add_commands(command) -> None:
     p = command("status", cmd_status, "show the agent status and applied patches of a process or of every process of a service")
     target(p)
     p = command("history", cmd_history, "show every apply, rollback, refusal and failure in a process or a service")
-    target(p)
+    p.add_argument("target", nargs="?", metavar="SERVICE|PID",
+                   help="a PID (one process), or a service: its name, or a PID with --tree")
+    p.add_argument("--tree", action="store_true", help="the PID and all its descendants that have an agent")
+    from .hotfixes import add_history_arguments
+    add_history_arguments(p)
     p = command("assess", cmd_assess, "check which bundles would apply to a process now (PID BUNDLE...), or what a "
                 "repository holds for each process of a service (SERVICE|--all --repo URL), changing nothing")
     p.add_argument("target", nargs="?", metavar="PID|SERVICE")
