@@ -23,10 +23,6 @@ _loaded_key = None
 _loaded: dict | None = None
 
 
-def _normal(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def _version_of(dist: str) -> str | None:
     if dist not in _versions:
         from importlib import metadata

@@ -174,23 +174,22 @@ class App:
                 out[pid] = fh.read()
         return out
 
-    def wait_answers(self, expected: str, timeout=30) -> dict:
+    def _wait(self, done, timeout=30) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             got = self.answers()
-            if set(got.values()) == {expected}:
+            if done(got):
                 return got
             assert time.monotonic() < deadline, got
             time.sleep(0.02)
 
-    def wait_answers_of(self, pid: int, expected: str, timeout=30) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.answers()
-            if got[pid] == expected:
-                return got
-            assert time.monotonic() < deadline, got
-            time.sleep(0.02)
+    def wait_answers(self, expected: str) -> dict:
+        """Every process's answers, once all of them answer `expected`."""
+        return self._wait(lambda got: set(got.values()) == {expected})
+
+    def wait_answers_of(self, pid: int, expected: str) -> dict:
+        """Every process's answers, once process `pid` answers `expected`."""
+        return self._wait(lambda got: got[pid] == expected)
 
     def import_lazy(self):
         open(self.trigger, "w").close()
