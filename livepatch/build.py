@@ -209,7 +209,7 @@ def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Modu
                 _ignore(diff, target, n.lineno, noops.ignored_reasons(same, n))
         if same is not None:
             base.remove(same)
-        else:
+        elif not defs.annotated_value(diff, n, base):  # a changed `NAME: type = value` is a value as any other
             diff.refused.append(Problem("refused:statement", target, f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
     for gone in base:
         diff.refused.append(Problem("refused:statement", target, f"a module-level statement was removed ({_strip(gone)[:60]}...)"))
@@ -289,7 +289,7 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 and _defaults_text(node) != _defaults_text(base_node)
             target = f"{module}:{qualname}"
             if node is not None and base_node is not None and _decorators(node) != _decorators(base_node):
-                impure = defs.impure_decorator(base_node) or defs.impure_decorator(node)
+                impure = defs.impure_decorator(base_node, base_tree) or defs.impure_decorator(node, new_tree)
                 if impure is None and len(news) == 1:
                     defs.add_definition(diff, qualname, node, replaces=True)  # re-applied: the new object replaces the old
                     break

@@ -145,13 +145,35 @@ def _dotted(node) -> str | None:
     return None
 
 
-def impure_decorator(node) -> str | None:
+def _wraps_style(tree, name: str | None) -> bool:
+    """Whether `name` is a decorator defined at the top of the module that
+    only wraps: `def deco(fn): @functools.wraps(fn) def inner(...): ...;
+    return inner` (applying it again makes a new wrapper and nothing else)."""
+    if tree is None or name is None or "." in name:
+        return False
+    node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if node is None or node.decorator_list or len(node.args.args) != 1:
+        return False
+    body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if len(body) != 2 or not isinstance(body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    inner, ret = body
+    deco = inner.decorator_list
+    return (len(deco) == 1 and isinstance(deco[0], ast.Call) and _dotted(deco[0].func) in ("functools.wraps", "wraps")
+            and [ast.dump(a) for a in deco[0].args] == [ast.dump(ast.Name(node.args.args[0].arg, ast.Load()))]
+            and isinstance(ret, ast.Return) and isinstance(ret.value, ast.Name) and ret.value.id == inner.name)
+
+
+def impure_decorator(node, tree=None) -> str | None:
     """The first decorator of a def that is not known to be pure (as text),
-    or None when re-applying them all only makes the new object."""
+    or None when re-applying them all only makes the new object. `tree`, the
+    module, lets functools.wraps-style decorators defined in it count."""
     for d in getattr(node, "decorator_list", ()):
         target, args = (d.func, d.args + [k.value for k in d.keywords]) if isinstance(d, ast.Call) else (d, [])
         name = _dotted(target)
         accessor = name is not None and name.rpartition(".")[2] in ("setter", "getter", "deleter") and "." in name
+        if not isinstance(d, ast.Call) and _wraps_style(tree, name):
+            continue
         if name in _PURE or accessor:
             try:
                 for a in args:
@@ -377,3 +399,18 @@ def global_entries(module: str, values: dict, definitions: dict, captured: dict)
                  "replaces": d["replaces"]} for q, d in definitions.items()]
     extra = {f"{module}:{q}": {k: c[k] for k in ("refs", "stale") if c[k]} for q, c in captured.items()}
     return entries, {k: v for k, v in extra.items() if v}
+
+
+def annotated_value(diff, node: ast.AST, base: list) -> bool:
+    """A changed module-level `NAME: type = value` becomes a value (or a
+    constant) like a plain assignment; the baseline's statement binding the
+    same name is taken from `base`. False for anything else."""
+    if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None):
+        return False
+    name = node.target.id
+    for old in base:
+        if isinstance(old, ast.AnnAssign) and isinstance(old.target, ast.Name) and old.target.id == name:
+            base.remove(old)
+            break
+    add_value(diff, name, node)
+    return True

@@ -154,6 +154,17 @@ def test_builder_reapplies_pure_decorators_and_refuses_others_with_the_reason(tm
         {"kind": "definition", "name": "{m}:square", "line": 30, "replaces": True,
          "source": "@functools.lru_cache(maxsize=8)\ndef square(x):\n    return x * x\n"},
     ], pkg)
+    # a decorator of the module that only wraps (functools.wraps) is re-applied too
+    wrapping = BASE.replace("@register\ndef handler", "def logged(fn):\n    @functools.wraps(fn)\n"
+                            "    def inner(*a):\n        return fn(*a)\n    return inner\n\n\n@register\ndef handler")
+    _, new3, _ = trees(str(tmp_path / "3"), wrapping, wrapping.replace("@register\ndef handler", "@register\n@logged\ndef handler"), pkg=pkg)
+    _, base3, _ = trees(str(tmp_path / "4"), wrapping, wrapping, pkg=pkg)
+    with pytest.raises(BuildRefused, match="@register is not known to be pure"):
+        build(base3, new3, patch_id="HP-R")  # register is applied again with it: not pure
+    _, new4, _ = trees(str(tmp_path / "5"), wrapping, wrapping.replace("def square", "@logged\ndef square"), pkg=pkg)
+    (entry,) = manifest_of(build(base3, new4, patch_id="HP-R")[0])["globals"]
+    assert (entry["name"], entry["replaces"]) == (f"{pkg}.core:square", True)
+    assert entry["source"].startswith("@functools.lru_cache(maxsize=None)\n@logged\ndef square")
     dropped = BASE.replace("@register\ndef handler", "def handler")
     _, new2, _ = trees(str(tmp_path / "2"), BASE, dropped, pkg=pkg)
     with pytest.raises(BuildRefused) as info:

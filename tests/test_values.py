@@ -208,3 +208,19 @@ def test_non_literal_defaults_the_compiler_folds_are_literals(tmp_path):
     data, _ = build(base, new, patch_id="HP-D")
     (target,) = manifest_of(data)["targets"]
     assert (target["target"], target["defaults"], target["kwdefaults"]) == (f"{pkg}.core:page", "(32768,)", "{'step': -1}")
+
+
+def test_an_annotated_module_value_is_a_value_too(tmp_path, monkeypatch, cleanup):
+    base_src = BASE + '\nTAG: "re.Pattern[str]" = re.compile(r"<b>")\n\n\ndef bold(s):\n    return TAG.sub("", s)\n'
+    new_src = base_src.replace('re.compile(r"<b>")', 're.compile(r"<b>|</b>")')
+    base, new, pkg = trees(str(tmp_path), base_src, new_src)
+    cleanup(pkg)
+    data, _ = build(base, new, patch_id="HP-A")
+    assert manifest_of(data)["globals"] == [{"kind": "value", "name": f"{pkg}.core:TAG",
+                                             "expression": 're.compile(r"<b>|</b>")', "line": 31}]
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    engine = livepatch.Engine()
+    engine.apply(fmt.load_bundle(data, allow_unsigned=True))
+    assert core.bold("<b>x</b>") == "x"
+    engine.rollback()
+    assert core.bold("<b>x</b>") == "x</b>"
