@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import shutil
-import stat
 import tempfile
 
 MAX_DIFF = 16 << 20
@@ -158,16 +157,11 @@ def apply(root: str, text: str) -> list[str]:
 
 
 def read_diff(path: str) -> str:
+    from .operatorfile import read_bounded
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise DiffRefused(f"--diff {path}: cannot read it: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise DiffRefused(f"--diff {path}: not a regular file")
-        data = fh.read(MAX_DIFF + 1)
-    if len(data) > MAX_DIFF:
-        raise DiffRefused(f"--diff {path}: larger than {MAX_DIFF} bytes")
+        data = read_bounded(path, MAX_DIFF, "--diff")
+    except ValueError as exc:
+        raise DiffRefused(str(exc)) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -64,18 +64,9 @@ def read_source(path: str) -> tuple[str, list[str]]:
     file, at most MAX_SOURCE bytes, that compiles and defines at least one
     hook. ValueError naming what is wrong. Nothing in it is run."""
     import os
-    import stat
+    from .operatorfile import read_bounded
     from .sourcetree import DecodeFailed, decode_source
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise ValueError(f"--hooks {path}: cannot read it: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise ValueError(f"--hooks {path}: not a regular file")
-        data = fh.read(MAX_SOURCE + 1)
-    if len(data) > MAX_SOURCE:
-        raise ValueError(f"--hooks {path}: larger than {MAX_SOURCE} bytes")
+    data = read_bounded(path, MAX_SOURCE, "--hooks")
     try:
         source = decode_source(data)
         names = defined(source, os.path.basename(path))

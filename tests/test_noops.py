@@ -65,59 +65,28 @@ def price(x):
     return round(x, 2)
 '''
 
-CORE_NEW = '''\
-"""The core, documented."""
-from typing import TYPE_CHECKING, overload
-
-try:
-    import simplejson as json
-except ModuleNotFoundError:
-    import json
-
-if TYPE_CHECKING:
-    from decimal import Decimal
-    from fractions import Fraction
-
-LIMIT: "int" = 3
+def _edit(source, *pairs):
+    for old, new in pairs:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    return source
 
 
-class Money:
-    amount: "int | None" = 0
-
-    def __init__(self, amount):
-        self.amount = amount
-
-
-class Base:
-    def __init__(self):
-        self.ready = True
-
-
-class Shop(Base):
-    def open(self):
-        return self.ready
-
-
-def describe(x):
-    """Describe x as JSON text."""
-    return json.dumps(x)
-
-
-def scale(x: "float", by: "float" = 2) -> "float":
-    return x * by
-
-
-@overload
-def parse(value: str) -> int: ...
-@overload
-def parse(value: bytes) -> int: ...
-def parse(value):
-    return int(value, 10) if isinstance(value, str) else int(value.decode(), 10)
-
-
-def price(x):
-    return round(max(x, 0), 2)
-'''
+CORE_NEW = _edit(
+    CORE,
+    ('"""The core."""', '"""The core, documented."""'),
+    ("except ImportError:", "except ModuleNotFoundError:"),
+    ("    from decimal import Decimal\n", "    from decimal import Decimal\n    from fractions import Fraction\n"),
+    ("LIMIT: int = 3", 'LIMIT: "int" = 3'),
+    ("class Money(object):\n    amount: int = 0", 'class Money:\n    amount: "int | None" = 0'),
+    ("class Shop(Base):\n    def __init__(self):\n        self.ready = False\n\n", "class Shop(Base):\n"),
+    ('    """Describe x."""', '    """Describe x as JSON text."""'),
+    ("def scale(x: int, by: int = 2) -> int:", 'def scale(x: "float", by: "float" = 2) -> "float":'),
+    ("def parse(value):\n    return int(value)",
+     "@overload\ndef parse(value: str) -> int: ...\n@overload\ndef parse(value: bytes) -> int: ...\n"
+     "def parse(value):\n    return int(value, 10) if isinstance(value, str) else int(value.decode(), 10)"),
+    ("    return round(x, 2)", "    return round(max(x, 0), 2)"),
+)
 
 BASE = {"app/__init__.py": "", "app/core.py": CORE, "app/tests/__init__.py": "",
         "app/tests/test_core.py": "def test_price():\n    assert True\n"}
