@@ -28,7 +28,7 @@ _options = None  # what the running agent was started with: a forked child start
 
 def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = None,
           socket_dir: str | None = None, state_dir: str | None = None, follow: bool | None = None,
-          max_frame: int | None = None) -> str | None:
+          max_frame: int | None = None, version: str | None = None) -> str | None:
     """Start the agent (idempotent); returns the socket path, or None when
     no safe socket directory could be had (the agent then runs without a
     control channel: recorded patches still re-apply).
@@ -40,7 +40,10 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
     (default: LIVEPATCH_STATE_DIR). `follow`: start agents in forked and
     spawned children too (default: on unless LIVEPATCH_FOLLOW=0).
     `max_frame`: the largest request frame the control socket accepts, in
-    bytes (default: LIVEPATCH_MAX_FRAME, else 16 MiB; see agent/protocol.py)."""
+    bytes (default: LIVEPATCH_MAX_FRAME, else 16 MiB; see agent/protocol.py).
+    `version`: the release this program is, which status, ps and assess
+    show as its baseline (default: LIVEPATCH_VERSION, else the installed
+    distribution of `name`'s version; see agent/baseline.py)."""
     global _server, _pid, _agent, _options
     with _lock:
         if _agent is not None and _pid == os.getpid():
@@ -58,6 +61,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
         if follow is None:
             follow = env.get("LIVEPATCH_FOLLOW", "1") != "0"
         name = name or env.get("LIVEPATCH_NAME") or _default_name()
+        version = version or env.get("LIVEPATCH_VERSION") or None
         # absolute, so that a child forked after a chdir() still finds them
         trust = os.path.abspath(trust) if isinstance(trust, (str, os.PathLike)) else trust
         state_dir = os.path.abspath(state_dir) if state_dir is not None else None
@@ -73,6 +77,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
             agent = Agent(name=name, trust=trust, allow_unsigned=allow_unsigned,
                           socket_path=server.path if server is not None else None)
             agent.state_dir = state_dir
+            agent.declared_version = version
             from .state import on_agent_start; on_agent_start(agent)  # noqa: E702
         except BaseException:
             if server is not None:
@@ -83,7 +88,7 @@ def start(*, name: str | None = None, trust=None, allow_unsigned: bool | None = 
             server.start()
         _server, _pid, _agent = server, os.getpid(), agent
         _options = {"name": name, "trust": trust, "allow_unsigned": allow_unsigned, "socket_dir": socket_dir,
-                    "state_dir": state_dir, "follow": follow, "max_frame": max_frame}
+                    "state_dir": state_dir, "follow": follow, "max_frame": max_frame, "version": version}
         _export(_options)
         from . import quietfork  # only where an agent runs: the CLI imports this package too
         quietfork.install()
@@ -106,6 +111,8 @@ def _export(options: dict) -> None:
             env.pop(var, None)
     if options.get("max_frame") is not None:
         env["LIVEPATCH_MAX_FRAME"] = str(options["max_frame"])
+    if options.get("version"):
+        env["LIVEPATCH_VERSION"] = options["version"]
     if options["allow_unsigned"]:
         env["LIVEPATCH_ALLOW_UNSIGNED"] = "1"
     else:

@@ -3,7 +3,8 @@ version) and the third-party distributions it has imported, with the
 versions their installed metadata gives.
 
 The application baseline is the one declared when the agent was started
-(`livepatch run --name N --version V`, which sets LIVEPATCH_VERSION), else
+(`livepatch run|attach --name N --version V`, `livepatch.agent.start(version=)`,
+LIVEPATCH_VERSION), else
 the version of an installed distribution of the service's name. Both are
 read the first time a status asks and kept: files on disk may change after
 the process started (a deploy), what it runs does not. `importlib.metadata`
@@ -39,7 +40,7 @@ def application(agent) -> dict:
     global _application
     with _lock:
         if _application is None or _application["name"] != agent.name:
-            declared = os.environ.get("LIVEPATCH_VERSION") or None
+            declared = getattr(agent, "declared_version", None) or os.environ.get("LIVEPATCH_VERSION") or None
             if declared:
                 _application = {"name": agent.name, "version": declared, "source": "declared"}
             else:

@@ -129,7 +129,7 @@ _livepatch_bootstrap()
 
 
 def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | None = None,
-           method: str = "auto", timeout: float = 10.0, progress=None) -> dict:
+           version: str | None = None, method: str = "auto", timeout: float = 10.0, progress=None) -> dict:
     """Start an agent inside process `pid`. Returns {"socket", "method",
     "stop_ms", "elapsed_ms", "python"}; raises AttachError with the reason."""
     from livepatch.client import AgentUnavailable, agent_socket, environment, owner
@@ -163,7 +163,8 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     names = {"lib": token + ".so", "script": token + ".so.py", "result": token + ".so.result"}  # the shim runs LIB.py
     lib, script, result = (os.path.join(directory, names[k]) for k in ("lib", "script", "result"))
     needed = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    options = {"trust": os.path.abspath(trust) if trust else None, "allow_unsigned": allow_unsigned, "name": name}
+    options = {"trust": os.path.abspath(trust) if trust else None, "allow_unsigned": allow_unsigned, "name": name,
+               **({"version": version} if version else {})}
     started = time.perf_counter()
     try:
         _write_private(names["script"], _bootstrap_text(result, options, needed).encode(), uid, dir_fd)

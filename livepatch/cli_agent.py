@@ -299,6 +299,7 @@ def cmd_attach(args):
     try:
         with progress:
             info = attach(args.pid, trust=args.trust, allow_unsigned=args.allow_unsigned, name=args.name,
+                          version=args.app_version,
                           method=args.method, timeout=args.timeout, progress=progress.note)
     except AttachError as exc:
         code = EXIT_NO_AGENT if "no process" in str(exc) or "not a CPython" in str(exc) else EXIT_ERROR
@@ -431,6 +432,8 @@ def add_commands(command) -> None:
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="keys the agent accepts bundles from")
     p.add_argument("--allow-unsigned", action="store_true", help="development only: accept unsigned bundles")
     p.add_argument("--name", type=service_name, help="a name for the service in `livepatch ps`")
+    p.add_argument("--version", dest="app_version", metavar="VERSION",
+                   help="the release the program is (status, ps and assess show NAME VERSION as its baseline)")
     p.add_argument("--method", choices=["auto", "pyinjector", "gdb"], default="auto")
     p.add_argument("--timeout", type=seconds, default=15.0, help="seconds to wait for the agent (default 15)")
     p = command("trust", None, "the trusted keys of running agents")
