@@ -42,7 +42,8 @@ def _services(args):
     if args.all:
         if args.target:
             raise CliError("give a SERVICE or --all, not both", EXIT_USAGE)
-        return [s for s in tree.everything() if s.name is not None]
+        # processes that did not answer and have no named ancestor form no service
+        return [s for s in tree.everything() if s.name is not None and s.name != "(not answering)"]
     if not args.target:
         raise CliError("give a SERVICE (a name, or a PID with --tree) or --all", EXIT_USAGE)
     try:
