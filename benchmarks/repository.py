@@ -139,7 +139,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="one round (make bench-quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds = 1
     work = tempfile.mkdtemp(prefix="lpbench-repo-")
     os.makedirs(os.path.join(work, "trusted"))
     generate(os.path.join(work, "trusted", "ops"))
@@ -170,7 +173,8 @@ def main():
            "median_ms": {mode: {k: round(statistics.median(s[k] for s in rows) * 1000, 1)
                                 for k in (*SHARES, "other", "total")} for mode, rows in samples.items()}}
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"repository-py{sys.version_info[0]}.{sys.version_info[1]}.json")
+    path = os.path.join(RESULTS, f"repository-py{sys.version_info[0]}.{sys.version_info[1]}"
+                                 f"{'-quick' if args.quick else ''}.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     for mode, shares in out["median_ms"].items():
