@@ -182,3 +182,18 @@ def test_repo_add_refusals_change_nothing(published, keys, tmp_path):
     r = cli("repo", "add", published["bundles"]["HP-APP-1"], "--repo", str(repo), "--key", keys["key"])
     assert r.returncode == 0 and "nothing new" in r.stdout
     assert (repo / "catalog.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, code, line", [
+    (["assess"], 2, "give PID BUNDLE... (one process, these bundles) or SERVICE|--all --repo URL"),
+    (["install", "--all", "--repo", "REPO"], 2, "--trust is needed: the public key the repository's catalog is signed with"),
+    (["install", "x", "--all", "--repo", "REPO", "--trust", "TRUST"], 2, "give a SERVICE or --all, not both"),
+    (["repo", "list", "--repo", "MISSING", "--trust", "TRUST"], 1, "cannot be reached"),
+    (["install", "--all", "--repo", "REPO", "--trust", "TRUST", "--classification", "urgent"], 2, "classifications are"),
+])
+def test_command_mistakes_are_one_line(published, keys, tmp_path, args, code, line):
+    subs = {"REPO": str(published["repo"]), "TRUST": keys["trust"], "MISSING": str(tmp_path / "nowhere")}
+    r = cli(*[subs.get(a, a) for a in args], "--cache-dir", str(tmp_path / "cache")) if args[0] != "assess" \
+        else cli(*args)
+    assert r.returncode == code, r.stderr
+    assert line in r.stderr and "Traceback" not in r.stderr, r.stderr
