@@ -12,10 +12,10 @@ changed.
 What captured the old value at import keeps it unless it is stored too:
 `Recomputed.captured` finds, by identity, function defaults and module or
 class attributes bound to the old object and returns the stores that rebind
-them, committed with the value and restored by rollback. Small ints and
-strings are shared by unrelated names, so for those only the references the
-builder saw in the source (a default or alias that is exactly the name) are
-followed."""
+them, committed with the value and restored by rollback. Small ints, strings
+and tuples of such constants are shared by unrelated names, so
+for those only the references the builder saw in the source (a default or
+alias that is exactly the name) are followed."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Recomputed:
                 seen.add((id(where), attr))
                 out.append((key, where, attr, before, after))
 
-        if isinstance(old, ATOMS):
+        if _shared_by_value(old):
             for ref in self.refs:
                 kind, _, rest = ref.partition(":")
                 qualname, _, slot = rest.rpartition(":") if kind != "alias" else (rest, "", "")
@@ -89,6 +89,17 @@ class Recomputed:
                 if value is old:
                     rebind(f"{other_name}:{attr}", other, attr, old, new)
         return out
+
+
+def _shared_by_value(obj, depth: int = 0) -> bool:
+    """Whether equal constants may be one object with unrelated names: atoms,
+    tuples of them (the compiler merges equal constants of a module; `()` is
+    a single object) and the empty frozenset."""
+    if isinstance(obj, ATOMS) or (type(obj) is frozenset and not obj):
+        return True
+    if type(obj) is tuple and depth < 8:
+        return all(_shared_by_value(o, depth + 1) for o in obj)
+    return False
 
 
 def _rebind_default(fn, kind: str, slot: str, old, new, key: str, rebind) -> None:
