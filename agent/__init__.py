@@ -14,12 +14,14 @@ livepatch-autostart.pth. `follow=False` (LIVEPATCH_FOLLOW=0) turns both off."""
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
 import sys
-import threading
 
-_lock = threading.Lock()
+# _thread: a command that only talks to agents imports this package too (for
+# the protocol), and needs nothing of threading
+_lock = _thread.allocate_lock()
 _server = None
 _pid = None
 _agent = None
@@ -145,7 +147,7 @@ def _after_fork_in_child() -> None:
     # parent's PID, and a lock some parent thread held at the fork would stay
     # held here forever: start from scratch.
     global _server, _agent, _lock
-    _lock = threading.Lock()
+    _lock = _thread.allocate_lock()
     inherited, options = _server, _options
     _server = _agent = None
     if inherited is not None:

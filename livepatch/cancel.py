@@ -11,7 +11,6 @@ socket closes, and the agent cancels all the same.
 from __future__ import annotations
 
 import _socket  # the C type, as livepatch/client.py makes them
-import threading
 
 # How long to wait for the agent to confirm a cancel (it notices within
 # one attempt burst, a fraction of a second, unless a store is under way).
@@ -35,6 +34,7 @@ class Group:
     """The connections of one fan-out, so that all can be cancelled at once."""
 
     def __init__(self):
+        import threading
         self._lock = threading.Lock()
         self._socks: set = set()
         self.cancelling = False

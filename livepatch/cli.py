@@ -587,8 +587,11 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from . import cli_agent
     cli_agent.add_commands(command)
-    from . import cli_repo
-    cli_repo.add_commands(command)
+    # the commands of modules of their own, imported when one of theirs is
+    # named (a name left out here only sends that command to the whole parser)
+    if only in (None, "install", "repo"):
+        from . import cli_repo
+        cli_repo.add_commands(command)
     from . import cli_updater, hotfixes
     cli_updater.add_commands(command)
     hotfixes.add_commands(command)

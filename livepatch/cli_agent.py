@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 from .cli import (EXIT_ERROR, EXIT_NO_AGENT, EXIT_REFUSED, EXIT_USAGE, EXIT_VERIFY, CliError, _emit, _problems_text, patch_id,
@@ -19,8 +18,10 @@ class Progress:
     def __init__(self, message: str, enabled: bool = True, after: float = 0.5):
         self.message, self.after = message, after
         self.enabled = enabled and sys.stderr.isatty()
-        self._stop = threading.Event()
         self._shown = False
+        if self.enabled:  # a thread only with a terminal to draw on
+            import threading
+            self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -37,13 +38,12 @@ class Progress:
 
     def __enter__(self):
         if self.enabled:
-            self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
         if self.enabled:
+            self._stop.set()
             self._thread.join()
             if self._shown:
                 sys.stderr.write("\r\033[K")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 _THREAD_PREFIX = "livepatch"
 _ours_at_fork: frozenset = frozenset()
@@ -32,6 +31,11 @@ def install() -> None:
 
 def _note_our_threads() -> None:
     global _ours_at_fork
+    # livepatch's threads are threading's: none before it is imported (and
+    # `import livepatch` alone need not import it)
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return
     me = threading.get_ident()
     _ours_at_fork = frozenset(t.ident for t in threading.enumerate()
                               if t.ident != me and t.name.startswith(_THREAD_PREFIX))
