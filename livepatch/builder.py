@@ -126,6 +126,14 @@ def _worker(request: dict) -> dict:
             # deep code that parsed but is too deep to fingerprint or marshal
             line, message = compile_error(exc)
             out["modules"][module] = {"error": {"side": "patched", "line": line, "message": message}}
+    out["new_modules"] = {}
+    for item in request.get("new_modules", ()):
+        try:  # compiled only: it runs when the patched process imports it
+            code = compile(item["new"], patched_filename(item["file"], request["id"]), "exec", dont_inherit=True)
+            out["new_modules"][item["module"]] = {"code": base64.b64encode(marshal.dumps(code)).decode()}
+        except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
+            line, message = compile_error(exc)
+            out["new_modules"][item["module"]] = {"error": {"line": line, "message": message}}
     return out
 
 
@@ -264,14 +272,22 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if len(set(tags)) != len(tags):
         raise UnknownInterpreter(f"two --python interpreters are the same version ({', '.join(tags)})")
     unsafe = base_tree.refused + new_tree.refused
-    refused, modules, source_errors, ignored = [], [], [], []
+    refused, modules, source_errors, ignored, added = [], [], [], [], []
     for module, rel in new_tree.modules.items():
         if noops.is_test_module(module, rel):
             if base_tree.modules.get(module) is None or not _same_file(base_tree, new_tree, base_tree.modules[module], rel):
                 ignored.append(Problem("ignored:test", f"{module}:<module>", f"{rel}: {noops.TEST_REASON}"))
             continue
-        if module not in base_tree.modules:
-            refused.append(Problem("refused:new-module", f"{module}:<module>", f"{rel}: module is not in the baseline"))
+        if module not in base_tree.modules:  # carried whole, importable while the patch is in
+            try:
+                added.append({"module": module, "file": rel, "new": sourcetree.decode_source(new_tree.read_bytes(rel))})
+            except sourcetree.UnsafeEntry as exc:
+                unsafe.append(str(exc))
+            except sourcetree.DecodeFailed as exc:
+                where = new_tree.shown(rel) + ("" if exc.line is None else f":{exc.line}")
+                source_errors.append(Problem("refused:encoding", f"{module}:<module>", f"{where}: {exc}"))
+            except sourcetree.Unreadable as exc:
+                raise BuildError(str(exc)) from None
             continue
         base_rel = base_tree.modules[module]
         sides = {}
@@ -301,7 +317,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if source_errors:
         raise _one_or_list(patch_id, source_errors, "source files cannot be read as Python reads them")
     files = {m["module"]: m["file"] for m in modules}
-    request = {"id": patch_id, "modules": [{k: m[k] for k in ("module", "file", "base", "new")} for m in modules]}
+    request = {"id": patch_id, "modules": [{k: m[k] for k in ("module", "file", "base", "new")} for m in modules],
+               "new_modules": added}
     answers = [_worker(request) if path is None else _run_worker(path, request) for path, _ in runners]
     failed: dict = {}  # (module, where, message) -> tags of the interpreters that said so
     for answer in answers:
@@ -310,6 +327,13 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
                 err, item = res["error"], next(m for m in modules if m["module"] == module)
                 where = item["shown"][err.get("side") or "patched"] + ("" if err["line"] is None else f":{err['line']}")
                 failed.setdefault((module, where, err["message"]), []).append(answer["tag"])
+    for answer in answers:
+        for module, res in answer.get("new_modules", {}).items():
+            if "error" in res:
+                err = res["error"]
+                where = new_tree.shown(next(m["file"] for m in added if m["module"] == module))
+                failed.setdefault((module, where + ("" if err["line"] is None else f":{err['line']}"), err["message"]),
+                                  []).append(answer["tag"])
     for (module, where, message), by in failed.items():
         suffix = f" ({', '.join(by)})" if len(by) < len(answers) else ""  # valid for another version
         source_errors.append(Problem("refused:syntax", f"{module}:<module>", f"{where}: {message}{suffix}"))
@@ -400,6 +424,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     }
     if ignored:
         manifest["ignored"] = [p.to_dict() for p in ignored]
+    if added:
+        manifest["new_modules"] = _new_modules(added, answers, payloads)
     if left_out is not None:
         manifest["selection"] = {"only": only, "left_out": left_out}
     if hooks_source is not None:  # signed with the manifest like the code; run only at apply time
@@ -429,6 +455,24 @@ def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
         if name in globals_:
             globals_[name].update(fields)
     return bool(entries)
+
+
+def _new_modules(added: list, answers: list, payloads: dict) -> dict:
+    """Manifest entries (and payloads) of the modules the release adds."""
+    import hashlib
+    from . import bundle as fmt
+    out = {}
+    for item in added:
+        module = item["module"]
+        payloads[fmt.source_payload(module)] = item["new"].encode()
+        code = {}
+        for answer in answers:
+            data = base64.b64decode(answer["new_modules"][module]["code"])
+            payloads[fmt.code_payload(answer["tag"], module)] = data
+            code[answer["tag"]] = {"payload": fmt.code_payload(answer["tag"], module),
+                                   "sha256": hashlib.sha256(data).hexdigest()}
+        out[module] = {"file": item["file"], "source": fmt.source_payload(module), "code": code}
+    return out
 
 
 def _hooks_source(path):
@@ -491,6 +535,7 @@ def summary(manifest: dict) -> dict:
         "ignored": manifest.get("ignored", []),
         "hooks": manifest.get("hooks", {}).get("functions", []),
         "left_out": manifest.get("selection", {}).get("left_out", []),
+        "new_modules": sorted(manifest.get("new_modules", {})),
         "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
         "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }

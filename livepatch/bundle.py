@@ -380,7 +380,12 @@ _SCHEMA = _object({
                       "functions": _list(_choice(("pre_apply", "post_apply", "pre_rollback", "post_rollback")), 4, unique=True)}),
     # the --only patterns a build selected with, and what they left out
     "selection": _object({"only": _list(_text(512), 64, unique=True), "left_out": _list(_text(600), MAX_TARGETS)}),
-}, optional=("sequence", "lineage", "ignored", "hooks", "selection"))
+    # modules the release adds, importable while the patch is in (docs/bundle-format.md#new-modules)
+    "new_modules": _mapping(_text(200, _MODULE), _object({
+        "file": _text(1024), "source": _text(300, _PAYLOAD),
+        "code": _mapping(_text(16, _TAG), _object({"payload": _text(300, _PAYLOAD), "sha256": _text(64, _HEX64)}), 8),
+    }), 1024),
+}, optional=("sequence", "lineage", "ignored", "hooks", "selection", "new_modules"))
 
 
 def validate(manifest: dict) -> None:
@@ -417,6 +422,17 @@ def validate(manifest: dict) -> None:
                 _fail(f"modules.{name}.{key}", "not listed in payloads")
     if "hooks" in manifest and manifest["hooks"]["payload"] not in manifest["payloads"]:
         _fail("hooks.payload", "not listed in payloads")
+    for name, module in manifest.get("new_modules", {}).items():
+        if name in manifest["modules"]:
+            _fail(f"new_modules.{name}", "also listed in modules (a module the baseline has)")
+        if module["source"] not in manifest["payloads"]:
+            _fail(f"new_modules.{name}.source", "not listed in payloads")
+        if set(module["code"]) != set(manifest["pythons"]):
+            _fail(f"new_modules.{name}.code", "must carry code for every Python in pythons")
+        for tag, code in module["code"].items():
+            listed = manifest["payloads"].get(code["payload"])
+            if listed is None or listed["sha256"] != code["sha256"]:
+                _fail(f"new_modules.{name}.code.{tag}", "not a payload of the bundle with that digest")
 
 
 # ---------------------------------------------------------------- loading
@@ -541,18 +557,35 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
     metadata = {k: m[k] for k in ("title", "classification", "references", "baseline", "created")}
     metadata.update(signed_by=bundle.signed_by, **ordering(m), bundle_sha256=digest(bundle))
     return Patch(m["id"], changes, cumulative=m["cumulative"], new_globals=new_globals,
-                 requires=tuple(m["requires"]), sources=sources, metadata=metadata, hooks=_hooks(bundle))
+                 requires=tuple(m["requires"]), sources=sources, metadata=metadata, hooks=_hooks(bundle, tag))
 
 
-def _hooks(bundle: Bundle):
-    """The bundle's migration hooks, compiled (not run), or None."""
-    entry = bundle.manifest.get("hooks")
-    if entry is None:
+def _hooks(bundle: Bundle, tag: str = PYTHON_TAG):
+    """What runs around the commit: the bundle's migration hooks (compiled,
+    not run) and its new modules (unmarshalled, not run); None if neither."""
+    entry, added = bundle.manifest.get("hooks"), bundle.manifest.get("new_modules")
+    if entry is None and not added:
         return None
     from .hooks import BundleHooks
+    modules = None
+    if added:
+        from .build import patched_filename
+        from .newmodules import BundleModules
+        carried = {}
+        for name, item in added.items():
+            try:
+                code = marshal.loads(bundle.payloads[item["code"][tag]["payload"]]) if tag in item["code"] else None
+            except (ValueError, EOFError, TypeError):
+                code = None
+            if not isinstance(code, types.CodeType):
+                _fail(f"new_modules.{name}.code", f"no code object for {tag}")
+            filename = patched_filename(item["file"], bundle.id)
+            source = bundle.payloads[item["source"]].decode("utf-8", "replace")
+            carried[name] = (_with_filename(code, filename), filename, source, item["file"].endswith("__init__.py"))
+        modules = BundleModules(carried)
     try:
-        source = bundle.payloads[entry["payload"]].decode("utf-8")
-        return BundleHooks(bundle.id, source, entry["functions"])
+        source = None if entry is None else bundle.payloads[entry["payload"]].decode("utf-8")
+        return BundleHooks(bundle.id, source, entry["functions"] if entry else (), modules)
     except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
         _fail("hooks.payload", "not a Python module this interpreter compiles")
 

@@ -82,16 +82,18 @@ def read_source(path: str) -> tuple[str, list[str]]:
 
 
 class BundleHooks:
-    """The hooks of one patch: source verified with its bundle, compiled
-    now, executed once, when the first hook is needed."""
+    """What runs around one patch's commit: its hooks (source verified with
+    its bundle, compiled now, executed once, when the first hook is needed)
+    and the new modules it carries (newmodules.BundleModules, or None)."""
 
-    def __init__(self, patch_id: str, source: str, names):
-        self.patch_id, self.names = patch_id, tuple(names)
+    def __init__(self, patch_id: str, source: str | None, names, modules=None):
+        self.patch_id, self.names, self.modules = patch_id, tuple(names), modules
         self.filename = f"<livepatch hooks of {patch_id}>"
-        self._code = compile(source, self.filename, "exec", dont_inherit=True)
+        self._code = None if source is None else compile(source, self.filename, "exec", dont_inherit=True)
         self._namespace = None
-        import linecache
-        linecache.cache[self.filename] = (len(source), None, source.splitlines(keepends=True), self.filename)
+        if source is not None:
+            import linecache
+            linecache.cache[self.filename] = (len(source), None, source.splitlines(keepends=True), self.filename)
 
     def _functions(self) -> dict:
         if self._namespace is None:
@@ -123,16 +125,21 @@ def _why(exc: BaseException) -> str:
 
 
 def around_apply(engine, patch, **kw):
-    """engine._apply(patch) between pre_apply and post_apply."""
+    """engine._apply(patch) between pre_apply and post_apply, with the
+    patch's new modules importable from the start."""
     hooks = patch.hooks
+    if hooks.modules is not None:
+        hooks.modules.install()  # before the patch's import statements run
     try:
         hooks.run("pre_apply", "apply")
     except HookFailed as exc:
+        _remove_modules(hooks)
         raise HookFailed(f"{exc.args[0].splitlines()[0]}; nothing was changed", exc.problems) from None
     try:
         result = engine._apply(patch, **kw)
     except BaseException:
         _quietly(hooks, "post_rollback", "apply")  # undo what pre_apply prepared
+        _remove_modules(hooks)
         raise
     try:
         hooks.run("post_apply", "apply")
@@ -154,10 +161,16 @@ def around_rollback(engine, hooks, patch_id, **kw):
     except HookFailed as exc:
         raise HookFailed(f"{exc.args[0].splitlines()[0]}; the patch stays applied", exc.problems) from None
     result = engine._rollback(patch_id, **kw)
+    _remove_modules(hooks)
     failed = _quietly(hooks, "post_rollback", "rollback")
     if failed:
         result.hook_failed = failed
     return result
+
+
+def _remove_modules(hooks) -> None:
+    if hooks.modules is not None:
+        hooks.modules.remove()
 
 
 def _quietly(hooks, name, action) -> str:

@@ -95,12 +95,13 @@ def test_only_selects_the_fix_keeps_what_it_imports_and_records_what_it_left_out
 
 
 def test_only_leaves_out_an_unsafe_change_elsewhere(tmp_path):
-    unsafe = dict(NEW, **{"app/c.py": "import json\n"})  # a module the baseline lacks, unrelated to the fix
-    base, new = write_release(tmp_path, dict(BASE), unsafe)
+    # a changed import-time statement in a module unrelated to the fix
+    base, new = write_release(tmp_path, dict(BASE, **{"app/c.py": "print(1)\n"}), dict(NEW, **{"app/c.py": "print(2)\n"}))
     with pytest.raises(BuildRefused):
         build(base, new, patch_id="HP-O")
     data, _ = build(base, new, patch_id="HP-O", only=["app.b:*"])
-    assert manifest_of(data)["selection"]["left_out"] == ["app.c:<module> (refused:new-module)"]
+    assert manifest_of(data)["selection"]["left_out"] == ["app.c:<module> (refused:statement)"]
+    assert "app.c" not in manifest_of(data)["modules"]
 
 
 def test_only_matching_nothing_names_what_changed(tmp_path):

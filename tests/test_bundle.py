@@ -55,11 +55,12 @@ def test_builder_refuses_with_category_and_file_line(case, tmp_path):
     assert not os.listdir(tmp_path / "base" / "app" / "..") == []
 
 
-def test_code_in_a_module_the_baseline_lacks_is_refused(tmp_path):
-    base, new = write_case(str(tmp_path), BASE, extra_new_files=[("extra.py", "def f():\n    return 1\n")])
-    with pytest.raises(BuildRefused) as info:
-        build(base, new, patch_id="HP-T")
-    assert [p.category for p in info.value.problems] == ["refused:new-module"]
+def test_a_module_the_baseline_lacks_is_carried_in_the_bundle(tmp_path):
+    base, new = write_case(str(tmp_path), SUPPORTED["function-body"][0],
+                           extra_new_files=[("extra.py", "def f():\n    return 1\n")])
+    data, summary = build(base, new, patch_id="HP-T")
+    assert summary["new_modules"] == ["app.extra"]
+    assert list(fmt.read(data, allow_unsigned=True).manifest["new_modules"]) == ["app.extra"]
 
 
 def test_allow_overrides_a_decorator_refusal_and_records_it(tmp_path):

@@ -1,0 +1,43 @@
+"""A module the release adds and patched code imports is carried in the
+bundle: importable while the patch is in, gone after its rollback."""
+
+import pytest
+
+from livepatch import bundle as fmt
+from livepatch.builder import BuildRefused, build
+from livepatch.patch import PYTHON_TAG
+
+from release_trees import manifest_of, round_trip, write_release
+
+CORE = "def render(s):\n    return s\n"
+CORE_NEW = "from .safety import escape\n\n\ndef render(s):\n    return escape(s)\n"
+SAFETY = "import html\n\nCALLS = []\n\n\ndef escape(s):\n    CALLS.append(s)\n    return html.escape(s)\n"
+BASE = {"app/__init__.py": "", "app/core.py": CORE}
+NEW = {"app/__init__.py": "", "app/core.py": CORE_NEW, "app/safety.py": SAFETY}
+
+
+def test_the_new_module_is_carried_with_its_code_and_source(tmp_path):
+    data, summary = build(*write_release(tmp_path, BASE, NEW), patch_id="HP-NEW")
+    bundle = fmt.read(data, allow_unsigned=True)
+    m = bundle.manifest
+    assert [t["target"] for t in m["targets"]] == ["app.core:render"]
+    assert [(g["name"], g["kind"]) for g in m["globals"]] == [("app.core:escape", "import")]
+    assert list(m["new_modules"]) == ["app.safety"] and m["new_modules"]["app.safety"]["file"] == "safety.py"
+    assert list(m["new_modules"]["app.safety"]["code"]) == [PYTHON_TAG]
+    assert bundle.payloads["source/app.safety"] == SAFETY.encode()
+    assert summary["new_modules"] == ["app.safety"]
+
+
+def test_patched_code_imports_the_new_module_and_rollback_removes_it(tmp_path):
+    data, _ = build(*write_release(tmp_path, BASE, NEW), patch_id="HP-NEW")
+    probe = ("[sys.modules['app.core'].render('<b>'), 'app.safety' in sys.modules, hasattr(sys.modules['app'], 'safety'),"
+             " sys.modules['app.safety'].CALLS if 'app.safety' in sys.modules else None]")
+    out = round_trip(tmp_path, data, ["app.core"], probe)
+    assert out == {"before": ["<b>", False, False, None], "applied": ["&lt;b&gt;", True, True, ["<b>"]],
+                   "rolled_back": ["<b>", False, False, None]}
+
+
+def test_a_new_module_that_does_not_compile_is_refused_with_its_line(tmp_path):
+    broken = dict(NEW, **{"app/safety.py": "def escape(s):\n    return (\n"})
+    with pytest.raises(BuildRefused, match=r"safety.py:2"):
+        build(*write_release(tmp_path, BASE, broken), patch_id="HP-NEW")
