@@ -152,7 +152,7 @@ def assess(repo, services) -> list[ServiceAssessment]:
     only where a process runs their baseline. Raises RepositoryError when
     the catalog cannot be had or does not verify."""
     from .client import encode_bundle
-    catalog = repo.catalog()
+    catalog = repo.catalog(refresh=True)  # a long-lived Repository (the updater's) sees new entries
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = []
     blobs: dict[str, str] = {}

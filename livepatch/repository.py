@@ -130,7 +130,8 @@ class Repository:
     # ------------------------------------------------------------ catalog
     def catalog(self, refresh: bool = False) -> list[CatalogEntry]:
         """The verified entries, read from the repository (once per object
-        unless `refresh`), else from the cache when it cannot be reached."""
+        unless `refresh`: assess refreshes), else from the cache when it
+        cannot be reached."""
         if self._entries is not None and not refresh:
             return self._entries
         from .signing import SignatureError
