@@ -152,7 +152,14 @@ class App:
         self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.pid = self.proc.pid
-        self.pids = self._wait_workers(workers + 1)
+        try:
+            self.pids = self._wait_workers(workers + 1)
+        except BaseException:  # never started for the test to stop: end its whole session here
+            import signal
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise
 
     def _wait_workers(self, count, timeout=30):
         deadline = time.monotonic() + timeout
