@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 
 from common import machine, write_result
@@ -85,14 +84,18 @@ def run(modules: int, attrs: int, rounds: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--modules", type=int, help="filler modules (default 2000, quick 200)")
+    parser.add_argument("--rounds", type=int, help="rounds of the three variants (default 40, quick 10)")
     args = parser.parse_args()
     modules, attrs, rounds = (200, 20, 10) if args.quick else (2000, 50, 40)
+    modules, rounds = args.modules or modules, args.rounds or rounds
     result = {"machine": machine(), **run(modules, attrs, rounds)}
     path = write_result("values-apply", result, args.quick)
-    print(textwrap.indent(f"{len(sys.modules)} modules loaded; written to {path}", ""))
+    print(f"{result['modules_loaded']} modules loaded")
     for name, v in result["variants"].items():
         print(f"{name:14} apply p50 {v['apply_us']['p50']:9.1f} us  p90 {v['apply_us']['p90']:9.1f} us   "
               f"pause p50 {v['pause_us']['p50']:7.1f} us  p90 {v['pause_us']['p90']:7.1f} us")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

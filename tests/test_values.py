@@ -240,3 +240,16 @@ def test_a_tuple_constant_rebinds_only_what_the_source_binds_to_it(tmp_path, mon
     assert core.open_() == (("r", "b"), ()) and core.ALSO == ("r",) and core.EMPTY == ("x",)
     engine.rollback()
     assert core.open_() == (("r",), ()) and core.MODES is core.ALSO
+
+
+def test_values_benchmark_runs():
+    """benchmarks/values_apply.py runs (tiny parameters; its figures come from make bench)."""
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "values_apply.py"), "--quick",
+                          "--modules", "5", "--rounds", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    with open(out.stdout.strip().splitlines()[-1].split("results: ", 1)[1]) as fh:
+        data = json.load(fh)
+    assert set(data["variants"]) == {"literal", "literal-again", "value"} and data["rounds"] == 2
