@@ -452,8 +452,8 @@ def test_a_cumulative_bundle_does_not_silently_drop_a_newer_patch(service, bundl
     # HP-X-1 is of another lineage, but cumulative: it would replace HP-D-1, built after it
     r = cli("apply", str(svc.pid), bundles["HP-X-1"], "--json")
     assert r.returncode == 3
-    refused = _json(r)
-    assert refused["error"] == "Downgrade"
+    refused = _json(r)["error"]  # the one error shape of --json
+    assert refused["type"] == "Downgrade" and refused["exit_code"] == 3
     assert refused["problems"][0]["target"] == "HP-D-1"
     assert "older than applied HP-D-1 (sequence 3) for inventory 1.0 and would remove it" in refused["problems"][0]["message"]
     assert _applied(svc.pid) == ["HP-D-1"] and svc.get(SECRET)[0] == 404 and svc.get(ROUNDING)[1]["total"] == 2.67
