@@ -497,6 +497,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        # the deepest subcommand's sets it last: errors say `livepatch trust reload: ...`
+        self.set_defaults(prog=self.prog)
 
     def error(self, message):
         # one line naming the mistake and where the help is (argparse prints the usage block first)
@@ -531,7 +533,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
             return _Unused()
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
-        p.set_defaults(func=func, prog=p.prog)
+        p.set_defaults(func=func)
         return p
 
     p = command("keygen", cmd_keygen, "create an Ed25519 signing key pair (PREFIX.key, PREFIX.pub)")

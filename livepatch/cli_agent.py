@@ -446,7 +446,7 @@ def add_commands(command) -> None:
     p.add_argument("--tree", action="store_true", help="the PID and all its descendants that have an agent")
     p.add_argument("--trust", metavar="KEYFILE_OR_DIR", help="load from here from now on (default: the store in use)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_trust_reload, prog=p.prog)
+    p.set_defaults(func=cmd_trust_reload)
     p = command("run", cmd_run, "run a Python program (any command line) with the agent in it")
     if p:  # not left out of the parser (cli.parser(only=...))
         from .cli_run import add_arguments
