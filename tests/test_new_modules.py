@@ -41,3 +41,16 @@ def test_a_new_module_that_does_not_compile_is_refused_with_its_line(tmp_path):
     broken = dict(NEW, **{"app/safety.py": "def escape(s):\n    return (\n"})
     with pytest.raises(BuildRefused, match=r"safety.py:2"):
         build(*write_release(tmp_path, BASE, broken), patch_id="HP-NEW")
+
+
+def test_a_failed_apply_leaves_no_new_module_behind(tmp_path):
+    # fault injection: post_apply fails once the new module is imported and in use
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def post_apply(ctx):\n    assert ctx.module('app.safety') is not None\n"
+                     "    raise RuntimeError('injected')\n")
+    base, new = write_release(tmp_path, BASE, NEW)
+    data, _ = build(base, new, patch_id="HP-NEW", hooks=str(hooks))
+    probe = "[sys.modules['app.core'].render('<b>'), 'app.safety' in sys.modules, hasattr(sys.modules['app'], 'safety')]"
+    out = round_trip(tmp_path, data, ["app.core"], probe)
+    assert out["apply_error"] == "post_apply of HP-NEW failed: RuntimeError: injected; the patch was rolled back"
+    assert out["rolled_back"] == out["before"] == ["<b>", False, False]
