@@ -75,10 +75,23 @@ def distributions() -> dict[str, str]:
         return dict(out)
 
 
+def installed(names) -> dict[str, str | None]:
+    """{name: installed version, or None} of distributions named by the
+    request, imported or not (a fix for one not imported yet is pending on
+    its import)."""
+    if not isinstance(names, list) or len(names) > 64 or not all(isinstance(n, str) and len(n) <= 200 for n in names):
+        return {}
+    with _lock:
+        return {n: _version_of(n) for n in names}
+
+
 def runs(agent, request: dict) -> dict:
     """The status fields: "baseline" always, "distributions" when the
-    request asks for them (`"distributions": true`)."""
+    request asks for them (`"distributions": true`), and "installed" for
+    the distributions it names (`"installed": [names]`)."""
     out = {"baseline": application(agent)}
     if request.get("distributions") is True:
         out["distributions"] = distributions()
+    if request.get("installed"):
+        out["installed"] = installed(request["installed"])
     return out

@@ -71,13 +71,15 @@ def _normal(name: str) -> str:
 
 def runs_version(runs: dict, distribution: str):
     """(known, version) of `distribution` in a process: the application
-    baseline or a loaded distribution; (False, None) if it runs neither."""
+    baseline, a loaded distribution, or one installed for it and not
+    imported yet; (False, None) if it has none of them."""
     base = runs.get("baseline") or {}
     if base.get("name") and _normal(base["name"]) == _normal(distribution):
         return True, base.get("version")
-    for name, version in (runs.get("distributions") or {}).items():
-        if _normal(name) == _normal(distribution):
-            return True, version
+    for group in ("distributions", "installed"):
+        for name, version in (runs.get(group) or {}).items():
+            if version is not None and _normal(name) == _normal(distribution):
+                return True, version
     return False, None
 
 
@@ -106,7 +108,8 @@ def _classify(entry: CatalogEntry, runs: dict, applied: list, verdict: dict | No
         return "superseded", f"replaced by {later.id}"
     known, version = runs_version(runs, entry.distribution)
     if not known:
-        return "not-applicable", f"built for {entry.distribution} {entry.version}; the process does not run {entry.distribution}"
+        return "not-applicable", (f"built for {entry.distribution} {entry.version}; the process does not run "
+                                  f"{entry.distribution} and has none installed")
     if version is not None and version != entry.version:
         return "not-applicable", f"built for {entry.distribution} {entry.version}; the process runs {entry.distribution} {version}"
     if verdict is None:
@@ -127,8 +130,9 @@ def _classify(entry: CatalogEntry, runs: dict, applied: list, verdict: dict | No
     return "pending", ""
 
 
-def _statuses(pids) -> dict:
-    return fanout.request_all(pids, "status", wait=STATUS_WAIT, distributions=True)
+def _statuses(pids, names=()) -> dict:
+    fields = {"installed": sorted(set(names))[:MAX_BUNDLES_PER_REQUEST]} if names else {}
+    return fanout.request_all(pids, "status", wait=STATUS_WAIT, distributions=True, **fields)
 
 
 def _verdicts(pids, blobs: list[str]) -> dict[int, list]:
@@ -163,11 +167,12 @@ def assess(repo, services) -> list[ServiceAssessment]:
             sa.roles[m.pid] = m.role
             if not m.answering:
                 sa.errors[m.pid] = m.error or "not answering"
-        statuses = _statuses(pids)
+        statuses = _statuses(pids, [e.distribution for e in catalog])
         live = []
         for pid, o in statuses.items():
             if o.ok:
-                sa.runs[pid] = {"baseline": o.result.get("baseline"), "distributions": o.result.get("distributions") or {}}
+                sa.runs[pid] = {"baseline": o.result.get("baseline"), "distributions": o.result.get("distributions") or {},
+                                "installed": o.result.get("installed") or {}}
                 live.append(pid)
             else:
                 sa.errors[pid] = o.describe()

@@ -129,8 +129,8 @@ class App:
     WORKERS forked children; stopped by PID."""
 
     def __init__(self, tmp, keys, name, version="1.0", workers=1, declare=True, installed=None):
-        """`installed`: a version for an installed distribution NAME (its
-        dist-info on the program's path), what an undeclared run finds."""
+        """`installed`: {distribution: version} installed on the program's
+        path (their dist-info); one named NAME is what an undeclared run finds."""
         self.tmp, self.name = str(tmp), name
         trees = _trees(self.tmp)
         self.out = os.path.join(self.tmp, f"out-{name}")
@@ -138,10 +138,11 @@ class App:
         path = [trees["base"]]
         if installed:
             site = os.path.join(self.tmp, f"site-{name}")
-            info = os.path.join(site, f"{name.replace('-', '_')}-{installed}.dist-info")
-            os.makedirs(info)
-            with open(os.path.join(info, "METADATA"), "w") as fh:
-                fh.write(f"Metadata-Version: 2.1\nName: {name}\nVersion: {installed}\n")
+            for dist, version in installed.items():
+                info = os.path.join(site, f"{dist.replace('-', '_')}-{version}.dist-info")
+                os.makedirs(info)
+                with open(os.path.join(info, "METADATA"), "w") as fh:
+                    fh.write(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
             path.append(site)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         for var in [v for v in env if v.startswith("LIVEPATCH_") and v != "LIVEPATCH_STATE_DIR"]:

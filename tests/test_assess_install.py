@@ -37,11 +37,13 @@ def _repository(tmp_path, keys, name):
                build(tmp_path, keys, "core2", "HP-CORE-2", name, classification="security", lineage="CORE",
                      sequence=2),
                build(tmp_path, keys, "lazy", "HP-LAZY", name, classification="bugfix", sequence=3),
-               build(tmp_path, keys, "lazy", "HP-OTHER", "shop", "9.9", classification="bugfix")]
+               build(tmp_path, keys, "lazy", "HP-OTHER", "shop", "9.9", classification="bugfix"),
+               # a fix to a third-party distribution the program has installed but not imported
+               build(tmp_path, keys, "lazy", "HP-LIB", f"{name}-lib", "2.0", classification="security")]
     release = CatalogEntry(id="REL-1.1", kind="baseline", classification="security",
                            baseline={"name": name, "version": "1.0"}, references=("CVE-2026-1",), fixed_in="1.1")
     publish.add(str(repo), load_private(keys["key"]), bundles=bundles, releases=[release])
-    return repo, dict(zip(("core1", "core2", "lazy", "other"), bundles))
+    return repo, dict(zip(("core1", "core2", "lazy", "other", "lib"), bundles))
 
 
 def _states(target, url, keys, cache):
@@ -64,11 +66,11 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
         for pid in app.pids:
             assert svc["processes"][str(pid)] == {
                 "HP-CORE-1": "superseded", "HP-CORE-2": "pending", "HP-LAZY": "pending-import",
-                "HP-OTHER": "not-applicable", "REL-1.1": "needs-baseline"}
+                "HP-OTHER": "not-applicable", "HP-LIB": "not-applicable", "REL-1.1": "needs-baseline"}
             assert svc["runs"][str(pid)]["baseline"] == {"name": name, "version": "1.0", "source": "declared"}
         reasons = svc["reasons"][str(app.pid)]
         assert reasons["HP-CORE-1"] == "replaced by HP-CORE-2"
-        assert reasons["HP-OTHER"] == f"built for shop 9.9; the process does not run shop"
+        assert reasons["HP-OTHER"] == "built for shop 9.9; the process does not run shop and has none installed"
         assert "1.1" in reasons["REL-1.1"] and "restart" in reasons["REL-1.1"]
         assert svc["assessed_at"]
 
@@ -81,7 +83,7 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
         assert outcomes["HP-CORE-2"][0] == "installed"
         assert outcomes["HP-LAZY"] == ("skipped", "classification bugfix not selected (security, critical)")
         assert outcomes["REL-1.1"][0] == "skipped" and "needs a new baseline" in outcomes["REL-1.1"][1]
-        assert "HP-CORE-1" not in outcomes and "HP-OTHER" not in outcomes
+        assert "HP-CORE-1" not in outcomes and "HP-OTHER" not in outcomes and "HP-LIB" not in outcomes
         app.wait_answers("fixed-2")
 
         # --exclude wins over --include; then --include installs the one left
@@ -104,7 +106,7 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
 def test_install_refuses_other_releases_and_tampered_bundles_then_canary_first(tmp_path, keys, apps):
     name = unique_name()
     repo, bundles = _repository(tmp_path, keys, name)
-    app = App(tmp_path, keys, name, workers=2, declare=False, installed="1.0")
+    app = App(tmp_path, keys, name, workers=2, declare=False, installed={name: "1.0", f"{name}-lib": "2.0"})
     apps.append(app)
     repository = Repository(str(repo), trusted_keys=keys["trust"], cache_dir=str(tmp_path / "cache"))
     svc = tree.by_name(name)
@@ -112,6 +114,8 @@ def test_install_refuses_other_releases_and_tampered_bundles_then_canary_first(t
     # not declared: the installed distribution's metadata says what runs
     assert {r["baseline"]["source"] for r in sa.runs.values()} == {"metadata"}
     assert sa.state_of("HP-CORE-2") == "pending"
+    # installed, not imported: its fix waits for the import
+    assert {s["HP-LIB"] for s in sa.processes.values()} == {"pending-import"}
 
     # asked for by id, a bundle built for shop 9.9 is refused with the reason
     result = install(repository, [svc], include=["HP-OTHER"])
