@@ -275,8 +275,8 @@ def class_attributes(tree: ast.Module) -> dict:
 # ---------------------------------------------------------------- the diff's hooks
 # (diff: build.ModuleDiff; each adds to diff.values, diff.definitions or diff.refused)
 
-HOOK_HINT = ("a migration hook can do it: a hooks module in the bundle whose pre_apply/post_apply "
-             "(and pre_rollback/post_rollback) migrate the live objects")
+HOOK_HINT = ("a migration hook can do it: build with --hooks hooks.py defining pre_apply(ctx) to migrate "
+             "the live objects (ctx.module(name) is the module) and post_rollback(ctx) to migrate them back")
 
 
 def add_value(diff, qualname: str, node: ast.Assign) -> None:
