@@ -594,9 +594,12 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "install", "repo"):
         from . import cli_repo
         cli_repo.add_commands(command)
-    from . import cli_updater, hotfixes
-    cli_updater.add_commands(command)
-    hotfixes.add_commands(command)
+    if only in (None, "updater"):
+        from . import cli_updater
+        cli_updater.add_commands(command)
+    if only in (None, "installed"):
+        from . import hotfixes
+        hotfixes.add_commands(command)
     p = command("completion", cmd_completion, "print a shell completion script (bash or zsh)")
     p.add_argument("shell", choices=["bash", "zsh"])
     return ap

@@ -397,15 +397,17 @@ def add_commands(command) -> None:
     p.add_argument("target", nargs="?", metavar="SERVICE|PID",
                    help="a PID (one process), or a service: its name, or a PID with --tree")
     p.add_argument("--tree", action="store_true", help="the PID and all its descendants that have an agent")
-    from .hotfixes import add_history_arguments
-    add_history_arguments(p)
+    if p:  # not left out of the parser (cli.parser(only=...)): the module is a command's own
+        from .hotfixes import add_history_arguments
+        add_history_arguments(p)
     p = command("assess", cmd_assess, "check which bundles would apply to a process now (PID BUNDLE...), or what a "
                 "repository holds for each process of a service (SERVICE|--all --repo URL), changing nothing")
     p.add_argument("target", nargs="?", metavar="PID|SERVICE")
     p.add_argument("bundles", nargs="*", metavar="BUNDLE")
     p.add_argument("--all", action="store_true", help="with --repo: every service on this machine")
-    from .cli_repo import repo_arguments
-    repo_arguments(p)
+    if p:
+        from .cli_repo import repo_arguments
+        repo_arguments(p)
     p = command("apply", cmd_apply, "apply a bundle to a live process, or to every process of a service (all or nothing)")
     target(p)
     p.add_argument("bundle")

@@ -419,10 +419,14 @@ def test_an_idle_agent_imports_only_what_waiting_for_requests_needs(tmp_path):
 
 # `livepatch status/apply PID` needs the client, the protocol and its own
 # presentation: neither the engine nor the bundle parser (the agent verifies
-# and parses), nor what argparse's help formatter and `run` would pull.
+# and parses), nor what argparse's help formatter and `run` would pull, nor
+# the agent's server, the socket module (the client uses the C socket type),
+# threading, or the modules of other commands.
 NOT_IN_THE_CLI = ("livepatch.patchstack", "livepatch.bundle", "livepatch.signing", "livepatch.errors",
                   "livepatch.tree", "livepatch.fanout", "livepatch.agent.requests", "livepatch.agent.state",
-                  "cryptography", "dataclasses", "inspect", "typing", "hashlib", "shutil", "subprocess", "signal")
+                  "livepatch.agent.server", "livepatch.cli_run", "livepatch.cli_repo", "livepatch.cli_updater",
+                  "livepatch.hotfixes", "cryptography", "dataclasses", "inspect", "typing", "hashlib", "shutil",
+                  "subprocess", "signal", "socket", "selectors", "threading", "datetime")
 CLI_MODULES = """
 import atexit, sys
 atexit.register(lambda: sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n"))
