@@ -22,6 +22,35 @@ def _methods(methods):
     return f"; {methods.get('one call', 0)} of {sum(methods.values())} commits in one call"
 
 
+def _ci(r) -> str:
+    return f"{r['median']} (95% CI {r['ci95'][0]} to {r['ci95'][1]})"
+
+
+def _agent_rows(agent):
+    ins = agent["idle_http_instructions"]
+    if "skipped" not in ins:
+        d, aa, med = ins["agent_minus_none"], ins["aa_control"], ins["instructions_per_request_median"]
+        yield ("idle agent, instructions per HTTP request (callgrind, every thread of the service)",
+               f"{med['none']:,} without, {med['agent']:,} with: {d['instructions_median']:+,} ({d['percent']:+.2f}%, "
+               f"95% CI {d['percent_ci95'][0]:+.2f}% to {d['percent_ci95'][1]:+.2f}%); A/A control "
+               f"{aa['instructions_median']:+,} ({aa['percent']:+.2f}%); median of {ins['batches']} batches of "
+               f"{ins['requests_per_batch']} requests", "agent.py")
+    h, c, rounds = agent["idle_http"], agent["idle_cpu"], agent["params"]["rounds"]
+    yield (f"idle agent, HTTP demo, paired ({rounds} rounds of {h['seconds_per_round']:g} s, three services loaded at once)",
+           f"throughput with/without {_ci(h['throughput_ratio']['agent_over_none'])}, A/A "
+           f"{_ci(h['throughput_ratio']['aa_control'])}; service CPU time per request with/without "
+           f"{_ci(h['cpu_per_request_ratio']['agent_over_none'])}, A/A {_ci(h['cpu_per_request_ratio']['aa_control'])}",
+           "agent.py")
+    yield (f"idle agent, CPU-bound program, paired ({rounds} rounds of {c['seconds_per_round']:g} s, three at once)",
+           f"iterations with/without {_ci(c['ratio']['agent_over_none'])}, A/A {_ci(c['ratio']['aa_control'])}; CPU time "
+           f"per iteration with/without {_ci(c['cpu_per_iteration_ratio']['agent_over_none'])}, A/A "
+           f"{_ci(c['cpu_per_iteration_ratio']['aa_control'])}", "agent.py")
+    e = agent["end_to_end"]
+    yield ("`livepatch apply` on a live service, inside the agent",
+           f"agent side p50 {e['apply_in_agent_ms']['p50']:.1f} ms (verify, check, commit), commit pause "
+           f"{e['apply_pause_us']['p50']:.0f} µs; the command end to end: `startup.py` rows", "agent.py")
+
+
 def rows():
     out = []
     pause_rows = [(kind, r) for kind in ("pause", "pause-floor", "pause-10k") for r in (_load(kind) or {"rows": []})["rows"]]
@@ -62,12 +91,7 @@ def rows():
                     f"{big['young_check_ns_inside_pause']['p50'] / 1000:.0f} µs inside", "safepoint.py"))
     agent = _load("agent")
     if agent:
-        out.append(("idle agent, CPU-bound throughput", f"ratio with/without {agent['idle_cpu']['ratio_agent_over_none']}", "agent.py"))
-        out.append(("idle agent, HTTP demo throughput", f"ratio with/without {agent['idle_http']['ratio_agent_over_none']}", "agent.py"))
-        e = agent["end_to_end"]
-        out.append(("`livepatch apply` end to end on a live service",
-                    f"p50 {e['apply_wall_ms']['p50']:.0f} ms wall (CLI start-up {e['cli_interpreter_startup_ms']:.0f} ms), "
-                    f"agent side {e['apply_in_agent_ms']['p50']:.1f} ms, commit pause {e['apply_pause_us']['p50']:.0f} µs", "agent.py"))
+        out.extend(_agent_rows(agent))
     alt = _load("alternatives")
     if alt:
         rs, hp = alt["restart_vs_hotpatch"]["restart"], alt["restart_vs_hotpatch"]["hotpatch"]
