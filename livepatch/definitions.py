@@ -320,6 +320,8 @@ def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -
         return
     bound |= {q.partition(".")[0] for q in list(changed) + [f[0] for f in diff.new_functions] + list(diff.definitions)}
     bound |= {name for name, _ in diff.new_imports}
+    # what a function of the release binds with `global NAME` exists once it ran, as in the release itself
+    bound |= {n for node in ast.walk(new_tree) if isinstance(node, ast.Global) for n in node.names}
     used: dict = {}
     for q, _fp, code, _d, _kw in diff.changes:
         used.setdefault(q, set()).update(code_globals(code))
@@ -332,6 +334,9 @@ def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -
             names |= code_globals(code)
         if q in defs:
             names |= definition_globals(defs[q])
+            # names a class body inside the definition binds and then looks up (class Meta: ...)
+            names -= {n.id for n in ast.walk(defs[q]) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            names -= {n.name for n in ast.walk(defs[q]) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     for q, entry in diff.values.items():
         used.setdefault(q, set()).update(expression_globals(ast.parse(entry["expression"], mode="eval").body))
     line_of = {q: getattr(defs.get(q), "lineno", None) for q in used}

@@ -324,3 +324,28 @@ def test_round_trip_with_the_cli_into_a_running_process(tmp_path, keys):
         assert observe() == baseline  # every value and captured reference is the original object again
     finally:
         end_process(proc)
+
+
+def test_a_new_class_with_an_inner_class_body_builds_and_applies(tmp_path, monkeypatch):
+    new = BASE + '''
+
+class Report(Cart):
+    class Meta:
+        ordering = ["name"]
+        first = ordering[0]
+
+    def first(self):
+        return self.Meta.first + str(self.total)
+'''
+    base, patched, pkg = trees(str(tmp_path), BASE, new)
+    data, _ = build(base, patched, patch_id="HP-I")
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    try:
+        engine = livepatch.Engine()
+        engine.apply(fmt.load_bundle(data, allow_unsigned=True))
+        assert core.Report([1, 2]).first() == "name3" and issubclass(core.Report, core.Cart)
+        engine.rollback()
+        assert not hasattr(core, "Report")
+    finally:
+        for name in [n for n in sys.modules if n.startswith(pkg)]:
+            del sys.modules[name]
