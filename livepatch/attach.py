@@ -133,6 +133,7 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     """Start an agent inside process `pid`. Returns {"socket", "method",
     "stop_ms", "elapsed_ms", "python"}; raises AttachError with the reason."""
     from livepatch.client import AgentUnavailable, agent_socket, environment, owner
+    declared = version  # `version` names the target's Python below
     if not os.path.exists(f"/proc/{pid}"):
         raise AttachError(f"no process with PID {pid}")
     try:
@@ -164,7 +165,7 @@ def attach(pid: int, *, trust=None, allow_unsigned: bool = False, name: str | No
     lib, script, result = (os.path.join(directory, names[k]) for k in ("lib", "script", "result"))
     needed = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     options = {"trust": os.path.abspath(trust) if trust else None, "allow_unsigned": allow_unsigned, "name": name,
-               **({"version": version} if version else {})}
+               **({"version": declared} if declared else {})}
     started = time.perf_counter()
     try:
         _write_private(names["script"], _bootstrap_text(result, options, needed).encode(), uid, dir_fd)
