@@ -1,15 +1,20 @@
-"""The `livepatch` command. Human output by default, `--json` everywhere.
+"""The `livepatch` command. Human output by default, `--json` everywhere
+(docs/json.md); every error is one line on stderr, or the one error shape
+of CliError.to_json with --json.
 
 Exit codes (also in README.md):
   0  success
-  1  error (bad input, I/O, internal)
-  2  usage error (argparse)
+  1  error (a file missing or unreadable, I/O, a program `run` cannot start)
+  2  usage error (an unknown option, a missing argument, a value out of
+     range or of the wrong form, options that exclude each other)
   3  refused: the patch or build was refused (baseline mismatch, busy
-     target, incompatible change, refused source change)
+     target, incompatible change, refused source change, no code for the
+     process's Python version, downgrade)
   4  verification failed (signature, tampered or invalid bundle)
   5  no such process, or no agent reachable in it
   6  partial: a service was left with some processes patched and others
      not (`--continue`, or a rollback after a refusal that failed)
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
