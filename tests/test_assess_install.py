@@ -159,3 +159,21 @@ def test_install_refuses_other_releases_and_tampered_bundles_then_canary_first(t
     status = json.loads(cli("status", str(app.pid), "--json").stdout)
     assert status["baseline"] == {"name": name, "version": "1.0", "source": "metadata"}
     assert status["applied"][-1]["metadata"]["baseline"] == {"name": "shop", "version": "9.9"}
+
+
+def test_attach_declares_the_version_a_process_runs(tmp_path, keys):
+    import subprocess
+    import sys
+
+    from live import end_process
+    name = unique_name()
+    proc = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.05)"])
+    try:
+        r = cli("attach", str(proc.pid), "--trust", keys["trust"], "--name", name, "--version", "4.2",
+                "--method", "pyinjector")
+        assert r.returncode == 0, r.stdout + r.stderr
+        status = json.loads(cli("status", str(proc.pid), "--json").stdout)
+        assert status["baseline"] == {"name": name, "version": "4.2", "source": "declared"}
+        assert f"runs {name} 4.2 (declared)" in cli("status", str(proc.pid)).stdout
+    finally:
+        end_process(proc)
