@@ -287,13 +287,23 @@ def add_value(diff, qualname: str, node: ast.Assign) -> None:
     except NotLiteral:
         v = node.value
         diff.values[qualname] = {"expression": expression(v), "line": v.lineno,
-                                 "span": (v.lineno, v.col_offset, v.end_lineno, v.end_col_offset)}
+                                 "spans": [(v.lineno, v.col_offset, v.end_lineno, v.end_col_offset)]}
 
 
 def add_definition(diff, qualname: str, node: ast.AST, replaces: bool = False) -> None:
     text, line = statement(node)
     diff.definitions[qualname] = {"statement": text, "line": line, "replaces": replaces,
-                                  "span": (line, 0, node.end_lineno, None)}
+                                  "spans": [(line, 0, node.end_lineno, None)]}
+
+
+def _same_named(tree: ast.Module, qualname: str) -> list:
+    """Every def of `qualname`'s scope that binds its name, in order (a new
+    property's getter and its @x.setter are one definition)."""
+    owner, _, name = qualname.rpartition(".")
+    for q, body in _scopes(tree)[0]:
+        if q == owner:
+            return [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name]
+    return []
 
 
 def inside_new_class(qualname: str, base_defs: dict, new_defs: dict) -> bool:
@@ -309,6 +319,12 @@ def inside_new_class(qualname: str, base_defs: dict, new_defs: dict) -> bool:
 
 def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -> None:
     """References of the changed values, and the names check."""
+    for q, entry in diff.definitions.items():
+        nodes = _same_named(new_tree, q)
+        if len(nodes) > 1 and not entry["replaces"]:
+            texts = [statement(n) for n in nodes]
+            entry.update(statement="\n".join(t for t, _ in texts), line=texts[0][1],
+                         spans=[(line, 0, n.end_lineno, None) for (_, line), n in zip(texts, nodes)])
     changed = set(diff.constants) | set(diff.values)
     diff.captured = {}
     for qualname in sorted(changed):
@@ -378,15 +394,17 @@ def exact_sources(diff, source: str) -> None:
     lines = source.splitlines(keepends=True)
     for entries, key, mode in ((diff.values, "expression", "eval"), (diff.definitions, "statement", "exec")):
         for entry in entries.values():
-            first, col, last, end_col = entry.pop("span")
-            chunk = lines[first - 1:last]
-            if not chunk:
+            texts = []
+            for first, col, last, end_col in entry.pop("spans"):
+                chunk = lines[first - 1:last]
+                if end_col is not None and chunk:
+                    chunk[-1] = chunk[-1][:end_col] if len(chunk) > 1 else chunk[-1][col:end_col]
+                    if len(chunk) > 1:
+                        chunk[0] = chunk[0][col:]
+                texts.append("".join(chunk) if mode == "eval" else textwrap.dedent("".join(chunk)))
+            text = "\n".join(texts)
+            if not text.strip():
                 continue
-            if end_col is not None:
-                chunk[-1] = chunk[-1][:end_col] if len(chunk) > 1 else chunk[-1][col:end_col]
-                if len(chunk) > 1:
-                    chunk[0] = chunk[0][col:]
-            text = "".join(chunk) if mode == "eval" else textwrap.dedent("".join(chunk))
             try:
                 ast.parse(text, mode=mode)
             except (SyntaxError, ValueError, RecursionError, MemoryError):

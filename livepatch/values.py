@@ -302,9 +302,10 @@ def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=N
     text = entry["source"]
     tree = _parsed(text, "exec", f"{field}.source", fail)
     name = qualname.rpartition(".")[2]
-    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
-            or tree.body[0].name != name:
-        fail(f"{field}.source", f"must be one def or class statement named {name!r}")
+    # one def or class; or several defs of one name (a property's getter, then its setter)
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef) if len(tree.body) == 1 else (ast.FunctionDef, ast.AsyncFunctionDef)
+    if not tree.body or not all(isinstance(n, defs) and n.name == name for n in tree.body):
+        fail(f"{field}.source", f"must be one def or class statement named {name!r}, or defs of that name")
     make = _once(lambda module, making: _defined(module, qualname, text, filename, line, entry.get("replaces", False),
                                                  bundled, making))
     first = text.strip().splitlines()[0] if text.strip() else ""

@@ -83,6 +83,14 @@ NEW = BASE.replace('''    def hello(self):
 
     def greet(self):
         return super().hello() + "+" + self.hello()
+
+    @property
+    def label(self):
+        return self._label
+
+    @label.setter
+    def label(self, value):
+        self._label = value.strip()
 ''').replace('''@functools.lru_cache(maxsize=None)
 def square(x):
     return x * x
@@ -125,10 +133,13 @@ EXPECTED_NEW = [
      "source": "@classmethod\ndef of(cls, *items):\n    return cls(items)\n"},
     {"kind": "definition", "name": "{m}:Cart.greet", "line": 45, "replaces": False,
      "source": 'def greet(self):\n    return super().hello() + "+" + self.hello()\n'},
-    {"kind": "definition", "name": "{m}:Receipt", "line": 54, "replaces": False,
+    {"kind": "definition", "name": "{m}:Cart.label", "line": 48, "replaces": False,
+     "source": "@property\ndef label(self):\n    return self._label\n\n@label.setter\ndef label(self, value):\n"
+               "    self._label = value.strip()\n"},
+    {"kind": "definition", "name": "{m}:Receipt", "line": 62, "replaces": False,
      "source": 'class Receipt:\n    def __init__(self, cart):\n        self.lines = [f"{i}" for i in cart.items]\n\n'
                '    def text(self):\n        return ",".join(self.lines)\n'},
-    {"kind": "definition", "name": "{m}:audited", "line": 62, "replaces": False,
+    {"kind": "definition", "name": "{m}:audited", "line": 70, "replaces": False,
      "source": '@register\ndef audited(x):\n    return ("audited", x)\n'},
 ]
 
@@ -202,6 +213,8 @@ def test_apply_defines_and_rollback_removes_every_new_definition(tmp_path, monke
         assert core.Receipt(cart).text() == "1,2" and core.audited(3) == ("audited", 3)
         assert core.Receipt.__module__ == core.__name__ and core.Cart.of.__func__.__globals__ is vars(core)
         assert core._registry["audited"] is core.audited  # the new definition's decorator ran once
+        cart.label = "  tag "
+        assert cart.label == "tag"  # a new property with its setter
         engine.rollback()
         assert_unchanged(core, before)
         assert not hasattr(core, "Receipt") and not hasattr(core.Cart, "count") and not hasattr(core.Cart, "of")
