@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .errors import PatchError, Problem
 
@@ -54,7 +54,6 @@ class CatalogEntry:
     sha256: str = ""               # hotpatch: digest of the bundle file
     path: str = ""                 # hotpatch: bundles/ID.lpb, relative to the repository
     fixed_in: str | None = None    # baseline: the release that has the fix
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def distribution(self) -> str:
@@ -66,7 +65,6 @@ class CatalogEntry:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out.pop("extra")
         out["references"], out["requires"] = list(self.references), list(self.requires)
         return out
 

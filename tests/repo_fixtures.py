@@ -11,7 +11,6 @@ import http.server
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -216,8 +215,3 @@ def _agent_up(pid: int) -> bool:
         return socket_for(pid) is not None
     except AgentUnavailable:
         return False
-
-
-def copy_repo(src, dst):
-    shutil.copytree(str(src), str(dst))
-    return str(dst)
