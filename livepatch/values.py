@@ -81,9 +81,9 @@ class Recomputed:
         for other_name, other in list(sys.modules.items()):
             if other is self.module or not isinstance(other, types.ModuleType):
                 continue
-            try:
-                items = list(vars(other).items())
-            except TypeError:
+            try:  # the module's own dict, past any __getattribute__ of a lazy module type
+                items = list(object.__getattribute__(other, "__dict__").items())
+            except Exception:
                 continue
             for attr, value in items:
                 if value is old:
