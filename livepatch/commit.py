@@ -37,11 +37,16 @@ In one C-level call (`OneCall`), used whenever it is safe:
   jumps and at function entry, none of which lies before it), undoing
   exactly the stores that took effect (each sets a different attribute, so
   the order does not matter).
-* The caller scans every stack; the attempt builds the call, sleeps briefly
-  (so the call starts a GIL slice, after the threads that were waiting),
-  reads ahead what the call will touch, and makes the call. A thread that
-  ran meanwhile usually passes the check; if not, the caller rescans
-  within the same slice.
+* The caller scans every stack; the attempt builds the call, reads ahead
+  what the call will touch, and makes the call, without leaving the GIL
+  (each sleep there cost the apply a wait behind every busy thread, for
+  no shorter stall: YIELD_AROUND_ONE_CALL). A thread that ran meanwhile
+  usually passes the check; if not, the caller rescans.
+* The check also compares the refcount of every target code with the one
+  read when the located functions were last known complete (`holders`):
+  a function made from old code since, a new generator, anything that
+  took a reference, makes the attempt CHANGED, and the caller adds what
+  is new (`locate.young_snapshot`) before trying again.
 
 After a GIL handoff (`run`), when the first way cannot be used, the reasoning
 is this (`Python/ceval_gil.c`):
@@ -141,13 +146,19 @@ PREEMPTED = "the committing thread was preempted before its stores (the machine 
 LATE = "the stores ran past the time no other thread can ask for the GIL (slow audit hook or __setattr__?); undone"
 NO_HANDOFF = "the helper thread did not get the GIL within the handoff timeout (too many threads queued for it)"
 STALE = "a thread ran more than one call deep since its stack was scanned"
+CHANGED = "something came to hold (or let go of) a target's code since it was located"
 HOOKED = "an audit hook is installed: its code could run inside the stores"
 # False: always commit after a GIL handoff (`run`), never in one call.
 ONE_CALL_ENABLED = True
+# True: leave the GIL just before the one call and just after it. Measured
+# with 4 and 16 busy threads (benchmarks/stall.py), each sleep costs the apply
+# a wait for the GIL behind them (tens of ms) and shortens no worker's stall.
+YIELD_AROUND_ONE_CALL = False
 ONE_CALL = "one call"
 AFTER_HANDOFF = "after handoff"
 _CLEAN = {True: None}  # _CLEAN[False] raises KeyError: a check failed
 _ALL_PROVEN = tuple  # what is left to check when every top frame is proven: nothing
+_SAME_HOLDERS = {0: None}  # a refcount difference other than 0 raises KeyError(difference): CHANGED
 _ON_TIME = {True: None}  # _ON_TIME[False] raises KeyError: past the deadline
 _second = itemgetter(1)
 _codes = partial(map, attrgetter("f_code"))
@@ -271,15 +282,18 @@ class OneCall:
         took effect in any order restores the state before the commit."""
         return len({(id(op[1]), op[2]) for op in ops}) == len(ops)
 
-    def attempt(self, proven: set, code_ids, *, new_slice: bool = True) -> Outcome:
+    def attempt(self, proven: set, code_ids, *, new_slice: bool = True, holders=None) -> Outcome:
         """Check every thread's stack against the scan that proved `proven`
         clean and issue every op, all inside one C-level call; `code_ids`
         are the targets that may not be running. Call it from the frame
         that scanned: this frame is then one call above a proven one.
-        `new_slice`: leave the GIL first, so the call starts a GIL slice.
+        `new_slice`: leave the GIL first, so the call starts a GIL slice
+        (only with YIELD_AROUND_ONE_CALL). `holders`: (codes, refcounts
+        read by `locate.young_snapshot`); a code whose refcount differs
+        inside the call gained or lost a holder since (blocker CHANGED).
 
-        Not committed (blocker STALE or HOOKED): nothing changed; rescan, or
-        go through `run`. Raises CommitFailed, with everything restored, if
+        Not committed (blocker STALE, CHANGED or HOOKED): nothing changed;
+        rescan, look for new holders, or go through `run`. Raises CommitFailed, with everything restored, if
         a store fails."""
         me = threading.get_ident()
         clock = time.perf_counter_ns
@@ -306,13 +320,15 @@ class OneCall:
             map(_CLEAN.__getitem__, map(code_ids.isdisjoint, map(_ids, map(_codes, unproven)))),
             map(_CLEAN.__getitem__, map(proven.issuperset, map(_callers, unproven_too))))
         then = {True: _ALL_PROVEN, False: partial(iter, look_closer)}
+        codes, expected = holders or ((), ())
         section = chain(
             starmap(_call, ((sys.audit, 0), (clock,))),
             chain.from_iterable(map(_call, map(then.__getitem__, map(proven.issuperset, map(dict.values, tops))))),
+            map(_SAME_HOLDERS.__getitem__, map(operator.sub, map(sys.getrefcount, codes), expected)),
             starmap(_call, self._steps),
             starmap(_call, ((clock,), (sys._current_frames,), (clock,))),
         )
-        if new_slice:
+        if new_slice and YIELD_AROUND_ONE_CALL:
             time.sleep(RELEASE_SLEEP)
         # After waiting for the GIL behind busy threads, everything the call
         # will touch is cold (a first touch costs ~0.5 us per cache line on a
@@ -325,7 +341,10 @@ class OneCall:
         # ~20 us inside; reading every field a store uses costs more than it
         # saves).
         proven.issuperset(sys._current_frames().values())
+        # Let go again before the call: it holds the replaced code objects,
+        # whose refcounts the call compares (`holders`).
         warm = tuple(map(tuple, self._touched))
+        del warm
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection could run finalizers (Python code) inside
         failure = None
@@ -351,10 +370,13 @@ class OneCall:
                 return Outcome(False, blocker=HOOKED, frames=frames, method=ONE_CALL)
             if isinstance(failure, KeyError) and failure.args == (False,):
                 return Outcome(False, blocker=STALE, frames=frames, method=ONE_CALL)
+            if isinstance(failure, KeyError) and type(failure.args[0]) is int:
+                return Outcome(False, blocker=CHANGED, frames=frames, method=ONE_CALL)
             raise CommitFailed("the final check inside the commit failed; nothing was stored",
                                problems) from failure
         start, stored, after, end = out[1], out[-3], out[-2], out[-1]
-        time.sleep(RELEASE_SLEEP)  # hand the GIL over now, not after the caller's bookkeeping
+        if YIELD_AROUND_ONE_CALL:
+            time.sleep(RELEASE_SLEEP)
         # Nothing inside can release the GIL (no audit hook, no Python code),
         # so a thread whose top frame changed is the only trace worth taking.
         return Outcome(True, end - start, None, frames, _ran_inside(frames, after, {me}, 0),

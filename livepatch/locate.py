@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import functools
 import gc
+import operator
 import os
 import sys
 import types
 import weakref
 from collections import defaultdict
+from itertools import chain, compress, repeat, starmap
 from dataclasses import dataclass, field
 
+from . import heapwalk
 from .errors import Problem
 
 FunctionType = types.FunctionType
@@ -73,59 +76,118 @@ def suspended_frame(obj):
     return obj.ag_frame
 
 
+# Below this many tracked objects one `gc.get_referrers` pass takes well under
+# a millisecond (about 18 ns per object); above it the heap is walked in
+# bounded steps (heapwalk). Allocated blocks are about three per tracked object.
+SMALL_HEAP = 20_000
+# Tracked objects the last walk visited: None until the first one. Asking the
+# allocator how big the heap is costs ~1 ms at 5x10^6 objects, so it is only
+# asked when the last walk found a small heap.
+_heap_hint = None
+
+
+def _small_heap() -> bool:
+    return _heap_hint is not None and _heap_hint < SMALL_HEAP and sys.getallocatedblocks() < 3 * SMALL_HEAP
+
+
 @dataclass
 class HeapIndex:
     """The functions of the target modules and the generator-likes running
-    target code, gathered with `gc.get_referrers` (one C-level pass).
+    target code. On a small heap gathered with `gc.get_referrers` (one
+    C-level pass, well under a millisecond there); on a bigger one by
+    `heapwalk.walk`, whose every C-level call is bounded, so other threads
+    run while it goes on. Objects made later are added from the young
+    generation (`add_young`, see `young_snapshot`).
 
     Deliberately not `gc.get_objects()`: holding a list of every object hands
     out references to objects other threads are still building (a tuple
     being filled from an iterator has its refcount checked by
     `_PyTuple_Resize`, and fails with SystemError if we hold it). Referrers of
     a module's globals dict are functions, the module and frames, never
-    half-built containers."""
+    half-built containers; the walk only follows references from modules and
+    stacks, and the young snapshot keeps functions and generator-likes only."""
 
     functions: list = field(default_factory=list)
     suspendables: list = field(default_factory=list)
     frozen_objects: int = 0
     by_code: dict = field(default_factory=dict)
     by_name: dict = field(default_factory=dict)
+    complete: bool = False  # every function of the modules was found in their namespaces
+    walked: bool = False  # found by the walk: `reachable` holds every generator-like
+    reachable: list = field(default_factory=list)
+    anchors: list = field(default_factory=list)
 
     @classmethod
     def scan(cls, modules=()) -> "HeapIndex":
         """Index the functions whose globals are one of `modules` (names)."""
+        global _heap_hint
         index = cls()
-        anchors = [vars(mod) for mod in map(loaded_module, modules) if mod is not None]
-        if anchors:
+        mods = [mod for mod in map(loaded_module, modules) if mod is not None]
+        if not mods:
+            return index
+        namespaces = [_module_functions(mod) for mod in mods]  # before anything else holds their dicts
+        anchors = index.anchors = [vars(mod) for mod in mods]
+        if all(found is not None for found in namespaces):
+            index.functions = [f for found in namespaces for f in found]
+            index.complete = True
+        elif _small_heap():
             index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
-        index.frozen_objects = gc.get_freeze_count()
-        if index.frozen_objects:
-            # gc.freeze() moves objects where get_referrers does not look;
-            # those are found by one walk from the roots, cached per freeze.
-            known = {id(f) for f in index.functions}
-            index.functions += [f for f in _frozen_cache.functions()
-                                if id(f) not in known and any(f.__globals__ is a for a in anchors)]
+            index.frozen_objects = gc.get_freeze_count()
+            if index.frozen_objects:
+                # gc.freeze() moves objects where get_referrers does not look;
+                # those are found by one walk from the roots, cached per freeze.
+                known = {id(f) for f in index.functions}
+                index.functions += [f for f in _frozen_cache.functions()
+                                    if id(f) not in known and any(f.__globals__ is a for a in anchors)]
+        else:
+            # the walk follows references, so frozen objects are found like any other
+            found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE)
+            ids = {id(a) for a in anchors}
+            index.functions = [f for f in found if type(f) is FunctionType and id(f.__globals__) in ids]
+            index.reachable = [o for o in found if type(o) is not FunctionType]
+            index.walked = True
+        index._reindex()
+        return index
+
+    def _reindex(self) -> None:
         by_code = defaultdict(list)
         by_name = defaultdict(list)
-        for f in index.functions:
+        for f in self.functions:
             code = f.__code__
             by_code[id(code)].append(f)
             by_name[(f.__module__, code.co_qualname)].append(f)
-        index.by_code = by_code
-        index.by_name = by_name
-        return index
+        self.by_code = by_code
+        self.by_name = by_name
+
+    def add_young(self, young: list) -> int:
+        """Add the functions of the target modules and the generator-likes
+        among `young` (see `young_snapshot`) not indexed yet; how many
+        functions (new generator-likes only matter to find_suspendables)."""
+        ids = {id(a) for a in self.anchors}
+        known = {id(o) for o in self.functions}
+        functions = [f for f in young if type(f) is FunctionType and id(f.__globals__) in ids and id(f) not in known]
+        known = {id(o) for o in self.reachable}
+        others = [o for o in young if type(o) is not FunctionType and id(o) not in known]
+        self.functions += functions
+        self.reachable += others
+        if functions:
+            self._reindex()
+        return len(functions)
 
     def find_suspendables(self, codes) -> None:
         """Collect the generator-likes whose code is one of `codes`."""
         codes = list(codes)
-        found = []
-        for i in range(0, len(codes), 64):  # get_referrers compares linearly with its arguments
-            found += [o for o in gc.get_referrers(*codes[i:i + 64]) if type(o) in _SUSPENDABLE]
-        if self.frozen_objects and codes:
-            ids = {id(c) for c in codes}
-            known = {id(o) for o in found}
-            found += [o for o in _frozen_cache.suspendables() if id(frame_code(o)) in ids and id(o) not in known]
-        self.suspendables = found
+        ids = {id(c) for c in codes}
+        found = [o for o in self.reachable if id(frame_code(o)) in ids]  # walked, or young
+        if self.complete and codes and not _small_heap():
+            # the namespaces say nothing of generators: walk the heap for them
+            found += [o for o in heapwalk.walk(_SUSPENDABLE)[0] if id(frame_code(o)) in ids]
+        elif not self.walked:
+            for i in range(0, len(codes), 64):  # get_referrers compares linearly with its arguments
+                found += [o for o in gc.get_referrers(*codes[i:i + 64]) if type(o) in _SUSPENDABLE]
+            if self.frozen_objects and codes:
+                found += [o for o in _frozen_cache.suspendables() if id(frame_code(o)) in ids]
+        self.suspendables = list({id(o): o for o in found}.values())
 
     def functions_using(self, code) -> list:
         return [f for f in self.by_code.get(id(code), ()) if f.__code__ is code]
@@ -136,6 +198,114 @@ class HeapIndex:
             if id(frame_code(g)) in code_ids and suspended_frame(g) is not None:
                 out.append(g)
         return out
+
+
+# Containers in a namespace looked into for functions, up to this many items.
+_NAMESPACE_ITEMS = 10_000
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _module_functions(module) -> list | None:
+    """Every function whose globals are the module's namespace, found from it (its
+    values, classes, decorator chains, closures, registries), or None when
+    some are elsewhere. Each such function holds a reference to the
+    namespace, so when the ones found account for every reference to it
+    (besides the module's and ours), there is no other: then locating costs
+    what the module holds, not what the heap holds, and no heap pass is
+    needed."""
+    namespace = vars(module)
+    found: dict = {}
+    seen: set = set()
+    todo = list(namespace.values())
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or obj is None:
+            continue
+        seen.add(id(obj))
+        kind = type(obj)
+        if kind is FunctionType:
+            if obj.__globals__ is namespace:
+                found[id(obj)] = obj
+            todo += [c.cell_contents for c in obj.__closure__ or () if _cell_set(c)]
+            todo += [v for v in (getattr(obj, "__wrapped__", None),) if v is not None]
+            continue
+        if isinstance(obj, type):
+            if obj.__module__ == namespace.get("__name__"):
+                todo += vars(obj).values()
+            continue
+        if kind in _CONTAINERS:
+            if len(obj) <= _NAMESPACE_ITEMS:
+                todo += obj.values() if kind is dict else obj
+            continue
+        if isinstance(obj, types.ModuleType):
+            continue
+        if isinstance(obj, property):
+            todo += (obj.fget, obj.fset, obj.fdel)
+            continue
+        if isinstance(obj, functools.partial):
+            todo.append(obj.func)
+            continue
+        for attr in ("__func__", "__wrapped__", "registry", "func"):
+            try:
+                inner = getattr(obj, attr, None)
+            except Exception:  # a descriptor or __getattr__ that fails
+                continue
+            if inner is not None and inner is not obj:
+                todo.append(inner)
+    del todo, seen
+    # the namespace's references: the module's, each function's, `namespace`
+    # here and the argument of getrefcount
+    if sys.getrefcount(namespace) - 3 == len(found):
+        return list(found.values())
+    return None
+
+
+def _cell_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+_WANTED_YOUNG = frozenset((FunctionType,) + _SUSPENDABLE)
+_young_objects = functools.partial(gc.get_objects, 0)
+_keep_wanted = functools.partial(map, _WANTED_YOUNG.__contains__)
+_types_of = functools.partial(map, type)
+
+
+def young_snapshot(codes: tuple) -> tuple[list, list, tuple]:
+    """(the functions and generator-likes among the objects made since the
+    last collection, `sys.getrefcount` of each of `codes`, the collection
+    and freeze counts), all read in one C-level call, so no other thread
+    runs in between (the counts are read last: a collection just before
+    them only makes the caller look again). While the collector stays off (and no one collects or
+    freezes by hand: the counts say so), every object made since is young,
+    so an index that was complete when the collector went off is complete
+    again with these added, and the refcounts say whether anything came to
+    hold a target code since (`holders_unchanged`).
+
+    The young generation itself is let go inside the same call: a list of
+    it would hold objects other threads are still building (see HeapIndex)."""
+    box: list = []
+    out = list(chain(
+        map(box.append, map(operator.call, repeat(_young_objects, 1))),
+        map(list, map(compress, box, map(_keep_wanted, map(_types_of, box)))),
+        map(sys.getrefcount, codes),
+        starmap(operator.call, ((box.clear,), (gc_counts,)))))  # gc_counts is Python: after the clear
+    return out[1], out[2:-2], out[-1]
+
+
+def gc_counts() -> tuple:
+    """Collections per generation and the freeze count: while they stay the
+    same, no object has left the young generation."""
+    return tuple(g["collections"] for g in gc.get_stats()) + (gc.get_freeze_count(),)
+
+
+def holders_unchanged(codes: tuple, expected: list) -> bool:
+    """Whether each of `codes` has the refcount `young_snapshot` read (the
+    same way: through `map`, so the temporary references are the same)."""
+    return list(map(sys.getrefcount, codes)) == expected
 
 
 class _FrozenCache:

@@ -29,9 +29,9 @@ import weakref
 from dataclasses import dataclass, field
 
 from . import commit as _commit
-from . import forksafe, imports
-from .checks import check_change, code_kind, require_supported_runtime
-from .errors import Cancelled, PatchError, Problem, RollbackRefused, TargetBusy, raise_for
+from . import forksafe, imports, transition
+from .checks import check_change, require_supported_runtime
+from .errors import PatchError, Problem, RollbackRefused, raise_for
 from .fingerprint import fingerprint
 from .history import History, now_iso as _now_iso, outcome_of
 from .importtime import EngineBusy, ImportCommits
@@ -40,14 +40,9 @@ from .patch import UNCHANGED, Change, Patch
 from .pending import AtImport, imported, part_patch, split, targets_by_module
 from .values import Recomputed, current
 from .busynow import holders
-from .safepoint import NOTHING_PROVEN, count_running, describe, first_busy, scan_stacks, young_suspended
+from .safepoint import count_running
 
 MISSING = object()  # a global that did not exist (before) or is to be deleted (after)
-_HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
-# How long to keep sampling for a safe point before rescanning the heap.
-_BURST_SECONDS = 0.25
-# How long to let a thread seen running a target go on before looking again.
-_BUSY_PAUSE = 0.001
 
 
 @dataclass(slots=True)
@@ -575,112 +570,13 @@ class Engine:
 
     # ------------------------------------------------------------- transition
     def _transition(self, action, patch_id, build, modules, timeout, force, restore_defaults=None, cancelled=None):
-        """Prepare from a heap scan, then sample safe points in short bursts
-        (each sample is one fresh GIL acquisition, see commit.py) until one
-        commits or the deadline passes. The heap is rescanned between bursts
-        because functions and generators come and go."""
-        deadline = time.monotonic() + max(0.0, timeout)
+        """Locate, prepare and commit (see transition.py), then the result
+        and what the patch stack keeps of it."""
         self._in_progress = {"action": action, "patch": patch_id, "since": _now_iso(time.time()),
                              "timeout": timeout}
-        attempts = 0
-        backoff = 0.01
-        outcome = None
-        while True:
-            if cancelled is not None and cancelled():
-                raise Cancelled(f"{action} of {patch_id!r} cancelled by its client after {attempts} attempts; "
-                                "nothing was changed")
-            gc_was_enabled = gc.isenabled()
-            self._gc_owed = gc_was_enabled  # first: a child forked from here on enables it again
-            gc.disable()  # keeps new objects in generation 0 until the commit (see safepoint)
-            try:
-                heap = HeapIndex.scan(modules)
-                switches, stores = build(heap)
-                ops, undo, saved, functions = self._make_ops(switches, stores, heap, restore_defaults)
-                self._in_flight = (ops, undo)
-                busy_ids = {id(s.old) for s in switches if not (force or s.allow_active or s.implied)}
-                gen_codes = [s.old for s in switches if id(s.old) in busy_ids and code_kind(s.old) != "function"]
-                gen_ids = {id(c) for c in gen_codes}
-                heap.find_suspendables(gen_codes)
-                suspended = heap.suspended_in(busy_ids)
-                gc_counts = [g["collections"] for g in gc.get_stats()]
-
-                proven = NOTHING_PROVEN
-
-                def check(frames_map):
-                    found = first_busy(frames_map, busy_ids, proven)
-                    if found is None and gen_ids:
-                        if [g["collections"] for g in gc.get_stats()] != gc_counts:
-                            return _HEAP_CHANGED
-                        found = young_suspended(gen_ids)
-                    return found
-
-                python_setattr = not all(_plain_owner(g.owner) for g in stores)
-                one_call = (_commit.ONE_CALL_ENABLED and not gen_ids and not python_setattr
-                            and not _commit.audit_hooks_installed() and _commit.OneCall.fits(ops))
-                in_one_call = _commit.OneCall(ops, undo) if one_call else None
-                stale = 0
-                burst_end = min(deadline, time.monotonic() + _BURST_SECONDS)
-                while not suspended:
-                    if cancelled is not None and attempts and cancelled():
-                        break  # between attempts: raised above, once the GC is back on
-                    attempts += 1
-                    # Walk every stack now: the section then only checks what
-                    # changed since. A target seen running skips the section.
-                    frames = sys._current_frames()
-                    busy, proven = scan_stacks(frames, busy_ids)
-                    tried_one_call = busy is None and one_call
-                    if tried_one_call:
-                        # The call starts a GIL slice. A thread that ran while
-                        # this one waited is usually at most one call deeper;
-                        # if not (STALE), scan again in this slice and retry.
-                        outcome = in_one_call.attempt(proven, busy_ids)
-                        if outcome.blocker is _commit.STALE:
-                            frames = sys._current_frames()
-                            busy, proven = scan_stacks(frames, busy_ids)
-                            if busy is None:
-                                outcome = in_one_call.attempt(proven, busy_ids, new_slice=False)
-                        if outcome.blocker is _commit.HOOKED:
-                            one_call = False
-                        elif outcome.blocker is _commit.STALE:
-                            stale += 1
-                            one_call = stale < 2  # then walk the changed stacks after a handoff
-                    if busy is not None:
-                        outcome = _commit.Outcome(False, blocker=busy, frames=frames)
-                        time.sleep(_BUSY_PAUSE)
-                    elif not tried_one_call:
-                        outcome = _commit.run(ops, undo, check, python_setattr=python_setattr)
-                    del frames, busy
-                    proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
-                    if outcome.committed or outcome.blocker is _HEAP_CHANGED or time.monotonic() >= burst_end:
-                        break
-                if outcome is not None and outcome.committed:
-                    break
-                target_of = {id(s.old): s.target for s in switches}
-                last = (outcome.frames if outcome else sys._current_frames(), suspended, busy_ids, target_of)
-                last_reason = outcome.blocker if outcome and isinstance(outcome.blocker, str) else None
-                self._in_flight = None
-                del heap, ops, undo, suspended, in_one_call
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-                self._gc_owed = False
-            if cancelled is not None and cancelled():
-                continue  # raised at the top of the loop
-            if time.monotonic() >= deadline:
-                frames, suspended, busy_ids, target_of = last
-                blockers = describe(frames, suspended, busy_ids, target_of)
-                problems = [Problem("busy", ", ".join(b["targets"]),
-                                    (f"thread {b['thread_name']!r} (id {b['thread_id']}) is running it: "
-                                     if b["kind"] == "thread" else f"a suspended {b['kind']} holds it: ")
-                                    + "; ".join(b["holding"])) for b in blockers]
-                if last_reason is not None or not problems:
-                    # the last attempt's own reason comes first: threads found
-                    # in targets now may not have been there when it checked
-                    problems.insert(0, Problem("busy", "", last_reason or _HEAP_CHANGED))
-                raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts",
-                                 problems, blockers)
-            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-            backoff = min(backoff * 2, 0.2)
+        outcome, plan, attempts = transition.run(self, action, patch_id, build, modules, timeout, force,
+                                                 restore_defaults, cancelled, plain_owner=_plain_owner)
+        switches, stores, saved, functions = plan.switches, plan.stores, plan.saved, plan.functions
 
         if force:
             self._forced = True

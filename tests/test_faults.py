@@ -3,7 +3,7 @@ leaves every function, default and global exactly as it was."""
 import pytest
 
 import livepatch
-from livepatch import commit, patchstack
+from livepatch import commit, patchstack, transition
 from conftest import assert_unchanged, patch_of, snapshot
 
 SRC = '''
@@ -61,7 +61,7 @@ STEPS = {
     "final check in one call": lambda mp: (mp.setattr(commit, "_CLEAN", _FailingLookup()),
                                            mp.setattr(commit, "_ALL_PROVEN", _fail)),
     "final check after a handoff": lambda mp: (mp.setattr(commit, "ONE_CALL_ENABLED", False),
-                                               mp.setattr(patchstack, "first_busy", _fail_on_call(1, patchstack.first_busy))),
+                                               mp.setattr(transition, "first_busy", _fail_on_call(1, transition.first_busy))),
 }
 # the two ways of making the critical section (see livepatch/commit.py)
 WAYS = {"one call": True, "after a handoff": False}

@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 import livepatch
-from livepatch import commit, patchstack
+from livepatch import commit, patchstack, transition
 from conftest import patch_of
 
 SRC = '''
@@ -109,7 +109,7 @@ def test_fork_while_another_thread_waits_in_apply(spinner, monkeypatch, one_call
     patch = patch_of(m, src, NEW, "HP-fork")
     monkeypatch.setattr(commit, "ONE_CALL_ENABLED", one_call)
     # one long burst: the GC stays disabled while the apply waits for a safe point
-    monkeypatch.setattr(patchstack, "_BURST_SECONDS", 30.0)
+    monkeypatch.setattr(transition, "BURST_SECONDS", 30.0)
     outcome = []
 
     def apply_in_thread():
@@ -142,7 +142,7 @@ def test_fork_while_another_thread_waits_in_apply(spinner, monkeypatch, one_call
 def test_fork_while_apply_times_out_in_the_parent(spinner, monkeypatch):
     m, src, stop = spinner
     patch = patch_of(m, src, NEW, "HP-fork-busy")
-    monkeypatch.setattr(patchstack, "_BURST_SECONDS", 30.0)
+    monkeypatch.setattr(transition, "BURST_SECONDS", 30.0)
     outcome = []
     applier = threading.Thread(target=lambda: outcome.append(_catch(lambda: livepatch.apply(patch, timeout=1.0))))
     applier.start()

@@ -6,6 +6,7 @@ import time
 import pytest
 
 import livepatch
+from livepatch import transition
 from conftest import patch_of
 
 SRC = '''
@@ -62,11 +63,18 @@ def test_busy_thread_is_reported_with_name_and_stack(make_module, engine):
         t.join()
 
 
-def test_waits_until_the_target_leaves_the_stack(make_module, engine):
+def test_waits_until_the_target_leaves_the_stack(make_module, engine, monkeypatch):
     m, src = make_module(SRC)
     t = _thread(m.work, name="leaving")
     m.entered.wait(5)
-    threading.Timer(0.2, m.gate.set).start()
+    real_scan = transition.scan_stacks
+
+    def scan_then_release(frames, code_ids):
+        found = real_scan(frames, code_ids)
+        if found[0] is not None:
+            m.gate.set()  # the thread leaves once an attempt has seen it inside
+        return found
+    monkeypatch.setattr(transition, "scan_stacks", scan_then_release)
     result = engine.apply(patch_of(m, src, NEW), timeout=5)
     t.join()
     assert result.attempts > 1
