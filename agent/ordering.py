@@ -85,13 +85,14 @@ def record_fields() -> dict:
 def recorded(engine, action: str):
     """Around the engine call of an apply or rollback: its entries in the
     engine's history get the request's record fields."""
-    before = len(engine.history())
+    earlier = engine.history()  # held: the ids of its entries stay theirs (the history is bounded)
+    before = set(map(id, earlier))
     try:
         yield
     finally:
         fields = record_fields()
-        for entry in engine.history()[before:]:
-            if entry.get("action") == action:
+        for entry in engine.history():
+            if id(entry) not in before and entry.get("action") == action:
                 for key, value in fields.items():
                     entry.setdefault(key, value)
 

@@ -29,10 +29,34 @@ def now_iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+# What an engine keeps for `status` and `history`: the newest entries, none
+# older than MAX_AGE seconds, each compact (a count for its targets: the
+# listeners, which write the service's history, get every target). A service
+# applying and rolling back for months keeps a bounded record in memory.
+MAX_ENTRIES = 1000
+MAX_AGE = 7 * 24 * 3600
+MAX_WARNINGS = 100
+# problems kept per entry (a refused patch of 1,000 targets names them all once, to its listeners)
+MAX_PROBLEMS = 20
+
+
+def compact(entry: dict) -> dict:
+    """The entry as kept: target names replaced by their count, problems cut."""
+    kept = dict(entry)
+    targets = kept.pop("targets", None)
+    if targets is not None:
+        kept["target_count"] = len(targets)
+    problems = kept.get("problems")
+    if problems and len(problems) > MAX_PROBLEMS:
+        kept["problems"] = problems[:MAX_PROBLEMS]
+        kept["problems_total"] = len(problems)
+    return kept
+
+
 class History:
     def __init__(self):
-        self.entries: list[dict] = []
-        self.warnings: list[str] = []
+        self.entries: deque[dict] = deque(maxlen=MAX_ENTRIES)
+        self.warnings: deque[str] = deque(maxlen=MAX_WARNINGS)
         self._listeners: tuple = ()
         # entries this thread recorded and has not handed to listeners yet
         self._outbox = threading.local()
@@ -50,7 +74,10 @@ class History:
             entry.update(reason=reason, error=type(exc).__name__,
                          problems=[p.to_dict() for p in getattr(exc, "problems", ())])
         entry.update({k: v for k, v in extra.items() if v is not None})
-        self.entries.append(entry)
+        self.entries.append(compact(entry))
+        cutoff = now_iso(time.time() - MAX_AGE)  # ISO times in UTC sort as strings
+        while self.entries and self.entries[0]["time"] < cutoff:
+            self.entries.popleft()
         if self._listeners:
             self._mine().append(entry)
         return entry
