@@ -98,7 +98,8 @@ def load_private(path: str):
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path}: not a PEM private key ({exc})") from None
+        # cryptography's own text is a paragraph with a URL: say what the file must be
+        raise SignatureError(f"{path}: not a PEM private key (give the .key file `livepatch keygen` wrote)") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise SignatureError(f"{path}: not an Ed25519 private key")
     return key
@@ -112,7 +113,8 @@ def load_public(path: str, expect: os.stat_result | None = None, shown: str | No
     try:
         key = serialization.load_pem_public_key(_read_small(path, expect))
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{shown}: not a PEM public key ({exc})") from None
+        raise SignatureError(f"{shown}: not a PEM public key (give a .pub file `livepatch keygen` wrote, "
+                             "or a directory of them)") from None
     except OSError as exc:
         raise SignatureError(f"{shown}: cannot read it: {exc.strerror or exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):

@@ -35,6 +35,7 @@ def world(tmp_path_factory, keys, docs_bundle):
     (d / "exists.key").write_text("not mine to overwrite\n")
     (d / "exists.rb").write_text("an authorisation made earlier\n")
     (d / "outdir").mkdir()
+    os.mkfifo(d / "fifo.lpb")  # reading it would block for good
     (d / "script.sh").write_text("#!/bin/sh\necho hello\n")
     (d / "script.sh").chmod(0o755)
     unsigned = d / "unsigned.lpb"
@@ -190,6 +191,11 @@ CASES = [
     ("history no-such-service", 5, "livepatch history: no live agent belongs to a service named 'no-such-service' "
                                    "(see `livepatch ps`)"),
     ("apply {pid} {tmp}/missing.lpb", 1, "livepatch apply: cannot read {tmp}/missing.lpb: No such file or directory"),
+    ("apply {pid} {tmp}/fifo.lpb", 1, "livepatch apply: cannot read {tmp}/fifo.lpb: not a regular file"),
+    ("inspect {tmp}/outdir", 1, "livepatch inspect: cannot read {tmp}/outdir: not a regular file"),
+    ("verify {bundle} --trust {tmp}/junk.lpb", 4,
+     "livepatch verify: {tmp}/junk.lpb: not a PEM public key (give a .pub file `livepatch keygen` wrote, or a directory "
+     "of them)"),
     ("apply {pid} {tmp}/junk.lpb", 4,
      "livepatch apply: BundleError: invalid bundle: magic: not a livepatch bundle (wrong magic bytes)"),
     ("apply {pid} {unsigned}", 4, "re:livepatch apply: SignatureError: .*unsigned"),
