@@ -202,13 +202,16 @@ def cmd_repo_list(args):
         entries = repo.catalog()
     except RepositoryError as exc:
         raise _repo_error(exc) from None
+    from .assess import last_assessment
+    last = (last_assessment(repo) or {}).get("assessed_at")
     _emit(args, {"repository": repo.location, "generated": repo.info.generated, "signed_by": repo.info.signed_by,
-                 "offline": repo.info.offline, "entries": [e.to_json() for e in entries]},
+                 "offline": repo.info.offline, "last_assessment": last, "entries": [e.to_json() for e in entries]},
           lambda d: table([{"id": e.id, "kind": e.kind, "class": e.classification,
                             "baseline": f"{e.distribution} {e.version}", "sequence": e.sequence,
                             "released": e.released, "references": ",".join(e.references)} for e in entries],
                           ["id", "kind", "class", "baseline", "sequence", "released", "references"])
-          + f"\nsigned by {repo.info.signed_by}, generated {repo.info.generated}" + _offline_note(repo))
+          + f"\nsigned by {repo.info.signed_by}, generated {repo.info.generated}; last assessment "
+          + (last or "never") + _offline_note(repo))
 
 
 def add_commands(command) -> None:

@@ -12,7 +12,7 @@ from live import cli
 from repo_fixtures import App, build, served, unique_name
 
 from livepatch import publish, tree
-from livepatch.assess import assess
+from livepatch.assess import assess, last_assessment
 from livepatch.catalog import CatalogEntry
 from livepatch.install import install
 from livepatch.repository import Repository, RepositoryError
@@ -94,6 +94,7 @@ def test_assess_every_state_then_install_by_classification_and_include(tmp_path,
         (sa,) = result.assessments
         assert {s["HP-CORE-2"] for s in sa.processes.values()} == {"installed"}
         assert {s["HP-LAZY"] for s in sa.processes.values()} == {"pending-import"}
+        assert last_assessment(repository)["assessed_at"] == sa.assessed_at  # recorded for `repo list`
         result = install(repository, [tree.by_name(name)], include=["HP-LAZY"])
         assert [(o.patch_id, o.outcome) for o in result.services[0].outcomes] == [("HP-LAZY", "installed")]
     app.import_lazy()  # the pending fix is committed as the module is imported
