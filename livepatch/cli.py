@@ -185,6 +185,8 @@ def cmd_build(args):
             lines.append(f"  new globals: {', '.join(s['new_globals'])}")
         for o in s["overridden"]:
             lines.append(f"  OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
+        if s.get("new_modules"):
+            lines.append(f"  new modules (importable while the patch is in): {', '.join(s['new_modules'])}")
         if s.get("left_out"):
             lines.append(f"  left out (not selected by --only): {', '.join(s['left_out'])}")
         if s.get("hooks"):
@@ -404,6 +406,8 @@ def _inspect_choices(m: dict) -> list[str]:
     lines = []
     if "hooks" in m:
         lines.append(f"hooks {m['hooks']['file']}: {', '.join(m['hooks']['functions'])} (run around apply and rollback)")
+    if m.get("new_modules"):
+        lines.append(f"new modules {', '.join(sorted(m['new_modules']))} (importable while the patch is in)")
     if "selection" in m:
         lines.append(f"selected with --only {' --only '.join(m['selection']['only'])}; left out: "
                      f"{', '.join(m['selection']['left_out']) or 'nothing'}")
