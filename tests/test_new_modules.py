@@ -1,6 +1,9 @@
 """A module the release adds and patched code imports is carried in the
 bundle: importable while the patch is in, gone after its rollback."""
 
+import subprocess
+import sys
+
 import pytest
 
 from livepatch import bundle as fmt
@@ -54,3 +57,13 @@ def test_a_failed_apply_leaves_no_new_module_behind(tmp_path):
     out = round_trip(tmp_path, data, ["app.core"], probe)
     assert out["apply_error"] == "post_apply of HP-NEW failed: RuntimeError: injected; the patch was rolled back"
     assert out["rolled_back"] == out["before"] == ["<b>", False, False]
+
+
+def test_cli_build_and_inspect_name_the_new_module(tmp_path):
+    base, new = write_release(tmp_path, BASE, NEW)
+    out = tmp_path / "hp.lpb"
+    r = subprocess.run([sys.executable, "-m", "livepatch", "build", base, new, "-o", str(out), "--id", "HP-NEW"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "  new modules (importable while the patch is in): app.safety" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "livepatch", "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "new modules app.safety (importable while the patch is in)" in r.stdout, r.stderr
