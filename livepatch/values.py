@@ -53,18 +53,20 @@ class Recomputed:
                 out.append((key, where, attr, before, after))
 
         if _shared_by_value(old):
+            slots: dict = {}  # (qualname, "defaults" or "kwdefaults") -> the slots the source binds to the name
             for ref in self.refs:
                 kind, _, rest = ref.partition(":")
-                qualname, _, slot = rest.rpartition(":") if kind != "alias" else (rest, "", "")
-                holder = _resolve(self.module, qualname)
                 if kind == "alias":
-                    where, _, attr = qualname.rpartition(".")
+                    where, _, attr = rest.rpartition(".")
                     where = _resolve(self.module, where) if where else self.module
                     if where is not None and vars(where).get(attr, missing) is old:
-                        rebind(f"{modname}:{qualname}", where, attr, old, new)
+                        rebind(f"{modname}:{rest}", where, attr, old, new)
                     continue
-                for fn in _functions_of(holder):
-                    _rebind_default(fn, kind, slot, old, new, f"{modname}:{qualname}", rebind)
+                qualname, _, slot = rest.rpartition(":")
+                slots.setdefault((qualname, kind), set()).add(slot)
+            for (qualname, kind), which in slots.items():
+                for fn in _functions_of(_resolve(self.module, qualname)):
+                    _rebind_defaults(fn, kind, which, old, new, f"{modname}:{qualname}", rebind)
             return out
         for qualname, holder in _namespaces(self.module):
             for attr, value in list(vars(holder).items()):
@@ -72,12 +74,10 @@ class Recomputed:
                     rebind(f"{modname}:{qualname + '.' if qualname else ''}{attr}", holder, attr, old, new)
                 for fn in _functions_of(value):
                     key = f"{modname}:{getattr(fn, '__qualname__', attr)}"
-                    for i, d in enumerate(fn.__defaults__ or ()):
-                        if d is old:
-                            _rebind_default(fn, "defaults", str(i), old, new, key, rebind)
-                    for arg, d in (fn.__kwdefaults__ or {}).items():
-                        if d is old:
-                            _rebind_default(fn, "kwdefaults", arg, old, new, key, rebind)
+                    _rebind_defaults(fn, "defaults", {str(i) for i, d in enumerate(fn.__defaults__ or ()) if d is old},
+                                     old, new, key, rebind)
+                    _rebind_defaults(fn, "kwdefaults", {a for a, d in (fn.__kwdefaults__ or {}).items() if d is old},
+                                     old, new, key, rebind)
         for other_name, other in list(sys.modules.items()):
             if other is self.module or not isinstance(other, types.ModuleType):
                 continue
@@ -102,17 +102,21 @@ def _shared_by_value(obj, depth: int = 0) -> bool:
     return False
 
 
-def _rebind_default(fn, kind: str, slot: str, old, new, key: str, rebind) -> None:
+def _rebind_defaults(fn, kind: str, slots: set, old, new, key: str, rebind) -> None:
+    """One store of `fn`'s defaults (kind "defaults": positions as text) or
+    keyword defaults with `new` in every slot of `slots` that holds `old`."""
     if kind == "defaults":
         values = fn.__defaults__ or ()
-        i = int(slot)
-        if i < len(values) and values[i] is old:
-            after = values[:i] + (new,) + values[i + 1:]
-            rebind(f"{key}.__defaults__", fn, "__defaults__", values, after)
+        hit = {i for i in range(len(values)) if str(i) in slots and values[i] is old}
+        if hit:
+            after = tuple(new if i in hit else v for i, v in enumerate(values))
+            rebind(f"{key}.__defaults__", fn, "__defaults__", fn.__defaults__, after)
     elif kind == "kwdefaults":
         values = fn.__kwdefaults__ or {}
-        if slot in values and values[slot] is old:
-            rebind(f"{key}.__kwdefaults__", fn, "__kwdefaults__", values, {**values, slot: new})
+        hit = {a for a in slots if a in values and values[a] is old}
+        if hit:
+            rebind(f"{key}.__kwdefaults__", fn, "__kwdefaults__", fn.__kwdefaults__,
+                   {a: new if a in hit else v for a, v in values.items()})
 
 
 def _resolve(module, qualname: str):

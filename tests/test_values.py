@@ -228,7 +228,8 @@ def test_an_annotated_module_value_is_a_value_too(tmp_path, monkeypatch, cleanup
 
 def test_a_tuple_constant_rebinds_only_what_the_source_binds_to_it(tmp_path, monkeypatch, cleanup):
     # equal tuple constants of one module are one object: unrelated names share it
-    base_src = 'EMPTY = ()\nMODES = ("r",)\n\n\ndef open_(mode=MODES, extra=()):\n    return mode, extra\n\n\nALSO = ("r",)\n'
+    base_src = ('EMPTY = ()\nMODES = ("r",)\n\n\ndef open_(mode=MODES, extra=(), also=MODES):\n    return mode, extra, also\n'
+                '\n\nALSO = ("r",)\n')
     new_src = base_src.replace('MODES = ("r",)', 'MODES = ("r", "b")').replace("EMPTY = ()", "EMPTY = ('x',)")
     base, new, pkg = trees(str(tmp_path), base_src, new_src)
     cleanup(pkg)
@@ -237,9 +238,9 @@ def test_a_tuple_constant_rebinds_only_what_the_source_binds_to_it(tmp_path, mon
     assert core.ALSO is core.MODES and core.open_.__defaults__[1] is core.EMPTY  # shared, as compiled
     engine = livepatch.Engine()
     engine.apply(fmt.load_bundle(data, allow_unsigned=True))
-    assert core.open_() == (("r", "b"), ()) and core.ALSO == ("r",) and core.EMPTY == ("x",)
+    assert core.open_() == (("r", "b"), (), ("r", "b")) and core.ALSO == ("r",) and core.EMPTY == ("x",)
     engine.rollback()
-    assert core.open_() == (("r",), ()) and core.MODES is core.ALSO
+    assert core.open_() == (("r",), (), ("r",)) and core.MODES is core.ALSO
 
 
 def test_values_benchmark_runs():
