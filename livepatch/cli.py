@@ -457,7 +457,9 @@ def cmd_inspect(args):
         lines.append(table(rows, ["target", "kind", "line", "baseline", "patched"]))
         if m["globals"]:
             lines += ["", table([{"global": g["name"], "kind": g["kind"],
-                                  "value": g.get("value") or g.get("statement") or ""} for g in m["globals"]],
+                                  "value": g.get("value") or g.get("statement") or g.get("expression")
+                                  or " ".join(line.strip() for line in g.get("source", "").splitlines())[:80]}
+                                 for g in m["globals"]],
                                 ["global", "kind", "value"])]
         for o in m["overrides"]:
             lines.append(f"OVERRIDDEN [{o['category']}] {o['target']}: {o['message']}")
