@@ -128,18 +128,21 @@ def around_apply(engine, patch, **kw):
     """engine._apply(patch) between pre_apply and post_apply, with the
     patch's new modules importable from the start."""
     hooks = patch.hooks
-    if hooks.modules is not None:
-        hooks.modules.install()  # before the patch's import statements run
+    # before the patch's import statements run; not undone by an apply that
+    # fails because the same patch is in already
+    installed = hooks.modules is not None and hooks.modules.install()
     try:
         hooks.run("pre_apply", "apply")
     except HookFailed as exc:
-        _remove_modules(hooks)
+        if installed:
+            hooks.modules.remove()
         raise HookFailed(f"{exc.args[0].splitlines()[0]}; nothing was changed", exc.problems) from None
     try:
         result = engine._apply(patch, **kw)
     except BaseException:
         _quietly(hooks, "post_rollback", "apply")  # undo what pre_apply prepared
-        _remove_modules(hooks)
+        if installed:
+            hooks.modules.remove()
         raise
     try:
         hooks.run("post_apply", "apply")

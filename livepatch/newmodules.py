@@ -39,14 +39,16 @@ class BundleModules:
         module.__file__ = filename
         exec(code, module.__dict__)
 
-    def install(self) -> None:
+    def install(self) -> bool:
+        """Whether this call installed the finder (False: it already was)."""
         if self._installed or not self.modules:
-            return
+            return False
         import linecache
         for _, filename, source, _ in self.modules.values():
             linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
         sys.meta_path.insert(0, self)
         self._installed = True
+        return True
 
     def remove(self) -> None:
         """Uninstall the finder and drop the modules it created."""

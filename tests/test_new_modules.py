@@ -67,3 +67,25 @@ def test_cli_build_and_inspect_name_the_new_module(tmp_path):
     assert r.returncode == 0 and "  new modules (importable while the patch is in): app.safety" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-m", "livepatch", "inspect", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "new modules app.safety (importable while the patch is in)" in r.stdout, r.stderr
+
+
+def test_applying_the_same_patch_twice_keeps_the_first_ones_modules(tmp_path):
+    import importlib
+    from livepatch import Engine
+    base, new = write_release(tmp_path, BASE, NEW)
+    data, _ = build(base, new, patch_id="HP-NEW")
+    sys.path.insert(0, str(tmp_path / "base"))
+    engine = Engine()
+    try:
+        core = importlib.import_module("app.core")
+        patch = fmt.load_bundle(data, allow_unsigned=True)
+        engine.apply(patch)
+        with pytest.raises(Exception, match="already applied"):
+            engine.apply(patch)
+        assert core.render("<b>") == "&lt;b&gt;" and "app.safety" in sys.modules
+        engine.rollback()
+        assert core.render("<b>") == "<b>" and "app.safety" not in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path / "base"))
+        for name in ("app.safety", "app.core", "app"):
+            sys.modules.pop(name, None)
