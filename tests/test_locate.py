@@ -1,0 +1,174 @@
+"""Locating without a pass over the whole heap, and what may change between
+locating and the commit: every function running the old code is still
+switched, however and whenever it was made before the commit."""
+import gc
+import linecache
+import types
+
+import pytest
+
+from livepatch import history, locate, transition
+from livepatch.locate import HeapIndex
+from conftest import patch_of
+
+SRC = '''
+import functools
+
+def deco(f):
+    @functools.wraps(f)
+    def wrapper(*a):
+        return f(*a)
+    return wrapper
+
+def price(x):
+    return x + 1
+
+@deco
+def wrapped(x):
+    return x + 1
+
+class Cart:
+    def total(self):
+        return 1
+
+    @property
+    def p(self):
+        return 1
+
+def make(n):
+    def row(a):
+        return a + n
+    return row
+
+@functools.singledispatch
+def show(x):
+    return 1
+
+@show.register(int)
+def _(x):
+    return 1
+
+registry = []
+'''
+NEW = SRC.replace("return x + 1", "return x + 2").replace("return 1\n", "return 2\n").replace("a + n", "a + n * 10")
+
+
+def _names(functions):
+    return sorted(f"{f.__qualname__}@{id(f)}" for f in functions)
+
+
+def test_namespace_pass_is_used_only_when_it_found_every_function(make_module):
+    m, _ = make_module(SRC)
+    index = HeapIndex.scan([m.__name__])
+    assert index.complete  # every function of the module is reachable from its namespace
+    assert _names(index.functions) == _names(f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType))
+    kept = m.make(1)  # a closure held outside the module: the namespace cannot account for it
+    index = HeapIndex.scan([m.__name__])
+    assert not index.complete and any(f is kept for f in index.functions)
+
+
+def test_heap_walk_finds_what_one_referrers_pass_finds(make_module, monkeypatch):
+    m, _ = make_module(SRC)
+    held_in_a_local = m.make(3)
+    m.registry.append(m.make(4))
+    elsewhere = {"deep": [(m.make(5),)]}
+    monkeypatch.setattr(locate, "_heap_hint", None)  # nothing known of the heap: walk it
+    walked = HeapIndex.scan([m.__name__])
+    assert walked.walked and not walked.complete
+    expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
+    assert _names(walked.functions) == _names(expected)
+    assert held_in_a_local in walked.functions and elsewhere["deep"][0][0] in walked.functions
+
+
+@pytest.mark.parametrize("way", ["namespace", "walk"])
+def test_a_function_made_from_old_code_after_locating_is_switched_too(way, make_module, engine, monkeypatch):
+    m, src = make_module(SRC)
+    if way == "walk":
+        monkeypatch.setattr(locate, "_heap_hint", None)
+        monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    real_scan = HeapIndex.scan.__func__
+    made = []
+
+    def scan_then_make(cls, modules):
+        index = real_scan(cls, modules)
+        if not made:  # after locating, before the commit: a copy of old code and a new closure
+            made.append(types.FunctionType(m.price.__code__, vars(m), "price_copy"))
+            made.append(m.make(7))
+        return index
+    monkeypatch.setattr(HeapIndex, "scan", classmethod(scan_then_make))
+    engine.apply(patch_of(m, src, NEW))
+    copy, closure = made
+    assert copy(1) == m.price(1) == 3
+    assert closure(1) == 71 and m.make(1)(1) == 11
+    engine.rollback()
+    assert copy(1) == m.price(1) == 2 and closure(1) == 8
+
+
+def test_locating_is_done_once_per_apply(make_module, engine, monkeypatch):
+    """A target that stays busy for a while is waited for by attempt after
+    attempt, without locating again (the heap pass was per retry burst)."""
+    busy_src = SRC + ("\nimport threading\ngate = threading.Event()\nentered = threading.Event()\n"
+                      "def work():\n    entered.set()\n    gate.wait()\n    return 1\n")
+    m, src = make_module(busy_src)
+    import threading
+    worker = threading.Thread(target=m.work, daemon=True)
+    worker.start()
+    m.entered.wait(5)
+    scans = []
+    real_scan = HeapIndex.scan.__func__
+    monkeypatch.setattr(HeapIndex, "scan", classmethod(lambda cls, modules: scans.append(1) or real_scan(cls, modules)))
+    monkeypatch.setattr(transition, "BURST_SECONDS", 0.01)  # many bursts
+    real_scan_stacks = transition.scan_stacks
+    seen_busy = []
+
+    def scan_stacks(frames, ids):
+        found = real_scan_stacks(frames, ids)
+        if found[0] is not None:
+            seen_busy.append(1)
+            if len(seen_busy) == 30:
+                m.gate.set()
+        return found
+    monkeypatch.setattr(transition, "scan_stacks", scan_stacks)
+    result = engine.apply(patch_of(m, src, busy_src.replace("return 1\n", "return 2\n")), timeout=30)
+    worker.join(5)
+    assert result.attempts > 30 and len(scans) == 1
+
+
+def test_history_is_bounded_and_compact(monkeypatch):
+    monkeypatch.setattr(history, "MAX_ENTRIES", 50)
+    log = history.History()
+    targets = [f"mod:f{i}" for i in range(300)]
+
+    class Result:
+        pause_ns, attempts, forced, method, functions, interrupted_by = 1, 1, False, "one call", 300, []
+    Result.targets = targets
+    for i in range(120):
+        log.record("apply", f"HP-{i}", "ok", result=Result)
+    assert len(log.entries) == 50 and log.entries[-1]["patch"] == "HP-119"
+    assert log.entries[-1]["target_count"] == 300 and "targets" not in log.entries[-1]
+    # entries older than MAX_AGE go at the next record
+    import time
+    later = time.time() + history.MAX_AGE + 60
+    monkeypatch.setattr(history, "time", types.SimpleNamespace(time=lambda: later))
+    log.record("rollback", "HP-119", "ok")
+    assert [e["patch"] for e in log.entries] == ["HP-119"]
+
+
+def test_a_listener_still_gets_every_target(make_module, engine):
+    m, src = make_module(SRC)
+    got = []
+    engine.add_listener(got.append)
+    engine.apply(patch_of(m, src, NEW))
+    assert len(got[-1]["targets"]) >= 5 and engine.history()[-1]["target_count"] == len(got[-1]["targets"])
+
+
+def test_rollback_releases_the_patched_source_from_linecache(make_module, engine):
+    m, src = make_module(SRC)
+    patch = patch_of(m, src, NEW)
+    assert patch.sources
+    engine.apply(patch)
+    names = list(patch.sources)
+    assert all(linecache.cache[n][2] == patch.sources[n].splitlines(keepends=True) for n in names)
+    engine.rollback()
+    assert not any(linecache.cache.get(n, (None, None, None))[2] == patch.sources[n].splitlines(keepends=True)
+                   for n in names)
