@@ -213,9 +213,13 @@ def code_globals(code: types.CodeType) -> set:
     out, todo = set(), [code]
     while todo:
         c = todo.pop()
+        loaded, stored = set(), set()
         for i in dis.get_instructions(c):
             if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-                out.add(i.argval)
+                loaded.add(i.argval)
+            elif i.opname == "STORE_NAME":
+                stored.add(i.argval)
+        out |= loaded - stored  # a class body's own names (class Local: x = 1; y = x) are its own
         todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
     return out
 

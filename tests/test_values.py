@@ -254,3 +254,10 @@ def test_values_benchmark_runs():
     with open(out.stdout.strip().splitlines()[-1].split("results: ", 1)[1]) as fh:
         data = json.load(fh)
     assert set(data["variants"]) == {"literal", "literal-again", "value"} and data["rounds"] == 2
+
+
+def test_a_class_defined_in_a_patched_function_uses_its_own_names(tmp_path):
+    src = BASE + "\n\ndef make():\n    class Local:\n        size = 1\n        double = size * 2\n    return Local\n"
+    base, new, pkg = trees(str(tmp_path), src, src.replace("size * 2", "size * 3"))
+    data, _ = build(base, new, patch_id="HP-L")
+    assert [t["target"] for t in manifest_of(data)["targets"]] == [f"{pkg}.core:make"]
