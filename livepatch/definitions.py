@@ -285,7 +285,10 @@ HOOK_HINT = ("a migration hook can do it: build with --hooks hooks.py defining p
 
 def add_value(diff, qualname: str, node: ast.Assign) -> None:
     """A changed assignment: its literal as a constant, else its expression
-    as a value evaluated at apply time."""
+    as a value evaluated at apply time. One in a class defined inside a
+    function runs anew with every call: the function's new code carries it."""
+    if "<locals>" in qualname:
+        return
     try:
         diff.constants[qualname] = literal(node.value)
     except NotLiteral:
