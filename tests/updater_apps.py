@@ -40,7 +40,7 @@ def tree(root, name: str, source: str) -> str:
 
 
 def build(keys, root, patch_id: str, source: str, *, name: str, classification="security", sequence=1,
-          lineage=None) -> str:
+          lineage=None, cumulative=False) -> str:
     """A signed bundle changing the baseline `calc` into `source`, for the
     service `name` at version 1.0 (what `start` declares it runs)."""
     base = tree(root, "baseline", BASELINE)
@@ -51,6 +51,8 @@ def build(keys, root, patch_id: str, source: str, *, name: str, classification="
             "--key", keys.key, "--sequence", str(sequence)]
     if lineage:
         args += ["--lineage", lineage]
+    if cumulative:
+        args.append("--cumulative")
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     return out
