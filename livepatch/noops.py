@@ -26,15 +26,18 @@ REASONS = {
 STEPS = tuple(REASONS)
 TEST_REASON = "a test module shipped in the distribution (the service never imports it)"
 _TEST_FILES = ("test_*.py", "*_test.py", "tests.py", "conftest.py")
-_TEST_PACKAGES = ("test", "tests", "testing")
+_TEST_PACKAGES = ("test", "tests")
 
 
 def is_test_module(module: str, rel: str) -> bool:
     """A module of the tests a distribution ships: in a `tests`/`test`
-    package, or a file named like a pytest or unittest test module."""
-    parts = module.split(".")
+    package, or a file named like a pytest or unittest test module. A
+    module file named `test.py` or `testing.py` is not one: such modules
+    (werkzeug.test, flask.testing) are test utilities services may import."""
     name = rel.replace("\\", "/").rpartition("/")[2]
-    return any(p in _TEST_PACKAGES for p in parts) or any(fnmatch.fnmatchcase(name, pat) for pat in _TEST_FILES)
+    parts = module.split(".")
+    packages = parts if name == "__init__.py" else parts[:-1]
+    return any(p in _TEST_PACKAGES for p in packages) or any(fnmatch.fnmatchcase(name, pat) for pat in _TEST_FILES)
 
 
 def _is_name(node, names) -> bool:

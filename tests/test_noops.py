@@ -192,3 +192,13 @@ def test_a_release_bundle_applies_to_a_process_that_imported_only_part_of_it(tmp
     probe = "[sys.modules['app.core'].price(-1), sys.modules['app.extra'].greet() if 'app.extra' in sys.modules else None]"
     out = round_trip(tmp_path, data, ["app.core"], probe, import_later=["app.extra"])
     assert out == {"before": [-1, None], "applied": [0, "hello"], "rolled_back": [-1, "hi"]}
+
+
+@pytest.mark.parametrize("module,rel,expected", [
+    ("app.tests.test_core", "tests/test_core.py", True), ("app.tests", "tests/__init__.py", True),
+    ("app.conftest", "conftest.py", True), ("app.views_test", "views_test.py", True),
+    ("werkzeug.test", "test.py", False), ("flask.testing", "testing.py", False), ("app.attest", "attest.py", False),
+])
+def test_which_modules_count_as_shipped_tests(module, rel, expected):
+    from livepatch.noops import is_test_module
+    assert is_test_module(module, rel) is expected
