@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import sys
-import types
 
 from .errors import PatchError, Problem
 

@@ -2,7 +2,6 @@
 changed comprehensions and generator expressions: both build and apply."""
 
 from livepatch.builder import build
-from livepatch.patch import PYTHON_TAG
 
 from release_trees import manifest_of, round_trip, write_release
 

@@ -10,7 +10,7 @@ from livepatch import bundle as fmt
 from livepatch.builder import BuildRefused, build
 from livepatch.patch import PYTHON_TAG
 
-from release_trees import manifest_of, round_trip, write_release
+from release_trees import round_trip, write_release
 
 CORE = "def render(s):\n    return s\n"
 CORE_NEW = "from .safety import escape\n\n\ndef render(s):\n    return escape(s)\n"
