@@ -9,8 +9,8 @@ loop (livepatch/updater.py) at a low assessment interval, split into:
   installing  from the end of the assessment until the install says the
               bundle is in every process (its own assess, the download from
               the cache, `livepatch apply SERVICE`: CLI start, every agent's
-              verify and check, the commits)
-  confirmed   until this script's own `status` of every process shows it
+              verify and check, the commits); then `status` of every process
+              is checked to show it (not timed)
 
 Each round publishes the next cumulative bundle of one lineage (built
 before the clock starts; it replaces the one in effect, which the catalog
@@ -49,7 +49,7 @@ from servers_harness import Keys, cli, cli_json  # noqa: E402
 from livepatch import updater_config  # noqa: E402
 from livepatch.updater import Updater  # noqa: E402
 
-SHARES = ("waiting", "assessing", "installing", "confirmed")
+SHARES = ("waiting", "assessing", "installing")
 
 
 class TimedUpdater(Updater):
@@ -66,11 +66,10 @@ class TimedUpdater(Updater):
         finally:
             self.marks.append(("assess-end", time.perf_counter(), dict(self.pending)))
 
-    def install_now(self, **kw):
-        try:
-            return super().install_now(**kw)
-        finally:
-            self.marks.append(("install-end", time.perf_counter()))
+    def decide(self, message, **fields):
+        if fields.get("patch") and f"{fields['patch']} installed in" in message and "canary" not in message:
+            self.marks.append(("installed", time.perf_counter(), fields["patch"]))
+        return super().decide(message, **fields)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -133,17 +132,16 @@ def main():
             r = cli("repo", "add", bundles[i], "--repo", repo_dir, "--key", keys.key)
             assert r.returncode == 0, r.stderr
             published_end = time.perf_counter()
-            while not everywhere(name, patch_id):
-                time.sleep(0.05)
-            confirmed = time.perf_counter()
+            while not any(m[0] == "installed" and m[2] == patch_id for m in marks):
+                time.sleep(0.01)
+            assert everywhere(name, patch_id), f"{patch_id} is not in every process"
             since = [m for m in marks if m[1] >= published_end]
             a_end = next(m[1] for m in since if m[0] == "assess-end" and patch_id in json.dumps(m[2]))
             # the assessment that found it may have started while the catalog was being written
             a_start = max(published_end, max(m[1] for m in marks if m[0] == "assess-start" and m[1] <= a_end))
-            i_end = next(m[1] for m in since if m[0] == "install-end" and m[1] >= a_end)
-            shares = {"waiting": a_start - published_end, "assessing": a_end - a_start,
-                      "installing": i_end - a_end, "confirmed": max(0.0, confirmed - i_end)}
-            rounds.append({"mode": mode, "publish_s": published_end - published, "total_s": confirmed - published_end,
+            i_end = next(m[1] for m in since if m[0] == "installed" and m[2] == patch_id)
+            shares = {"waiting": a_start - published_end, "assessing": a_end - a_start, "installing": i_end - a_end}
+            rounds.append({"mode": mode, "publish_s": published_end - published, "total_s": i_end - published_end,
                            **{k: round(v, 4) for k, v in shares.items()}})
             print(mode, json.dumps(rounds[-1]), flush=True)
         stop.set()
