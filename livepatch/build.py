@@ -314,10 +314,11 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
             defaults = kwdefaults = UNCHANGED
             if defaults_changed:
                 lit = _literal_defaults(node)
-                if lit is None:
-                    diff.refused.append(Problem("refused:defaults", target, f"line {line}: changed defaults are not literals"))
+                if lit is None and not defs.add_defaults(diff, qualname, node):
+                    diff.refused.append(Problem("refused:defaults", target, f"line {line}: changed defaults are not literals, and the function the module holds is a decorator's wrapper or a nested function, whose defaults are not this def's"))
                     continue
-                defaults, kwdefaults = lit
+                if lit is not None:  # else evaluated at apply time, as values (defs.add_defaults)
+                    defaults, kwdefaults = lit
             diff.changes.append((qualname, base_fp, new, defaults, kwdefaults))
 
     _diff_classes(diff, base_defs, new_defs)

@@ -254,7 +254,9 @@ def undefined_names(used: dict, bound: set | None, class_names: dict) -> list:
     known = bound | set(dir(builtins)) | _MODULE_NAMES
     out = []
     for qualname, names in used.items():
-        scope = class_names.get(qualname, set()) | class_names.get(qualname.rpartition(".")[0], set())
+        parent = qualname.rpartition(".")[0]
+        scope = class_names.get(qualname, set()) | class_names.get(parent, set()) \
+            | class_names.get(parent.rpartition(".")[0], set())  # a method's defaults: its class
         for name in sorted(names - known - scope):
             out.append((qualname, name))
     return out
@@ -295,6 +297,23 @@ def add_value(diff, qualname: str, node: ast.Assign) -> None:
         v = node.value
         diff.values[qualname] = {"expression": expression(v), "line": v.lineno,
                                  "spans": [(v.lineno, v.col_offset, v.end_lineno, v.end_col_offset)]}
+
+
+def add_defaults(diff, qualname: str, node: ast.AST) -> bool:
+    """Changed defaults that are not literals: `QUALNAME.__defaults__` and
+    `QUALNAME.__kwdefaults__` become values, evaluated at apply time where
+    the def is and stored on the function in the commit that swaps its code.
+    False where the function the module holds is a decorator's wrapper."""
+    if "<locals>" in qualname or any(_dotted(d) not in ("staticmethod", "classmethod") for d in node.decorator_list):
+        return False
+    a = node.args
+    positional = ast.Tuple(elts=list(a.defaults), ctx=ast.Load()) if a.defaults else ast.Constant(None)
+    kw = [(arg.arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+    keywords = ast.Dict(keys=[ast.Constant(k) for k, _ in kw], values=[d for _, d in kw]) if kw else ast.Constant(None)
+    for suffix, value in (("__defaults__", positional), ("__kwdefaults__", keywords)):
+        ast.copy_location(value, node)
+        diff.values[f"{qualname}.{suffix}"] = {"expression": expression(value), "line": node.lineno, "spans": []}
+    return True
 
 
 def add_definition(diff, qualname: str, node: ast.AST, replaces: bool = False) -> None:

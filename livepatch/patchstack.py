@@ -38,7 +38,7 @@ from .importtime import EngineBusy, ImportCommits
 from .locate import HeapIndex, Resolution, loaded_module, resolve, split_target
 from .patch import UNCHANGED, Change, Patch
 from .pending import AtImport, imported, part_patch, split, targets_by_module
-from .values import Recomputed, current
+from .values import Recomputed, current, function_of
 from .busynow import holders
 from .safepoint import count_running
 
@@ -123,7 +123,12 @@ def _resolve_owner(key: str):
         raise PatchError("bad global", [Problem("not-found", key, f"module {modname!r} is not loaded")])
     *owners, name = path.split(".")
     owner = module
-    for part in owners:
+    for i, part in enumerate(owners):
+        if i == len(owners) - 1 and name in ("__defaults__", "__kwdefaults__"):  # "module:f.__defaults__"
+            owner = function_of(owner, part)
+            if owner is None:
+                raise PatchError("bad global", [Problem("not-found", key, f"{part!r} is not a function in {modname!r}")])
+            break
         owner = getattr(owner, part, None)
         if not isinstance(owner, type):
             raise PatchError("bad global", [Problem("not-found", key, f"{part!r} is not a class in {modname!r}")])
@@ -441,7 +446,7 @@ class Engine:
             if isinstance(value, AtImport):
                 raise PatchError("bad global", [Problem("invalid", key, "value was not built for its module")])
             owner, name = _resolve_owner(key)
-            before = vars(owner).get(name, MISSING)
+            before = current(owner, name, MISSING)
             if isinstance(value, Recomputed):  # and what captured the value it replaces (values.py)
                 stores += [GlobalStore(*s) for s in value.captured(owner, name, before, MISSING)]
                 value = value.value

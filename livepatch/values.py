@@ -228,6 +228,8 @@ def evaluate(module, qualname: str, expression: str, filename: str, line: int, r
     ast.increment_lineno(tree, max(0, line - 1))
     code = compile(tree, filename, "eval", dont_inherit=True)
     scope = qualname.rpartition(".")[0]
+    if qualname.endswith((".__defaults__", ".__kwdefaults__")):
+        scope = scope.rpartition(".")[0]  # a def's defaults are evaluated where the def is
     owner = _owner(module, scope)
     local = _namespace(module, scope, bundled, making if making is not None else set(),
                        vars(owner) if owner is not None else ())
@@ -345,6 +347,15 @@ def _parsed(text: str, mode: str, field: str, fail):
         return ast.parse(text, mode=mode)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         fail(field, "not valid Python")
+
+
+def function_of(owner, name: str):
+    """The Python function `owner.name` defines (unwrapped from a static or
+    class method), or None."""
+    value = vars(owner).get(name) if isinstance(owner, (type, types.ModuleType)) else None
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    return value if isinstance(value, types.FunctionType) else None
 
 
 def current(owner, name: str, missing):

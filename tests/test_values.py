@@ -261,3 +261,30 @@ def test_a_class_defined_in_a_patched_function_uses_its_own_names(tmp_path):
     base, new, pkg = trees(str(tmp_path), src, src.replace("size * 2", "size * 3"))
     data, _ = build(base, new, patch_id="HP-L")
     assert [t["target"] for t in manifest_of(data)["targets"]] == [f"{pkg}.core:make"]
+
+
+def test_changed_defaults_that_are_not_literals_are_evaluated_with_the_new_code(tmp_path, monkeypatch, cleanup):
+    base_src = BASE + '\n\ndef clean_ip(ip, unpack=False):\n    return ip, unpack\n\n\nclass Box:\n    SIZE = 4\n\n' \
+                      '    def fit(self, n=SIZE):\n        return n\n'
+    new_src = base_src.replace("def clean_ip(ip, unpack=False):\n    return ip, unpack",
+                               "MAX_LEN = 39\n\n\ndef clean_ip(ip, unpack=False, *, message=str(MAX_LEN), limit=MAX_LEN):\n"
+                               "    return ip, unpack, message, limit")
+    new_src = new_src.replace("def fit(self, n=SIZE):\n        return n", "def fit(self, n=SIZE * 2):\n        return n")
+    base, new, pkg = trees(str(tmp_path), base_src, new_src)
+    cleanup(pkg)
+    data, _ = build(base, new, patch_id="HP-K")
+    m = manifest_of(data)
+    assert sorted(t["target"] for t in m["targets"]) == [f"{pkg}.core:Box.fit", f"{pkg}.core:clean_ip"]
+    assert all(t["defaults"] is None and t["kwdefaults"] is None for t in m["targets"])
+    values = {g["name"].partition(":")[2]: g.get("expression") or g.get("value") for g in m["globals"]}
+    assert values == {"MAX_LEN": "39", "clean_ip.__defaults__": "(False,)",
+                      "clean_ip.__kwdefaults__": "{'message': str(MAX_LEN), 'limit': MAX_LEN}",
+                      "Box.fit.__defaults__": "(SIZE * 2,)", "Box.fit.__kwdefaults__": "None"}
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    old_defaults = core.clean_ip.__defaults__
+    engine = livepatch.Engine()
+    engine.apply(fmt.load_bundle(data, allow_unsigned=True))
+    assert core.clean_ip("::1") == ("::1", False, "39", 39) and core.Box().fit() == 8
+    engine.rollback()
+    assert core.clean_ip("::1") == ("::1", False) and core.Box().fit() == 4
+    assert core.clean_ip.__defaults__ is old_defaults and core.clean_ip.__kwdefaults__ is None
