@@ -96,7 +96,7 @@ def main():
     os.makedirs(repo_dir)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=repo_dir))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    bundles = [updater_apps.build(keys, work, f"HP-BENCH-{i + 1}", updater_apps.GOOD.replace("b // 2", f"b // 2 + {i} * 0"),
+    bundles = [updater_apps.build(keys, work, f"HP-BENCH-{i + 1}", updater_apps.GOOD.replace("b // 2", f"b // 2 + {i} - {i}"),
                                   name=name, sequence=i + 1, lineage="HP-BENCH", cumulative=True)
                for i in range(args.rounds + 1)]
     config_path = os.path.join(work, "updater.toml")
