@@ -308,6 +308,8 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
             if code_kind(base) != code_kind(new):
                 diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}; callers and running frames expect the old kind; {defs.HOOK_HINT}"))
                 continue
+            if base.co_freevars != new.co_freevars and defs.class_cell_redefinition(diff, qualname, base, new, node, len(news), new_tree):
+                continue  # a method that starts or stops using zero-argument super(): defined anew in its class
             if base.co_freevars != new.co_freevars:
                 diff.refused.append(Problem("refused:free-vars", target, f"line {line}: free variables changed from {base.co_freevars} to {new.co_freevars}"))
                 continue

@@ -316,6 +316,20 @@ def add_defaults(diff, qualname: str, node: ast.AST) -> bool:
     return True
 
 
+def class_cell_redefinition(diff, qualname: str, base: types.CodeType, new: types.CodeType, node, count: int,
+                            tree) -> bool:
+    """A method whose free variables differ only by `__class__` (it began or
+    stopped using zero-argument super()) cannot get new code in place (the
+    cell is the function's); it is defined again inside its class instead,
+    replacing the old one everywhere it was captured. False otherwise."""
+    if "<locals>" in qualname or "." not in qualname or count != 1 \
+            or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+            or set(base.co_freevars) ^ set(new.co_freevars) != {"__class__"} or impure_decorator(node, tree):
+        return False
+    add_definition(diff, qualname, node, replaces=True)
+    return True
+
+
 def add_definition(diff, qualname: str, node: ast.AST, replaces: bool = False) -> None:
     text, line = statement(node)
     diff.definitions[qualname] = {"statement": text, "line": line, "replaces": replaces,

@@ -362,3 +362,26 @@ class Report(Cart):
     finally:
         for name in [n for n in sys.modules if n.startswith(pkg)]:
             del sys.modules[name]
+
+
+def test_a_method_that_starts_using_super_is_defined_again_in_its_class(tmp_path, monkeypatch):
+    new = BASE.replace('''    def hello(self):
+        return "cart"
+''', '''    def hello(self):
+        return "cart of " + super().hello()
+''')
+    base, patched, pkg = trees(str(tmp_path), BASE, new, extra=[("user.py", "from .core import Cart\nHELLO = Cart.hello\n")])
+    data, _ = build(base, patched, patch_id="HP-S")
+    (entry,) = manifest_of(data)["globals"]
+    assert (entry["name"], entry["kind"], entry["replaces"]) == (f"{pkg}.core:Cart.hello", "definition", True)
+    core, user = imported(base, pkg, monkeypatch, "core", "user")
+    try:
+        old = vars(core.Cart)["hello"]
+        engine = livepatch.Engine()
+        engine.apply(fmt.load_bundle(data, allow_unsigned=True))
+        assert core.Cart().hello() == "cart of base" and user.HELLO is vars(core.Cart)["hello"]
+        engine.rollback()
+        assert vars(core.Cart)["hello"] is old and user.HELLO is old and core.Cart().hello() == "cart"
+    finally:
+        for name in [n for n in sys.modules if n.startswith(pkg)]:
+            del sys.modules[name]
