@@ -10,7 +10,9 @@ two versions, the advisory and an exploit check), this script
   3. starts a process on A under `livepatch run` and runs the check inside
      it (vulnerable expected);
   4. builds the bundle from the two published wheels, signed with a key
-     made by `livepatch keygen`, exactly as an operator would;
+     made by `livepatch keygen`, exactly as an operator would (where the
+     whole release is refused and the case names the fix's functions in
+     ONLY, it builds again with --only, and says so);
   5. applies it to the running process, checks again (fixed expected),
      rolls it back with a signed authorisation, checks again (vulnerable).
 Results: a table on stdout and benchmarks/results/corpus.json. Downloads
@@ -234,11 +236,22 @@ def run_case(name: str, key: str, trust: str, bundles: str) -> dict:
         if os.path.exists(out):
             os.unlink(out)
         env = dict(os.environ, PIP_FIND_LINKS=os.path.join(CACHE, "wheels"), PIP_NO_INDEX="1")
-        b0 = time.monotonic()
-        r = livepatch("build", "--from", f"{case.PACKAGE}=={case.FROM}", "--to", f"{case.PACKAGE}=={case.TO}",
-                      "-o", out, "--id", f"CORPUS-{name.upper().replace('_', '-')}", "--classification", "security",
-                      "--ref", case.ADVISORY.split()[0], "--key", key, "--json", env=env)
-        rec["build_seconds"] = round(time.monotonic() - b0, 2)
+
+        def build(*only):
+            b0 = time.monotonic()
+            r = livepatch("build", "--from", f"{case.PACKAGE}=={case.FROM}", "--to", f"{case.PACKAGE}=={case.TO}",
+                          "-o", out, "--id", f"CORPUS-{name.upper().replace('_', '-')}", "--classification", "security",
+                          "--ref", case.ADVISORY.split()[0], "--key", key, "--json",
+                          *(a for pattern in only for a in ("--only", pattern)), env=env)
+            return r, round(time.monotonic() - b0, 2)
+
+        r, rec["build_seconds"] = build()
+        if r.returncode == 3 and getattr(case, "ONLY", ()):
+            # the whole release is refused; the operator selects the fix's functions with --only
+            message, problems = _error_of(r.stdout or r.stderr)
+            rec["whole_release"] = {"build": "refused", "build_message": message, "problems": problems}
+            rec["selection"] = list(case.ONLY)
+            r, rec["build_seconds"] = build(*case.ONLY)
         if r.returncode != 0:
             message, problems = _error_of(r.stdout or r.stderr)
             rec.update(build="refused" if r.returncode == 3 else "error", build_exit=r.returncode,
@@ -267,6 +280,8 @@ def run_case(name: str, key: str, trust: str, bundles: str) -> dict:
         restored = rec["rolled_back"] and rec["after_rollback"].get("vulnerable") is True
         rec["fixed_live"], rec["rollback_restored"] = fixed, restored
         rec["outcome"] = "fixed live" if fixed and restored else ("fixed, rollback incomplete" if fixed else "applied, still vulnerable")
+        if rec.get("selection") and rec["outcome"] == "fixed live":
+            rec["outcome"] = "fixed live with --only"
         return rec
     finally:
         target.stop()
@@ -282,13 +297,17 @@ def run_case(name: str, key: str, trust: str, bundles: str) -> dict:
 def table(records: list[dict]) -> str:
     rows = [("case", "advisory", "build", "applied", "fixed live", "rollback", "outcome")]
     for r in records:
-        rows.append((f"{r['package']} {r['from']}->{r['to']}", r["advisory"].split()[0], r.get("build", "-"),
+        rows.append((f"{r['package']} {r['from']}->{r['to']}", r["advisory"].split()[0],
+                     r.get("build", "-") + (" (--only)" if r.get("selection") else ""),
                      {True: "yes", False: "no"}.get(r.get("applied"), "-"),
                      {True: "yes", False: "no"}.get(r.get("fixed_live"), "-"),
                      {True: "restored", False: "NOT restored"}.get(r.get("rollback_restored"), "-"), r["outcome"]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
     for r in records:
+        if r.get("selection"):
+            lines.append(f"  {r['case']}: whole release refused ({len(r['whole_release']['problems'])} problems); "
+                         f"built with --only {' --only '.join(r['selection'])}")
         for p in r.get("problems", ()):
             lines.append(f"  {r['case']}: [{p.get('category')}] {p.get('target')}: {p.get('message')}")
         for k in ("build_message", "apply_message", "error"):
@@ -296,8 +315,11 @@ def table(records: list[dict]) -> str:
                 lines.append(f"  {r['case']}: {r[k]}")
     valid = [r for r in records if r.get("check_valid")]
     fixed = sum(1 for r in valid if r["outcome"] == "fixed live")
+    selected = sum(1 for r in valid if r["outcome"] == "fixed live with --only")
     lines.append(f"fixed live and restored by rollback: {fixed} of {len(valid)} cases with a valid check"
-                 + (f" ({100 * fixed / len(valid):.0f}%)" if valid else ""))
+                 + (f" ({100 * fixed / len(valid):.0f}%)" if valid else "")
+                 + f" from the whole release; {fixed + selected} of {len(valid)}"
+                 + (f" ({100 * (fixed + selected) / len(valid):.0f}%)" if valid else "") + " with --only where the case selects the fix")
     return "\n".join(lines)
 
 
@@ -352,7 +374,8 @@ def main(argv=None) -> int:
     valid = [r for r in records if r.get("check_valid")]
     result = {"python": platform.python_version(), "machine": platform.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "cases": records, "valid_cases": len(valid),
-              "fixed_live": sum(1 for r in valid if r["outcome"] == "fixed live")}
+              "fixed_live": sum(1 for r in valid if r["outcome"] == "fixed live"),
+              "fixed_live_with_only": sum(1 for r in valid if r["outcome"] == "fixed live with --only")}
     name = "corpus.json" if not (args.only or args.quick) else "corpus-quick.json"
     with open(os.path.join(RESULTS, name), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -5,6 +5,8 @@ PACKAGE, FROM, TO = "jinja2", "3.1.4", "3.1.5"
 ADVISORY = "CVE-2024-56326 (GHSA-q2x7-8rv6-6q7h)"
 SUMMARY = "sandbox: indirect call of str.format escapes the sandbox"
 REQUIRES = ()
+# the release also reworks async rendering and loaders; the fix is the sandbox
+ONLY = ("jinja2.sandbox:*",)
 
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment

@@ -5,6 +5,8 @@ PACKAGE, FROM, TO = "requests", "2.32.3", "2.32.4"
 ADVISORY = "CVE-2024-47081 (GHSA-9hjg-9r4m-mvj7)"
 SUMMARY = ".netrc credentials leaked to another host"
 REQUIRES = ()
+# the release also changes how header values are encoded for urllib3 2; the fix is the .netrc lookup
+ONLY = ("requests.utils:get_netrc_auth",)
 
 import os
 import tempfile

@@ -5,6 +5,8 @@ PACKAGE, FROM, TO = "werkzeug", "2.2.2", "2.2.3"
 ADVISORY = "CVE-2023-23934 (GHSA-px8h-6qxv-m22q)"
 SUMMARY = "nameless cookie parsed as a __Host- cookie"
 REQUIRES = ()
+# the release also limits multipart parts and changes routing; the fix is cookie parsing
+ONLY = ("werkzeug.sansio.http:*", "werkzeug._internal:_cookie_parse_impl")
 
 from werkzeug.http import parse_cookie
 
