@@ -361,6 +361,11 @@ class OneCall:
                 proven.discard(here)
         # everything else runs after the section (`warm` is let go after the GIL)
         frames = next(tops_kept, {})
+        # Nothing that outlives this call may hold this frame (or it would
+        # hold the caller's frames, and what they hold, until a collection):
+        # this thread is the one committing, the others are what counts.
+        frames.pop(me, None)
+        del tops, tops_too, tops_kept, unproven, unproven_too, look_closer, then, section, rewind, here
         if failure is not None:
             problems = [Problem("commit-failed", "", f"{type(failure).__name__}: {failure}")]
             if began:
@@ -375,6 +380,8 @@ class OneCall:
             raise CommitFailed("the final check inside the commit failed; nothing was stored",
                                problems) from failure
         start, stored, after, end = out[1], out[-3], out[-2], out[-1]
+        after.pop(me, None)
+        del out
         if YIELD_AROUND_ONE_CALL:
             time.sleep(RELEASE_SLEEP)
         # Nothing inside can release the GIL (no audit hook, no Python code),

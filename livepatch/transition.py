@@ -12,10 +12,11 @@ What can change between locating and the commit is found without it:
   refcount of every target code, in one C-level call.
 * A function made from a target's old code since (a closure, a copy, a
   re-run decorator), or a new generator running it, holds a reference to
-  that code: the final check inside the commit compares refcounts with the
-  snapshot's, and a difference sends the attempt back here (CHANGED), where
-  a fresh snapshot adds what is new, and the plan is made again when that
-  includes functions.
+  that code: each attempt, and the final check inside the commit, compare
+  refcounts with the snapshot's; on a difference a fresh snapshot adds what
+  is new (and the plan is made again when that includes functions). A
+  frame running the code holds it too, so a snapshot's refcounts are kept
+  only when the stacks were clean just before and just after it.
 * The heap walk (`heapwalk`) runs while other threads run: a function made
   meanwhile is young and found the same way.
 
@@ -117,6 +118,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
             one_call = plan.one_call
             holders = (plan.codes, expected)
             stale = 0
+            replan = False
             engine._in_flight = (plan.ops, plan.undo)
             burst_end = min(deadline, time.monotonic() + BURST_SECONDS)
             while not suspended:
@@ -127,6 +129,23 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                 # changed since. A target seen running skips the section.
                 frames = sys._current_frames()
                 busy, proven = scan_stacks(frames, busy_ids)
+                if busy is None and plan.codes and not holders_unchanged(plan.codes, expected):
+                    # Something came to hold a target's code, or let go of it
+                    # (a frame that ran it when the refcounts were read): read
+                    # them again with what is young, and keep them if the
+                    # stacks are clean on both sides of the reading.
+                    young, refs, now = young_snapshot(plan.codes)
+                    if now != counts or heap.add_young(young):
+                        replan = now == counts
+                        outcome = _commit.Outcome(False, blocker=_commit.CHANGED if replan else HEAP_CHANGED)
+                        del frames, busy, young
+                        break
+                    del young
+                    frames = sys._current_frames()
+                    busy, proven = scan_stacks(frames, busy_ids)
+                    if busy is None:
+                        expected = refs
+                        holders = (plan.codes, expected)
                 tried_one_call = busy is None and one_call
                 if tried_one_call:
                     # A thread that ran since the scan is usually at most one
@@ -149,15 +168,20 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                     outcome = _commit.run(plan.ops, plan.undo, check, python_setattr=plan.python_setattr)
                 del frames, busy
                 proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
-                if (outcome.committed or outcome.blocker is HEAP_CHANGED or outcome.blocker is _commit.CHANGED
-                        or time.monotonic() >= burst_end):
+                if outcome.committed or outcome.blocker is HEAP_CHANGED or time.monotonic() >= burst_end:
                     break
             if outcome is not None and outcome.committed:
+                # The frames it saw include this one (the committing thread's
+                # top frame is called from here): a cycle through this
+                # frame's locals, the index among them, which would hold the
+                # module namespaces until a collection (see locate's count).
+                outcome.frames = {}
                 return outcome, plan, attempts
             if outcome is not None and outcome.blocker is HEAP_CHANGED:
                 heap = plan = None
-            if outcome is not None and outcome.blocker is _commit.CHANGED and time.monotonic() < deadline:
-                continue  # a new snapshot at once: no safe point was missed for a busy target
+            if replan and time.monotonic() < deadline:
+                plan = None
+                continue  # new functions run old code: plan again at once
             if cancelled is not None and cancelled():
                 continue  # raised at the top of the loop
             if time.monotonic() >= deadline:
