@@ -1,9 +1,15 @@
-"""Memory cost of patching: bytes the patch stack retains per patched
-function (previous code plus records), measured with tracemalloc and USS,
-and RSS over many apply/rollback cycles (it must stay flat)."""
+"""Memory cost of patching: bytes a patch retains per patched function
+(previous code, records and the patched source kept for tracebacks),
+measured with tracemalloc and USS, and RSS over many apply/rollback cycles
+in a fresh small process (it must stay flat: a large process hides growth
+in memory it freed before)."""
 
 import argparse
 import gc
+import json
+import linecache
+import os
+import subprocess
 import sys
 import tracemalloc
 
@@ -29,9 +35,15 @@ def retained(n: int):
     gc.collect()
     applied_bytes = tracemalloc.get_traced_memory()[0]
     uss_applied = proc.memory_full_info().uss
-    # Dropping the stack frees exactly what it retained: previous code and records.
+    # Dropping the stack, and the sources it put in linecache, frees exactly
+    # what it retained: previous code, records and the source copy.
     stack = engine._stack
     engine._stack = []
+    source_bytes = 0
+    for p in stack:
+        for filename in p.sources:
+            source_bytes += sum(map(sys.getsizeof, linecache.cache.get(filename, ((), (), ()))[2]))
+            linecache.cache.pop(filename, None)
     old_code_bytes = 0
     for p in stack:
         for s in p.switches:
@@ -45,43 +57,62 @@ def retained(n: int):
         "functions": n,
         "retained_bytes_per_function": round(per_fn, 1),
         "old_code_getsizeof_per_function": round(old_code_bytes / n, 1),
+        "source_lines_getsizeof_per_function": round(source_bytes / n, 1),
         # pymalloc keeps freed arenas, so USS is read as growth over the apply
         "uss_growth_on_apply_per_function": round((uss_applied - uss_before) / n, 1),
     }
 
 
-def cycles(count: int):
-    module, base, new = make_module(10, "lp_mem_cycles")
+def cycles(count: int, functions: int):
+    """In this (fresh) process: RSS over `count` apply/rollback cycles."""
+    module, base, new = make_module(functions, f"lp_mem_cycles_{functions}")
     patch = patch_from_source("CYC", module.__name__, new, base_source=base)
     proc = psutil.Process()
     samples = []
+    warmup = max(1, count // 10)
     for i in range(count):
         livepatch.apply(patch)
         livepatch.rollback()
-        if i % max(1, count // 10) == 0 or i == count - 1:
+        if i + 1 == warmup or (i + 1) % warmup == 0 or i == count - 1:
             gc.collect()
             info = proc.memory_full_info()
             samples.append({"cycle": i + 1, "rss": info.rss, "uss": info.uss})
-    # history grows by design (two small entries per cycle); report it apart
     history = len(livepatch.status()["history"])
-    return {"cycles": count, "samples": samples, "history_entries": history,
-            "rss_growth_after_warmup_bytes": samples[-1]["rss"] - samples[1]["rss"] if len(samples) > 1 else 0}
+    growth = samples[-1]["rss"] - samples[0]["rss"]
+    return {"cycles": count, "functions": functions, "samples": samples, "history_entries": history,
+            "rss_growth_after_warmup_bytes": growth,
+            "rss_growth_per_cycle_bytes": round(growth / max(1, count - warmup), 2)}
+
+
+def cycles_in_fresh_process(count: int, functions: int) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-cycles", str(count), str(functions)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        sys.exit(f"memory cycles failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child-cycles", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_cycles:
+        print(json.dumps(cycles(*args.child_cycles)))
+        return 0
     n = 1000 if args.quick else 10_000
-    count = 100 if args.quick else 1000
+    count = 100 if args.quick else 10_000
     r = retained(n)
-    print(f"{n} patched functions: {r['retained_bytes_per_function']} B retained per function (tracemalloc), "
+    print(f"{n} patched functions: {r['retained_bytes_per_function']} B retained per function (tracemalloc, "
+          f"source copy included: its lines alone {r['source_lines_getsizeof_per_function']} B), "
           f"USS growth on apply {r['uss_growth_on_apply_per_function']} B per function; old code object alone {r['old_code_getsizeof_per_function']} B")
-    c = cycles(count)
-    print(f"{count} apply/rollback cycles: RSS {c['samples'][0]['rss'] / 2**20:.1f} -> {c['samples'][-1]['rss'] / 2**20:.1f} MiB, "
-          f"growth after warm-up {c['rss_growth_after_warmup_bytes'] / 1024:.0f} KiB ({c['history_entries']} history entries)")
+    runs = [cycles_in_fresh_process(count, functions) for functions in (10, 100)]
+    for c in runs:
+        print(f"{count} apply/rollback cycles of {c['functions']} functions in a fresh process: RSS "
+              f"{c['samples'][0]['rss'] / 2**20:.1f} -> {c['samples'][-1]['rss'] / 2**20:.1f} MiB after warm-up, "
+              f"{c['rss_growth_per_cycle_bytes']} B per cycle ({c['history_entries']} history entries kept)")
     path = write_result("memory", {"machine": machine(), "params": {"functions": n, "cycles": count},
-                                   "retained": r, "cycles": c}, args.quick)
+                                   "retained": r, "cycles": runs[0], "cycles_by_size": runs}, args.quick)
     print("results:", path)
 
 
