@@ -645,10 +645,20 @@ def _parse(argv: list) -> argparse.Namespace:
     name = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if name is not None and not {"-h", "--help"} & set(argv[:name]):
         try:
-            return parser(only=argv[name]).parse_args(argv)
+            return _parse_all(parser(only=argv[name]), argv)
         except CliError:
             pass
-    return parser().parse_args(argv)
+    return _parse_all(parser(), argv)
+
+
+def _parse_all(p: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """Arguments left over are named after the subcommand they were given
+    to (argparse names the top-level `livepatch`)."""
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        raise CliError(f"unrecognized arguments: {' '.join(extra)} (see `{args.prog} --help`)", EXIT_USAGE,
+                       {"command": args.prog}, kind="UsageError")
+    return args
 
 
 def main(argv=None) -> int:

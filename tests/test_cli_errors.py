@@ -232,6 +232,8 @@ CASES = [
     ("", 2, "livepatch: the following arguments are required: COMMAND (see `livepatch --help`)"),
     ("deploy {bundle}", 2, "re:livepatch: argument COMMAND: invalid choice: 'deploy' \\(choose from 'keygen', .*\\) "
                            "\\(see `livepatch --help`\\)$"),
+    ("history {pid} --tree nonsense", 2,
+     "livepatch history: unrecognized arguments: nonsense (see `livepatch history --help`)"),
     ("completion fish", 2, "livepatch completion: argument shell: invalid choice: 'fish' (choose from 'bash', 'zsh') "
                            "(see `livepatch completion --help`)"),
 ]
