@@ -123,6 +123,17 @@ def served(directory):
         thread.join(10)
 
 
+@contextlib.contextmanager
+def unreachable():
+    """An http URL on 127.0.0.1 that refuses connections for as long as it
+    is in use: its port is bound here and never listened on, so no other
+    server can take it meanwhile."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 class App:
     """The program under `livepatch run --name NAME --version VERSION`, with
     WORKERS forked children; stopped by PID."""
@@ -161,7 +172,7 @@ class App:
             self.proc.wait(10)
             raise
 
-    def _wait_workers(self, count, timeout=30):
+    def _wait_workers(self, count, timeout=90):
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, self.proc.stderr.read().decode()
@@ -181,7 +192,7 @@ class App:
                 out[pid] = fh.read()
         return out
 
-    def _wait(self, done, timeout=30) -> dict:
+    def _wait(self, done, timeout=90) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             got = self.answers()

@@ -171,7 +171,7 @@ def test_attach_declares_the_version_a_process_runs(tmp_path, keys):
     proc = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.05)"])
     try:
         r = cli("attach", str(proc.pid), "--trust", keys["trust"], "--name", name, "--version", "4.2",
-                "--method", "pyinjector")
+                "--method", "pyinjector", "--timeout", "120")
         assert r.returncode == 0, r.stdout + r.stderr
         status = json.loads(cli("status", str(proc.pid), "--json").stdout)
         assert status["baseline"] == {"name": name, "version": "4.2", "source": "declared"}

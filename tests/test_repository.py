@@ -10,7 +10,7 @@ import stat
 
 import pytest
 from live import cli
-from repo_fixtures import build, repo_add, served
+from repo_fixtures import build, repo_add, served, unreachable
 
 from livepatch import catalog
 from livepatch.repository import Repository, RepositoryError
@@ -64,16 +64,17 @@ def test_offline_from_the_cache(published, keys, tmp_path):
         first = Repository(url, trusted_keys=keys["trust"], cache_dir=cache)
         entry = first.entry("HP-APP-1")
         expected = first.fetch(entry)
-    # the server is gone now: the catalog and the bundle come from the cache, said so
-    again = Repository(url, trusted_keys=keys["trust"], cache_dir=cache)
-    assert [e.id for e in again.catalog()] == [e.id for e in first.catalog()]
-    assert again.info.offline and again.info.problem
-    assert again.fetch(again.entry("HP-APP-1")) == expected
-    with pytest.raises(RepositoryError, match="not cached"):
-        again.fetch(again.entry("HP-APP-2"))
-    with pytest.raises(RepositoryError, match="cannot be reached .* nothing of it is cached"):
-        Repository(url, trusted_keys=keys["trust"], cache_dir=str(tmp_path / "empty")).catalog()
-    r = cli("repo", "list", "--repo", url, "--trust", keys["trust"], "--cache-dir", cache)
+    # the repository cannot be reached now: the catalog and the bundle come from the cache, said so
+    with unreachable() as down:
+        again = Repository(down, trusted_keys=keys["trust"], cache_dir=cache)
+        assert [e.id for e in again.catalog()] == [e.id for e in first.catalog()]
+        assert again.info.offline and again.info.problem
+        assert again.fetch(again.entry("HP-APP-1")) == expected
+        with pytest.raises(RepositoryError, match="not cached"):
+            again.fetch(again.entry("HP-APP-2"))
+        with pytest.raises(RepositoryError, match="cannot be reached .* nothing of it is cached"):
+            Repository(down, trusted_keys=keys["trust"], cache_dir=str(tmp_path / "empty")).catalog()
+        r = cli("repo", "list", "--repo", down, "--trust", keys["trust"], "--cache-dir", cache)
     assert r.returncode == 0 and "used the cached catalog" in r.stdout, r.stderr
 
 
