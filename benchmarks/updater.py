@@ -12,10 +12,9 @@ loop (livepatch/updater.py) at a low assessment interval, split into:
               verify and check, the commits); then `status` of every process
               is checked to show it (not timed)
 
-Each round publishes the next cumulative bundle of one lineage (built
-before the clock starts; it replaces the one in effect, which the catalog
-then lists as superseded) into a repository served over HTTP on
-127.0.0.1, at a random moment of the updater's interval. Rounds alternate between
+Each round publishes one more bundle (built before the clock starts; each
+fixes a function of its own, so they stack) into a repository served over
+HTTP on 127.0.0.1, at a random moment of the updater's interval. Rounds alternate between
 two identical modes, A and A' (an A/A control: their difference is the
 noise of the machine). Canary off and no observation time: both come on
 top, as configured.
@@ -84,7 +83,7 @@ def everywhere(name, patch_id) -> bool:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=6, choices=range(1, 8))
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--interval", type=float, default=2.0)
     args = ap.parse_args()
@@ -96,9 +95,10 @@ def main():
     os.makedirs(repo_dir)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=repo_dir))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    bundles = [updater_apps.build(keys, work, f"HP-BENCH-{i + 1}", updater_apps.GOOD.replace("b // 2", f"b // 2 + {i} - {i}"),
-                                  name=name, sequence=i + 1, lineage="HP-BENCH", cumulative=True)
-               for i in range(args.rounds + 1)]
+    # each round's fix changes a function of its own: the bundles stack, none needs the others rolled back
+    bundles = [updater_apps.build(keys, work, f"HP-BENCH-{i + 1}",
+                                  updater_apps.BASELINE.replace(f"spare_{i}(x):\n    return x\n", f"spare_{i}(x):\n    return x + 1\n"),
+                                  name=name, sequence=i + 1) for i in range(args.rounds + 1)]
     config_path = os.path.join(work, "updater.toml")
     with open(config_path, "w") as fh:
         fh.write(f'repository = "http://127.0.0.1:{httpd.server_address[1]}"\ntrusted_keys = "{keys.trust}"\n'

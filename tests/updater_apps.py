@@ -20,7 +20,7 @@ def divide(a, b):
 
 def healthy():
     return True
-'''
+''' + "".join(f"\n\ndef spare_{i}(x):\n    return x\n" for i in range(8))  # one for each benchmark round
 # the fix the tests install: rounds half up instead of down
 GOOD = BASELINE.replace("return a // b if b else 0", "return (a + b // 2) // b if b else 0")
 # a fix that breaks: dividing by zero now raises (through the patched function)
