@@ -109,6 +109,15 @@ class Result:
         return dict(self.__dict__)
 
 
+def _in_applied_order(stack):
+    """The patches of `stack` and, before each cumulative one, the patches
+    it replaced (recursively): every patch in the order it was applied."""
+    for applied in stack:
+        if applied.cumulative:
+            yield from _in_applied_order(applied.replaced)
+        yield applied
+
+
 def _plain_owner(owner) -> bool:
     """Storing into it runs no Python code: a module or class whose type
     keeps the built-in attribute assignment."""
@@ -459,7 +468,8 @@ class Engine:
         code maps back through the stack to its original, then forward to the
         cumulative patch's code (or stays original)."""
         back: dict = {}  # id(code installed by the stack) -> original code
-        for applied in reversed(self._stack):
+        chain = list(_in_applied_order(self._stack))
+        for applied in chain:  # oldest first: each 'old' already maps to its original
             for s in applied.switches:
                 back[id(s.new)] = back.get(id(s.old), s.old)
         original = lambda code: back.get(id(code), code)  # noqa: E731
@@ -476,7 +486,7 @@ class Engine:
             for g in applied.globals:
                 if (id(g.owner), g.name) not in planned:
                     planned.add((id(g.owner), g.name))
-                    first = next(x for p in self._stack for x in p.globals if x.owner is g.owner and x.name == g.name)
+                    first = next(x for p in chain for x in p.globals if x.owner is g.owner and x.name == g.name)
                     stores.append(GlobalStore(g.key, g.owner, g.name, current(g.owner, g.name, MISSING), first.before))
         return switches, stores
 

@@ -239,6 +239,32 @@ def test_cumulative_patch_replaces_the_stack_in_one_commit(make_module, engine):
     assert m.f.__code__ is f0 and m.g.__code__ is g0 and m.LIMIT == 1
 
 
+def test_cumulative_patches_in_a_row_each_replace_what_is_in_effect(make_module, engine):
+    """Hotpatches of one baseline are cumulative: the third replaces the
+    second, which replaced the first (and a stack of two patches of the same
+    function), each checked against the original baseline; rolling back
+    walks the chain back to the release."""
+    m, src = make_module("def f():\n    return 1\ndef g():\n    return 1\nLIMIT = 1\n")
+    f0, g0 = m.f.__code__, m.g.__code__
+    v = lambda n: src.replace("def f():\n    return 1", f"def f():\n    return {n}")  # noqa: E731
+    engine.apply(patch_of(m, src, v(2), "HP-0"))
+    engine.apply(patch_of(m, v(2), v(3).replace("LIMIT = 1", "LIMIT = 3"), "HP-1"))  # over HP-0: same function
+    engine.apply(patch_of(m, src, v(4).replace("def g():\n    return 1", "def g():\n    return 4"),
+                          "HP-C1", cumulative=True))
+    assert (m.f(), m.g(), m.LIMIT) == (4, 4, 1)
+    engine.apply(patch_of(m, src, v(5), "HP-C2", cumulative=True))
+    assert (m.f(), m.g(), m.LIMIT) == (5, 1, 1) and m.g.__code__ is g0
+    engine.apply(patch_of(m, src, v(6).replace("LIMIT = 1", "LIMIT = 6"), "HP-C3", cumulative=True))
+    assert (m.f(), m.g(), m.LIMIT) == (6, 1, 6)
+    assert [p["id"] for p in engine.status()["applied"]] == ["HP-C3"]
+    engine.rollback()
+    assert (m.f(), m.g(), m.LIMIT) == (5, 1, 1)
+    engine.rollback()
+    assert (m.f(), m.g(), m.LIMIT) == (4, 4, 1)
+    engine.rollback_all()
+    assert m.f.__code__ is f0 and m.g.__code__ is g0 and m.LIMIT == 1
+
+
 def test_requires_and_duplicate_ids(make_module, engine):
     m, src = make_module("def f():\n    return 1\n")
     with pytest.raises(livepatch.PatchError, match="requires patches that are not applied: HP-0"):
