@@ -36,6 +36,14 @@ def test_safepoint_benchmark_runs():
     assert all(r["inside_pause_ns"]["n"] == r["check_ns"]["n"] == 20 for r in data["activeness"])
 
 
+def test_stall_benchmark_runs():
+    data = _run("stall.py", "--quick")
+    row = data["rows"][0]
+    assert row["stall"]["worst_stall_apply_ns"]["n"] == row["stall"]["worst_stall_control_ns"]["n"] == 2
+    assert set(row["longest_hold_ns"]) == {"walk or one pass as chosen", "one get_referrers pass (forced)", "control"}
+    assert [lat["threads"] for lat in row["latency"]] == [4, 16]
+
+
 def test_agent_benchmark_runs():
     data = _run("agent.py", "--quick")
     assert data["end_to_end"]["cycles"] == 3 and data["idle_cpu"]["ratio_agent_over_none"] > 0
