@@ -4,10 +4,12 @@
   the full walk of every thread's stack (`scan_stacks`, just BEFORE the
   commit) and the check INSIDE the commit pause, `sys._current_frames()`
   plus a walk down to the frames that scan proved clean.
-* Suspended generator/coroutine check against heap size: the heap scan
-  (`gc.get_referrers` on the target code objects) runs OUTSIDE the pause,
-  before each burst of attempts; inside the pause only objects created
-  since the last collection (generation 0) are re-checked.
+* Suspended generator/coroutine check against heap size: the heap pass
+  (`gc.get_referrers` on the target code objects) runs before the commit,
+  once per apply, but it is one C-level call during which no other thread
+  runs either (an apply walks big heaps in bounded steps instead, see
+  livepatch/heapwalk.py and benchmarks/stall.py); inside the pause only
+  objects created since the last collection (generation 0) are re-checked.
 
 Writes benchmarks/results/safepoint-pyX.Y[-quick].json."""
 
