@@ -16,6 +16,7 @@ import gc
 import operator
 import os
 import sys
+import threading
 import types
 import weakref
 from collections import defaultdict
@@ -345,7 +346,9 @@ def _reachable_from_roots() -> list:
     object is ever referenced. Running frames do not report their locals to
     the collector, so those are added explicitly."""
     roots = list(sys.modules.values())
-    for frame in sys._current_frames().values():
+    frames = sys._current_frames()
+    frames[threading.get_ident()] = sys._getframe(1)  # not this frame: see heapwalk._roots
+    for frame in frames.values():
         while frame is not None:
             roots.append(frame)
             roots.extend(frame.f_locals.values())

@@ -16,7 +16,10 @@ What can change between locating and the commit is found without it:
   refcounts with the snapshot's; on a difference a fresh snapshot adds what
   is new (and the plan is made again when that includes functions). A
   frame running the code holds it too, so a snapshot's refcounts are kept
-  only when the stacks were clean just before and just after it.
+  only when the stacks were clean just before and just after it. Something
+  else may hold a code too (a profiler, a reader of `__code__`): when the
+  refcounts keep differing, the check after a GIL handoff, where Python may
+  run, looks at the young functions itself, and commits when none is new.
 * The heap walk (`heapwalk`) runs while other threads run: a function made
   meanwhile is young and found the same way.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from types import FunctionType
 
 from . import commit as _commit
 from .checks import code_kind
@@ -108,7 +112,16 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
             def check(frames_map):
                 found = first_busy(frames_map, busy_ids, proven)
                 if found is None and not holders_unchanged(plan.codes, expected):
-                    return _commit.CHANGED
+                    # Python may run here: look at what is young itself. A
+                    # holder that is no function (a reader keeping `__code__`)
+                    # does not stop the commit.
+                    young, _, now = young_snapshot(plan.codes)
+                    if now != counts:
+                        return HEAP_CHANGED
+                    known = {id(f) for f in heap.functions}
+                    if any(type(f) is FunctionType and id(f.__code__) in busy_ids and id(f) not in known
+                           for f in young):
+                        return _commit.CHANGED
                 if found is None and gen_ids:
                     if gc_counts() != counts:
                         return HEAP_CHANGED
@@ -117,7 +130,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
 
             one_call = plan.one_call
             holders = (plan.codes, expected)
-            stale = 0
+            stale = changed = 0
             replan = False
             engine._in_flight = (plan.ops, plan.undo)
             burst_end = min(deadline, time.monotonic() + BURST_SECONDS)
@@ -158,6 +171,9 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                             outcome = plan.in_one_call.attempt(proven, busy_ids, new_slice=False, holders=holders)
                     if outcome.blocker is _commit.HOOKED:
                         one_call = False
+                    elif outcome.blocker is _commit.CHANGED:
+                        changed += 1
+                        one_call = changed < 2  # then let the check after a handoff look at what is young
                     elif outcome.blocker is _commit.STALE:
                         stale += 1
                         one_call = stale < 2  # then walk the changed stacks after a handoff
