@@ -184,6 +184,24 @@ def _strip(node: ast.AST) -> str:
     return ast.dump(node, annotate_fields=True, include_attributes=False)
 
 
+class _MaskDefinitions(ast.NodeTransformer):
+    """Replaces each def and class by its name: their insides are compared
+    as definitions (the compiler names them as if at module level)."""
+
+    def _mask(self, node):
+        return ast.Expr(ast.Constant(f"<{type(node).__name__} {node.name}>"))
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _mask
+
+
+def _statement_shape(node: ast.AST) -> str:
+    """A module-level statement as it runs at import, but for the bodies of
+    the functions and classes it defines: `if HAS_CRYPTO: class RSA: ...`
+    whose methods change is the same statement, its methods changed."""
+    import copy
+    return _strip(_MaskDefinitions().visit(copy.deepcopy(node)))
+
+
 def _other_statements(tree: ast.Module) -> list:
     """Module-level statements that are not defs, classes, imports or plain
     assignments: code that ran once at import and cannot be re-run."""
@@ -202,7 +220,7 @@ def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Modu
     for n in _other_statements(new_tree):
         if noops.is_type_checking(n):
             continue
-        same = next((b for b in base if _strip(b) == _strip(n)), None)
+        same = next((b for b in base if _statement_shape(b) == _statement_shape(n)), None)
         if same is None:  # the same but for no-ops (a declared type, an exception guard)
             same = next((b for b in base if noops.runtime_form(b) == noops.runtime_form(n)), None)
             if same is not None:
@@ -212,7 +230,8 @@ def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Modu
         elif not defs.annotated_value(diff, n, base):  # a changed `NAME: type = value` is a value as any other
             diff.refused.append(Problem("refused:statement", target, f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
     for gone in base:
-        diff.refused.append(Problem("refused:statement", target, f"a module-level statement was removed ({_strip(gone)[:60]}...)"))
+        diff.refused.append(Problem("refused:statement", target, f"baseline line {gone.lineno}: a module-level statement ({type(gone).__name__}) was removed; "
+                                                                 "what it did at import stays done"))
 
 
 def _diff_removed(diff: ModuleDiff, base_codes: dict, new_codes: dict, new_tree: ast.Module) -> None:

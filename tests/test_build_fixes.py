@@ -1,7 +1,9 @@
 """A new function imported by another module of the same bundle, and
 changed comprehensions and generator expressions: both build and apply."""
 
-from livepatch.builder import build
+import pytest
+
+from livepatch.builder import BuildRefused, build
 
 from release_trees import manifest_of, round_trip, write_release
 
@@ -64,3 +66,37 @@ def test_a_failing_import_of_the_bundle_still_changes_nothing(tmp_path):
     out = round_trip(tmp_path, data, ["app.b"], PROBE)
     assert "cannot import name 'missing'" in out["apply_error"] and "nothing was changed" in out["apply_error"]
     assert out["rolled_back"] == out["before"] == [[1, 2], 3, [1]]
+
+
+GUARDED = """\
+try:
+    import hmac
+    HAS_CRYPTO = True
+except ImportError:
+    HAS_CRYPTO = False
+
+if HAS_CRYPTO:
+    class Algorithm:
+        def accepts(self, name):
+            return name in ("HS256", "none")
+"""
+
+
+def test_a_method_changed_inside_a_module_level_if_is_a_function_change(tmp_path):
+    # as in PyJWT, whose algorithms are defined under `if has_crypto:`
+    fixed = GUARDED.replace('("HS256", "none")', '("HS256",)')
+    base, new = write_release(tmp_path, {"app/__init__.py": "", "app/algos.py": GUARDED},
+                              {"app/__init__.py": "", "app/algos.py": fixed})
+    data, summary = build(base, new, patch_id="HP-IF")
+    assert [t["target"] for t in manifest_of(data)["targets"]] == ["app.algos:Algorithm.accepts"]
+    out = round_trip(tmp_path, data, ["app.algos"], "sys.modules['app.algos'].Algorithm().accepts('none')")
+    assert out == {"before": True, "applied": False, "rolled_back": True}
+
+
+def test_a_changed_condition_of_a_module_level_if_is_still_refused_with_its_line(tmp_path):
+    base, new = write_release(tmp_path, {"app/__init__.py": "", "app/algos.py": GUARDED},
+                              {"app/__init__.py": "", "app/algos.py": GUARDED.replace("if HAS_CRYPTO:", "if not HAS_CRYPTO:")})
+    with pytest.raises(BuildRefused) as info:
+        build(base, new, patch_id="HP-IF")
+    assert "algos.py:7: changed module-level statement (If) ran at import and cannot be re-run" in str(info.value)
+    assert "baseline line 7: a module-level statement (If) was removed" in str(info.value)
