@@ -228,37 +228,62 @@ def _module_functions(module) -> list | None:
             if obj.__globals__ is namespace:
                 found[id(obj)] = obj
             todo += [c.cell_contents for c in obj.__closure__ or () if _cell_set(c)]
-            todo += [v for v in (getattr(obj, "__wrapped__", None),) if v is not None]
+            todo += [v for v in (obj.__dict__.get("__wrapped__"),) if v is not None]
             continue
-        if isinstance(obj, type):
-            if obj.__module__ == namespace.get("__name__"):
-                todo += vars(obj).values()
+        # type(obj), never isinstance(): a class's __class__ or __getattr__
+        # is its own code, which this walk must neither run nor be fooled by
+        if issubclass(kind, type):
+            if type.__dict__["__module__"].__get__(obj) == namespace.get("__name__"):
+                todo += type.__dict__["__dict__"].__get__(obj).values()
             continue
         if kind in _CONTAINERS:
             if len(obj) <= _NAMESPACE_ITEMS:
                 todo += obj.values() if kind is dict else obj
             continue
-        if isinstance(obj, types.ModuleType):
+        if issubclass(kind, types.ModuleType):
             continue
-        if isinstance(obj, property):
+        if issubclass(kind, property):
             todo += (obj.fget, obj.fset, obj.fdel)
             continue
-        if isinstance(obj, functools.partial):
+        if issubclass(kind, functools.partial):
             todo.append(obj.func)
             continue
-        for attr in ("__func__", "__wrapped__", "registry", "func"):
-            try:
-                inner = getattr(obj, attr, None)
-            except Exception:  # a descriptor or __getattr__ that fails
-                continue
-            if inner is not None and inner is not obj:
-                todo.append(inner)
+        todo += _held_without_running(obj, kind)
     del todo, seen
     # the namespace's references: the module's, each function's, `namespace`
     # here and the argument of getrefcount
     if sys.getrefcount(namespace) - 3 == len(found):
         return list(found.values())
     return None
+
+
+_HELD = ("__func__", "__wrapped__", "registry", "func")
+
+
+def _held_without_running(obj, kind) -> list:
+    """What a wrapper holds (static and class methods, bound methods,
+    functools.wraps-style and singledispatch wrappers, partialmethod), read
+    from C-level members and the object's own instance dict only: an
+    attribute read through the type could run the object's code (a
+    __getattr__ that makes a new object on every read never lets a walk
+    end)."""
+    if issubclass(kind, (staticmethod, classmethod, types.MethodType)):
+        return [obj.__func__]
+    for klass in kind.__mro__:
+        slot = type.__dict__["__dict__"].__get__(klass).get("__dict__")
+        if slot is not None:
+            break
+    else:
+        return []
+    if type(slot) is not types.GetSetDescriptorType:  # a __dict__ of the class's own making
+        return []
+    try:
+        own = slot.__get__(obj, kind)
+    except Exception:
+        return []
+    if type(own) is not dict:
+        return []
+    return [v for v in (own.get(a) for a in _HELD) if v is not None and v is not obj]
 
 
 def _cell_set(cell) -> bool:

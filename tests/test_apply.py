@@ -355,3 +355,49 @@ def test_commits_work_in_a_forked_child():
     out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["['livepatch-handoff']", "0", "2"]
+
+
+GROWING_SCRIPT = '''
+import sys, tempfile, pathlib
+d = tempfile.mkdtemp(); sys.path.insert(0, d)
+pathlib.Path(d, "tokens.py").write_text(\'\'\'
+READS = []
+
+
+class TokenType(tuple):
+    """As sqlparse's token types: reading any missing attribute makes (and
+    keeps) a new one, so no walk by getattr over them ever ends."""
+    parent = None
+
+    def __getattr__(self, name):
+        READS.append(name)
+        new = TokenType(self + (name,))
+        setattr(self, name, new)
+        new.parent = self
+        return new
+
+
+Token = TokenType()
+Keyword = Token.Keyword
+DML = Keyword.DML
+
+
+def f():
+    return 1
+\'\'\')
+import tokens
+import livepatch
+from livepatch.build import patch_from_source
+src = pathlib.Path(d, "tokens.py").read_text()
+before = list(tokens.READS)
+livepatch.apply(patch_from_source("HP-T", "tokens", src.replace("return 1", "return 2"), base_source=src), timeout=10)
+print(tokens.f(), tokens.READS == before)
+'''
+
+
+def test_locating_never_reads_attributes_through_the_objects_own_code(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", GROWING_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "True"]
