@@ -527,14 +527,24 @@ class _Unused:
         return False
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        if getattr(namespace, "json_first", False):
+            print(json.dumps({"version": __version__}))
+        else:
+            print(f"livepatch {__version__}")
+        parser.exit()
+
+
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command's parser; with `only`, the arguments of that command
     alone are defined (the other commands are left out)."""
     ap = _Parser(prog="livepatch", description="Hotpatch running Python processes.",
                                  epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial, "
                                         "130 interrupted")
-    from . import __version__
-    ap.add_argument("--version", action="version", version=f"livepatch {__version__}")
+    ap.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                    help="show the version and exit (as JSON after --json)")
     # also after the subcommand; a separate dest, as a subcommand's default would overwrite it
     ap.add_argument("--json", dest="json_first", action="store_true", help="machine-readable output (docs/json.md)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")

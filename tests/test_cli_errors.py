@@ -310,6 +310,9 @@ def test_json_errors_have_one_shape(world, argv, kind, code):
 def test_version_and_json_before_the_command(world):
     r = cli("--version")
     assert r.returncode == 0 and re.fullmatch(r"livepatch \d+\.\d+\.\d+\S*\n", r.stdout)
+    r = cli("--json", "--version")
+    assert r.returncode == 0 and list(json.loads(r.stdout)) == ["version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", json.loads(r.stdout)["version"])
     rows = json.loads(cli("--json", "ps").stdout)
     row = next(row for row in rows if str(row["pid"]) == world["pid"])
     assert row["service"] == world["svc_name"] and row["state"] == "baseline" and row["patches"] == []
