@@ -24,6 +24,16 @@ _loaded_key = None
 _loaded: dict | None = None
 
 
+def _after_fork_in_child() -> None:
+    # a thread of the parent (its agent answering a status) may have held
+    # it at the fork: the child's first status would then wait forever
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _version_of(dist: str) -> str | None:
     if dist not in _versions:
         from importlib import metadata

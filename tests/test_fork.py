@@ -316,3 +316,25 @@ def test_a_fork_during_an_import_on_a_livepatch_thread_leaves_the_child_able_to_
         t.join(10)
         del threading.lp_fork_done
         sys.modules.pop(name, None)
+
+
+def test_a_fork_while_the_agent_reads_what_the_process_runs_leaves_the_child_able_to_answer():
+    """A gunicorn master forks while its agent's thread, answering a status,
+    holds the lock of what the process runs: the worker's first status must
+    not wait forever for a thread that does not exist in it."""
+    from livepatch.agent import baseline
+    held, release = threading.Event(), threading.Event()
+
+    def answering_a_status():
+        with baseline._lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=answering_a_status)
+    t.start()
+    try:
+        held.wait(10)
+        got = in_child(lambda: baseline._lock.acquire(timeout=3))
+    finally:
+        release.set()
+        t.join(10)
+    assert got is True
