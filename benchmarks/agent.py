@@ -348,6 +348,13 @@ def end_to_end(cycles: int, work: str) -> dict:
     return {"cycles": cycles, "cli": "python -m livepatch of the running environment", **{k: summary(v) for k, v in rows.items()}}
 
 
+
+def _paired_line(label: str, r: dict) -> str:
+    """One paired ratio with its confidence interval, beside its A/A control."""
+    a, aa = r["agent_over_none"], r["aa_control"]
+    return (f"{label}: agent/none {a['median']} (95% CI {a['ci95'][0]} to {a['ci95'][1]}); "
+            f"A/A control {aa['median']} (95% CI {aa['ci95'][0]} to {aa['ci95'][1]})")
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -375,17 +382,10 @@ def main():
                       f"{aa['percent_ci95'][1]:+.3f}%)")
         http = http_paired(seconds, rounds, work)
         for what in ("throughput_ratio", "cpu_per_request_ratio"):
-            r = http[what]
-            print(f"HTTP demo, paired ({rounds} rounds of {seconds:g} s), {what}: agent/none "
-                  f"{r['agent_over_none']['median']} (95% CI {r['agent_over_none']['ci95'][0]} to "
-                  f"{r['agent_over_none']['ci95'][1]}); A/A control {r['aa_control']['median']} "
-                  f"(95% CI {r['aa_control']['ci95'][0]} to {r['aa_control']['ci95'][1]})")
+            print(_paired_line(f"HTTP demo, paired ({rounds} rounds of {seconds:g} s), {what}", http[what]))
         cpu = cpu_paired(seconds, rounds, work)
         for what in ("ratio", "cpu_per_iteration_ratio"):
-            r = cpu[what]
-            print(f"CPU-bound, paired, {what}: agent/none {r['agent_over_none']['median']} (95% CI "
-                  f"{r['agent_over_none']['ci95'][0]} to {r['agent_over_none']['ci95'][1]}); A/A control "
-                  f"{r['aa_control']['median']} (95% CI {r['aa_control']['ci95'][0]} to {r['aa_control']['ci95'][1]})")
+            print(_paired_line(f"CPU-bound, paired, {what}", cpu[what]))
         e2e = end_to_end(cycles, work)
         print(f"livepatch apply on a live service: agent side p50 {e2e['apply_in_agent_ms']['p50']:.1f} ms, commit pause "
               f"p50 {e2e['apply_pause_us']['p50']:.0f} us (whole command from the editable install p50 "
