@@ -5,13 +5,8 @@ ADVISORY = "CVE-2024-22195 (GHSA-h5c8-rqwp-cp95)"
 SUMMARY = "xmlattr: keys containing spaces inject attributes"
 REQUIRES = ()
 
-import jinja2
+from _jinja2 import xmlattr_injects
 
 
 def check():
-    env = jinja2.Environment(autoescape=True)
-    try:
-        out = env.from_string("<p{{ d|xmlattr }}>").render(d={"class onmouseover=alert(1)": "x"})
-    except ValueError as exc:
-        return False, f"refused: {exc}"
-    return "onmouseover=alert(1)" in out, out
+    return xmlattr_injects('class onmouseover=alert(1)', 'onmouseover=alert(1)')

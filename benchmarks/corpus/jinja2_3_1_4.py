@@ -5,13 +5,8 @@ ADVISORY = "CVE-2024-34064 (GHSA-h75v-3vvj-5mfj)"
 SUMMARY = "xmlattr: keys containing / > = inject attributes"
 REQUIRES = ()
 
-import jinja2
+from _jinja2 import xmlattr_injects
 
 
 def check():
-    env = jinja2.Environment(autoescape=True)
-    try:
-        out = env.from_string("<p{{ d|xmlattr }}>").render(d={"x/onclick=alert(1)": "y"})
-    except ValueError as exc:
-        return False, f"refused: {exc}"
-    return "onclick=alert(1)" in out, out
+    return xmlattr_injects('x/onclick=alert(1)', 'onclick=alert(1)')
