@@ -170,30 +170,6 @@ def _makedirs_private(path: str) -> None:
             pass
 
 
-# Lock descriptors open in this process. A forked child inherits them (and
-# with them the flock of a thread that no longer exists there): the child
-# closes its copies, which never releases the parent's lock, but keeping
-# them would hold it after the parent lets go. Done both at fork and before
-# each lock, since other at-fork hooks (the agent's own start in the child)
-# may run before this one.
-_lock_fds = {"pid": os.getpid(), "fds": set()}
-
-
-def _forget_inherited_locks() -> None:
-    if _lock_fds["pid"] == os.getpid():
-        return
-    for fd in list(_lock_fds["fds"]):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _lock_fds["fds"].clear()
-    _lock_fds["pid"] = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forget_inherited_locks)
-
-
 class State:
     """One service's state directory. Every update runs under an exclusive
     flock on `.lock` (a new descriptor each time, so threads of one process
@@ -221,23 +197,11 @@ class State:
         self._ready = True
 
     # -------------------------------------------------------------- files
-    @contextlib.contextmanager
     def locked(self):
-        import fcntl
-        _forget_inherited_locks()
+        """Every update runs inside this (agent/state_lock.py)."""
+        from .state_lock import exclusive
         self._create()
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        _lock_fds["fds"].add(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            # unlock explicitly: a child forked meanwhile shares this open
-            # file, and closing our descriptor alone would leave it locked
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            _lock_fds["fds"].discard(fd)
-            os.close(fd)
+        return exclusive(self._lock_path)
 
     def _present(self) -> bool:
         """Whether the directory exists (checked before its first use)."""
