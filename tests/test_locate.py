@@ -1,6 +1,7 @@
 """Locating without a pass over the whole heap, and what may change between
 locating and the commit: every function running the old code is still
 switched, however and whenever it was made before the commit."""
+import functools
 import gc
 import linecache
 import types
@@ -78,6 +79,28 @@ def test_heap_walk_finds_what_one_referrers_pass_finds(make_module, monkeypatch)
     expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
     assert _names(walked.functions) == _names(expected)
     assert held_in_a_local in walked.functions and elsewhere["deep"][0][0] in walked.functions
+
+
+def test_heap_walk_in_tiny_steps_finds_the_same(make_module, monkeypatch):
+    """Steps, slices of big containers and visited-address regions far
+    smaller than the containers: the walk still finds every function."""
+    from livepatch import heapwalk
+    m, _ = make_module(SRC)
+    in_a_big_list = [[i] for i in range(50)] + [m.make(1)]
+    in_a_big_dict = {i: (i, m.make(2) if i == 33 else None) for i in range(60)}
+    in_a_big_set = {functools.partial(m.make(3), 1)} | {(i, str(i)) for i in range(40)}
+    monkeypatch.setattr(heapwalk, "STEP", 3)
+    monkeypatch.setattr(heapwalk, "SLICE", 4)
+    monkeypatch.setattr(heapwalk, "BATCH_BYTES", 256)
+    monkeypatch.setattr(heapwalk, "_region_of", (6).__rrshift__)  # 64-byte regions: most objects alone in one
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    walked = HeapIndex.scan([m.__name__])
+    assert walked.walked
+    expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
+    assert _names(walked.functions) == _names(expected)
+    held = [in_a_big_list[-1], in_a_big_dict[33][1], next(iter(p for p in in_a_big_set if callable(p))).func]
+    assert all(any(f is h for f in walked.functions) for h in held)
 
 
 @pytest.mark.parametrize("way", ["namespace", "walk"])
