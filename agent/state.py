@@ -45,7 +45,6 @@ import errno
 import json
 import os
 import re
-import stat
 import sys
 import threading
 import time
@@ -53,43 +52,16 @@ import time
 # datetime, fcntl and hashlib are imported where used: an agent whose state
 # directory holds nothing may never need them
 from . import log as _log
-from . import runtime_dir
+from .state_dir import StateDir, UnsafeState, location
 
 HISTORY_DAYS = 30.0
 REAPPLY_TIMEOUT = 5.0
 MAX_RECORDS = 256
-MAX_STATE_FILE = 64 << 20
 HISTORY_MAX_BYTES = 8 << 20  # beyond this, the oldest half goes, whatever its age
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: no trailing newline
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Refusals that mean "this bundle is not for the code that runs here".
 _WRONG_CODE = ("BaselineMismatch", "TargetNotFound", "IncompatibleChange")
-
-
-class UnsafeState(Exception):
-    """The state directory cannot be used safely; the agent runs without it."""
-
-
-def validate_name(name) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise UnsafeState(f"service name {str(name)[:80]!r} cannot name a state directory "
-                          "(letters, digits, '.', '_', '-'; at most 64; no '..' or '/')")
-    return name
-
-
-def default_root() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/livepatch"
-    base = os.environ.get("XDG_STATE_HOME")
-    if not base or not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "livepatch")
-
-
-def location(name: str, root: str | None = None) -> str:
-    root = root or os.environ.get("LIVEPATCH_STATE_DIR") or default_root()
-    return os.path.join(os.path.abspath(root), validate_name(name))
 
 
 def _now_iso(ts: float | None = None) -> str:
@@ -121,129 +93,8 @@ def history_days() -> float:
     return HISTORY_DAYS
 
 
-# ------------------------------------------------------------------ safety
-
-def _check_ancestors(path: str) -> None:
-    """Nobody but us or root may replace `path` or a directory above it."""
-    uid = os.getuid()
-    here = os.path.realpath(os.path.dirname(path))
-    while not os.path.lexists(here):  # not created yet: check what exists above
-        here = os.path.dirname(here)
-    while True:
-        st = os.stat(here)
-        if st.st_uid not in (0, uid):
-            raise UnsafeState(f"{here} (above {path}) is owned by uid {st.st_uid}; others could replace the state directory")
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise UnsafeState(f"{here} (above {path}) has mode {stat.S_IMODE(st.st_mode):o}: "
-                              "writable by others without the sticky bit")
-        parent = os.path.dirname(here)
-        if parent == here:
-            return
-        here = parent
-
-
-def _ensure_dir(path: str) -> None:
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    try:
-        runtime_dir.check(path)
-    except runtime_dir.UnsafeDirectory as exc:
-        raise UnsafeState(str(exc)) from None
-
-
-def _makedirs_private(path: str) -> None:
-    """Create the missing directories of `path`, each 0700."""
-    missing = []
-    here = path
-    while not os.path.lexists(here):
-        missing.append(here)
-        parent = os.path.dirname(here)
-        if parent == here:
-            break
-        here = parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass
-
-
-class State:
-    """One service's state directory. Every update runs under an exclusive
-    flock on `.lock` (a new descriptor each time, so threads of one process
-    serialise too) and replaces files by atomic rename."""
-
-    def __init__(self, path: str):
-        """Checks what exists; a directory not there yet is created by the
-        first write, so services that never get a patch leave nothing on disk."""
-        self.path = path
-        self._lock_path = os.path.join(path, ".lock")
-        self._warned: set = set()
-        self._ready = False
-        _check_ancestors(path)
-        if os.path.lexists(path):
-            self._create()
-
-    def _create(self) -> None:
-        if self._ready:
-            return
-        _makedirs_private(os.path.dirname(self.path))
-        _check_ancestors(self.path)
-        _ensure_dir(self.path)
-        for sub in ("bundles", "retired"):
-            _ensure_dir(os.path.join(self.path, sub))
-        self._ready = True
-
-    # -------------------------------------------------------------- files
-    def locked(self):
-        """Every update runs inside this (agent/state_lock.py)."""
-        from .state_lock import exclusive
-        self._create()
-        return exclusive(self._lock_path)
-
-    def _present(self) -> bool:
-        """Whether the directory exists (checked before its first use)."""
-        if not self._ready and os.path.lexists(self.path):
-            self._create()
-        return self._ready
-
-    def _read(self, name: str) -> bytes | None:
-        if not self._present():
-            return None
-        try:
-            # O_NONBLOCK: a FIFO planted here cannot hang the service
-            fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise UnsafeState(f"{os.path.join(self.path, name)} is not a regular file of ours")
-            return fh.read(MAX_STATE_FILE + 1)
-
-    def _write(self, name: str, data: bytes) -> None:
-        """Write to a fresh temporary name, then rename over `name`."""
-        final = os.path.join(self.path, name)
-        tmp = os.path.join(os.path.dirname(final),
-                           f".{os.path.basename(name)}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            _log.logger.warning("livepatch: %s", message)
+class State(StateDir):
+    """One service's state: its applied records and its history."""
 
     # ------------------------------------------------------------ records
     def records(self) -> list[dict]:

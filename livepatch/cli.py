@@ -19,8 +19,6 @@ Exit codes (also in README.md):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -54,6 +52,13 @@ def usage_error(message: str) -> CliError:
     return CliError(message, EXIT_USAGE, kind="UsageError")
 
 
+def _invalid(message: str) -> Exception:
+    """A value of the wrong form, as argparse reports it (argparse is
+    imported with the parser that calls a value's type, not before)."""
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
 # ---------------------------------------------------------------- output
 
 def printable(text, keep: str = "") -> str:
@@ -79,6 +84,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def _emit(args, data, human) -> None:
     if getattr(args, "json", False):
+        import json
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         print(printable(human(data) if callable(human) else human, keep="\n"))
@@ -197,6 +203,10 @@ def cmd_build(args):
             lines.append(f"  made at apply time, before the pause (runs the bundle's code): {', '.join(s['made_at_apply'])}")
         for note in s.get("not_updated", ()):
             lines.append(f"  NOT UPDATED {note}")
+        for note in s.get("recomputed", ()):
+            lines.append(f"  recomputed {note}")
+        for w in s.get("warnings", ()):
+            lines.append(f"  WARNING {w['target']}: {w['message']}")
         for skipped in s.get("skipped", ()):
             lines.append(f"  skipped {skipped}")
         return "\n".join(lines)
@@ -257,7 +267,7 @@ def _only_pattern(text: str) -> str:
     try:
         return check_patterns([text])[0]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _invalid(str(exc)) from None
 
 
 def _release_spec(text: str) -> str:
@@ -265,7 +275,7 @@ def _release_spec(text: str) -> str:
     try:
         parse_spec(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _invalid(str(exc)) from None
     return text
 
 
@@ -298,6 +308,7 @@ def cmd_authorize_rollback(args):
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(data + b"\n")
+    import json
     body = json.loads(data)["authorization"]
     import time
     out = {"output": args.output, "patch": body["patch"], "bundle_sha256": body["bundle_sha256"],
@@ -311,7 +322,7 @@ def _sequence(text: str) -> int:
     try:
         return check_sequence(int(text) if text.strip().isdigit() else text)
     except BuildRefused as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _invalid(str(exc)) from None
 
 
 def _lineage(text: str) -> str:
@@ -319,7 +330,7 @@ def _lineage(text: str) -> str:
     try:
         return check_lineage(text)
     except BuildRefused as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _invalid(str(exc)) from None
 
 
 def seconds(text: str) -> float:
@@ -329,31 +340,31 @@ def seconds(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value <= 600:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 to 600, got {text[:40]!r}")
+        raise _invalid(f"must be a number of seconds from 0 to 600, got {text[:40]!r}")
     return value
 
 
 def patch_id(text: str) -> str:
     from .bundle import valid_id
     if not valid_id(text):
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a patch id: letters, digits, '.', '_' and '-', "
+        raise _invalid(f"{text[:40]!r} is not a patch id: letters, digits, '.', '_' and '-', "
                                          "starting with a letter or digit, at most 128 (e.g. HP-DOCS-1)")
     return text
 
 
 def service_name(text: str) -> str:
-    from livepatch.agent.state import UnsafeState, validate_name
+    from livepatch.agent.state_dir import UnsafeState, validate_name
     try:
         return validate_name(text)
     except UnsafeState:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a service name: letters, digits, '.', '_' and '-', "
+        raise _invalid(f"{text[:40]!r} is not a service name: letters, digits, '.', '_' and '-', "
                                          "starting with a letter or digit, at most 64, no '..'") from None
 
 
 def _allow_category(text: str) -> str:
     from .builder import OVERRIDABLE
     if text not in OVERRIDABLE:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} cannot be overridden: choose from {', '.join(OVERRIDABLE)}")
+        raise _invalid(f"{text[:40]!r} cannot be overridden: choose from {', '.join(OVERRIDABLE)}")
     return text
 
 
@@ -370,7 +381,7 @@ def _hours(text: str) -> float:
     except ValueError:
         value = 0.0
     if not 0 < value <= 720:
-        raise argparse.ArgumentTypeError(f"must be a number of hours above 0 and at most 720, got {text[:40]!r}")
+        raise _invalid(f"must be a number of hours above 0 and at most 720, got {text[:40]!r}")
     return value
 
 
@@ -413,6 +424,11 @@ def _inspect_choices(m: dict) -> list[str]:
                      f"{', '.join(m['selection']['left_out']) or 'nothing'}")
     for i in m.get("ignored", ()):
         lines.append(f"ignored [{i['category'].partition(':')[2]}] {i['target']}: {i['message']}")
+    for g in m["globals"]:
+        if "built" in g:
+            lines.append(f"recomputed {g['name']}: {g['built']['reason']}")
+    for w in m.get("warnings", ()):
+        lines.append(f"WARNING {w['target']}: {w['message']}")
     return lines
 
 
@@ -472,50 +488,6 @@ def cmd_inspect(args):
 
 # ---------------------------------------------------------------- parser
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter with the terminal width found as
-    shutil.get_terminal_size finds it (COLUMNS, else stdout's terminal, else
-    80), once per process: the default imports shutil (and with it bz2, lzma
-    and zlib) the first time any parser gets an argument."""
-
-    _columns = None
-
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
-        if width is None:
-            width = _Formatter._terminal_columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-    @classmethod
-    def _terminal_columns(cls) -> int:
-        if cls._columns is None:
-            try:
-                columns = int(os.environ["COLUMNS"])
-            except (KeyError, ValueError):
-                columns = 0
-            if columns <= 0:
-                try:
-                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-                except (AttributeError, ValueError, OSError):
-                    columns = 0
-            cls._columns = columns or 80
-        return cls._columns
-
-
-class _Parser(argparse.ArgumentParser):
-    """Every parser of the command, subcommands' included (argparse makes
-    those of the parent's class), formats with _Formatter."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-        # the deepest subcommand's sets it last: errors say `livepatch trust reload: ...`
-        self.set_defaults(prog=self.prog)
-
-    def error(self, message):
-        # one line naming the mistake and where the help is (argparse prints the usage block first)
-        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE, {"command": self.prog}, kind="UsageError")
-
-
 class _Unused:
     """Stands for the parser of a command left out of `parser(only=...)`:
     whatever is added to it is dropped."""
@@ -527,23 +499,16 @@ class _Unused:
         return False
 
 
-class _Version(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        from . import __version__
-        if getattr(namespace, "json_first", False):
-            print(json.dumps({"version": __version__}))
-        else:
-            print(f"livepatch {__version__}")
-        parser.exit()
-
-
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command's parser; with `only`, the arguments of that command
     alone are defined (the other commands are left out)."""
-    ap = _Parser(prog="livepatch", description="Hotpatch running Python processes.",
+    import argparse
+
+    from .cli_argparse import Parser, Version
+    ap = Parser(prog="livepatch", description="Hotpatch running Python processes.",
                                  epilog="exit codes: 0 ok, 1 error, 2 usage, 3 refused, 4 verification failed, 5 no agent/process, 6 partial, "
                                         "130 interrupted")
-    ap.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+    ap.add_argument("--version", action=Version, nargs=0, default=argparse.SUPPRESS,
                     help="show the version and exit (as JSON after --json)")
     # also after the subcommand; a separate dest, as a subcommand's default would overwrite it
     ap.add_argument("--json", dest="json_first", action="store_true", help="machine-readable output (docs/json.md)")
@@ -638,6 +603,7 @@ def _wants_json(argv) -> bool:
 
 def _report(exc: CliError, as_json: bool, prog: str) -> int:
     if as_json:
+        import json
         print(json.dumps(exc.to_json(), indent=2, default=str))
     else:
         print(printable(f"{prog}: {exc}"), file=sys.stderr)
@@ -651,7 +617,12 @@ def _parse(argv: list) -> argparse.Namespace:
     every command's parser is a third of a `livepatch status`. What that
     parser cannot settle (no command, a usage error, help before the
     command) is parsed by the whole parser, whose usage and help name every
-    command."""
+    command. A status, apply or rollback written out in full is parsed
+    without argparse (livepatch/cli_quick.py)."""
+    from .cli_quick import parse
+    args = parse(argv)
+    if args is not None:
+        return args
     name = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if name is not None and not {"-h", "--help"} & set(argv[:name]):
         try:

@@ -27,13 +27,14 @@ def since_seconds(text: str) -> float:
 
 
 def state_root(args) -> str:
-    from .agent.state import default_root
+    from .agent.state_dir import default_root
     return os.path.abspath(getattr(args, "state_dir", None) or os.environ.get("LIVEPATCH_STATE_DIR") or default_root())
 
 
 def service_states(args):
     """[(name, State)] for the named service, or every service under the root with --all."""
-    from .agent.state import State, UnsafeState, location, validate_name
+    from .agent.state import State
+    from .agent.state_dir import UnsafeState, location, validate_name
     root = state_root(args)
     if getattr(args, "all", False):
         try:

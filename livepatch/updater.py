@@ -321,7 +321,8 @@ class Updater:
     # ------------------------------------------------------------ history
     def _history(self, svc, patch, action, outcome, reason) -> None:
         """An entry in the service's own persisted history (history.jsonl)."""
-        from .agent.state import State, UnsafeState
+        from .agent.state import State
+        from .agent.state_dir import UnsafeState
         directory = next((m.status.get("state_dir") for m in svc.members if m.answering and m.status.get("state_dir")),
                          None)
         if directory is None:

@@ -233,16 +233,17 @@ def test_an_unsafe_state_dir_is_refused_with_one_line_and_the_service_starts(inv
 # ---------------------------------------------------------------- the files themselves
 
 def _state(tmp_path, name="svc"):
-    from livepatch.agent import state
-    return state.State(state.location(name, str(tmp_path / "root")))
+    from livepatch.agent.state import State
+    from livepatch.agent.state_dir import location
+    return State(location(name, str(tmp_path / "root")))
 
 
 def test_names_cannot_leave_the_root(tmp_path):
-    from livepatch.agent import state
+    from livepatch.agent.state_dir import UnsafeState, location
     for bad in ("../etc", "a/b", "..", "a..b", "", "-c", ".hidden", "x" * 65, "a\nb", "inventory\n", "é"):
-        with pytest.raises(state.UnsafeState):
-            state.location(bad, str(tmp_path))
-    assert state.location("inventory.api_2", str(tmp_path)) == str(tmp_path / "inventory.api_2")
+        with pytest.raises(UnsafeState):
+            location(bad, str(tmp_path))
+    assert location("inventory.api_2", str(tmp_path)) == str(tmp_path / "inventory.api_2")
 
 
 def test_an_agent_whose_name_cannot_name_a_directory_keeps_no_state(tmp_path, caplog):
@@ -335,7 +336,8 @@ def test_writers_in_several_processes_are_serialised(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from livepatch.agent import state
-        s = state.State(state.location("svc", {root!r}))
+        from livepatch.agent.state_dir import location
+        s = state.State(location("svc", {root!r}))
         for i in range(200):
             s.append({{"time": state._now_iso(), "action": "apply", "patch": "HP-%s-%d" % (sys.argv[1], i),
                       "padding": "x" * 3000}})
@@ -512,7 +514,8 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_write(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, threading, time
         from livepatch.agent import state
-        s = state.State(state.location("svc", {str(tmp_path / "root")!r}))
+        from livepatch.agent.state_dir import location
+        s = state.State(location("svc", {str(tmp_path / "root")!r}))
         held, go = threading.Event(), threading.Event()
         def hold():
             with s.locked():
