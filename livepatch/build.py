@@ -14,7 +14,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
-from . import definitions as defs, noops
+from . import definitions as defs, derived, noops
 from .checks import code_kind
 from .errors import PatchError, Problem
 from .fingerprint import fingerprint
@@ -91,6 +91,7 @@ class ModuleDiff:
     values: dict = field(default_factory=dict)  # qualname -> {"expression", "line"}: evaluated at apply time
     definitions: dict = field(default_factory=dict)  # qualname -> {"statement", "line", "replaces"}: run at apply time
     captured: dict = field(default_factory=dict)  # qualname of a value or constant -> {"refs", "stale"}
+    warnings: list = field(default_factory=list)  # Problems "warning:<why>": what the patch leaves in its old state
 
 
 def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
@@ -358,6 +359,7 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 continue  # a lambda's body is code: diffed with the other code objects
             defs.add_value(diff, name, node)
     defs.finish(diff, base_tree, new_tree, new_codes)
+    derived.add_recomputed(diff, base_tree, new_tree)  # objects built at import by construction code that changed
     return diff
 
 

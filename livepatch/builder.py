@@ -36,7 +36,7 @@ OVERRIDABLE = ("decorator", "statement")
 WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
 PROBE_TIMEOUT = 30.0
 # what the isolated worker is sent, in import order (stdlib imports only)
-_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "definitions", "build", "builder")
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "definitions", "derived", "build", "builder")
 
 
 class BuildRefused(PatchError):
@@ -117,6 +117,7 @@ def _worker(request: dict) -> dict:
                 "constants": {name: repr(value) for name, value in diff.constants.items()},
                 "refused": [p.to_dict() for p in diff.refused],
                 "ignored": [p.to_dict() for p in diff.ignored],
+                "warnings": [p.to_dict() for p in diff.warnings],
                 "values": diff.values, "definitions": diff.definitions, "captured": diff.captured,
                 "code": base64.b64encode(marshal.dumps(new_code)).decode(),
             }
@@ -272,7 +273,7 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if len(set(tags)) != len(tags):
         raise UnknownInterpreter(f"two --python interpreters are the same version ({', '.join(tags)})")
     unsafe = base_tree.refused + new_tree.refused
-    refused, modules, source_errors, ignored, added = [], [], [], [], []
+    refused, modules, source_errors, ignored, added, warnings = [], [], [], [], [], []
     for module, rel in new_tree.modules.items():
         if noops.is_test_module(module, rel):
             if base_tree.modules.get(module) is None or not _same_file(base_tree, new_tree, base_tree.modules[module], rel):
@@ -347,6 +348,9 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
             for p in res.get("ignored", ()):
                 if (problem := _located(p, files)) not in ignored:
                     ignored.append(problem)
+            for p in res.get("warnings", ()):
+                if (problem := _located(p, files)) not in warnings:
+                    warnings.append(problem)
             for p in res["refused"]:
                 problem = _located(p, files)
                 kind = problem.category.partition(":")[2]
@@ -424,6 +428,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     }
     if ignored:
         manifest["ignored"] = [p.to_dict() for p in ignored]
+    if warnings:
+        manifest["warnings"] = [p.to_dict() for p in warnings]
     if added:
         manifest["new_modules"] = _new_modules(added, answers, payloads)
     if left_out is not None:
@@ -533,6 +539,8 @@ def summary(manifest: dict) -> dict:
         "new_globals": [g["name"] for g in manifest["globals"] if g["kind"] != "constant"],
         "overridden": manifest["overrides"],
         "ignored": manifest.get("ignored", []),
+        "warnings": manifest.get("warnings", []),
+        "recomputed": [f"{g['name']}: {g['built']['reason']}" for g in manifest["globals"] if "built" in g],
         "hooks": manifest.get("hooks", {}).get("functions", []),
         "left_out": manifest.get("selection", {}).get("left_out", []),
         "new_modules": sorted(manifest.get("new_modules", {})),

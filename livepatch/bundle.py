@@ -361,8 +361,13 @@ _SCHEMA = _object({
         # values and definitions made at apply time (docs/bundle-format.md#values-and-definitions)
         "expression": _text(MAX_LITERAL), "source": _text(MAX_LITERAL), "line": _int(0, 10**7), "replaces": _bool,
         "refs": _list(_text(600, _REF), 1024, unique=True), "stale": _list(_text(), 1024),
+        # a value an unchanged statement built at import, made anew with the patch's construction (#recomputed)
+        "built": _object({"call": _text(200, _MODULE), "function": _text(600, _MODULE), "reason": _text(),
+                          "reads": _list(_text(600, _MODULE), 1024, unique=True),
+                          "slots": _mapping(_text(600, _REF), _text(600, _MODULE), 1024),
+                          "source": _text(MAX_LITERAL), "line": _int(0, 10**7)}, optional=("source", "line")),
     }, optional=("code", "statement", "value", "defaults", "kwdefaults", "expression", "source", "line",
-                 "replaces", "refs", "stale")), MAX_TARGETS),
+                 "replaces", "refs", "stale", "built")), MAX_TARGETS),
     "modules": _mapping(_text(200, _MODULE), _object({"file": _text(1024), "source": _text(300, _PAYLOAD),
                                                       "baseline": _text(300, _PAYLOAD)}), 1024),
     "payloads": _mapping(_text(300, _PAYLOAD), _object({"sha256": _text(64, _HEX64),
@@ -375,6 +380,8 @@ _SCHEMA = _object({
     "lineage": _text(128, _ID),
     # what the release changed that never runs (docs/bundle-format.md#ignored)
     "ignored": _list(_object({"category": _text(64), "target": _text(600), "message": _text()}), MAX_TARGETS),
+    # what the patch leaves in the state the old code built (docs/bundle-format.md#recomputed)
+    "warnings": _list(_object({"category": _text(64), "target": _text(600), "message": _text()}), MAX_TARGETS),
     # migration hooks run around apply and rollback (docs/bundle-format.md#hooks)
     "hooks": _object({"file": _text(1024), "payload": _choice((HOOKS_PAYLOAD,)),
                       "functions": _list(_choice(("pre_apply", "post_apply", "pre_rollback", "post_rollback")), 4, unique=True)}),
@@ -385,7 +392,7 @@ _SCHEMA = _object({
         "file": _text(1024), "source": _text(300, _PAYLOAD),
         "code": _mapping(_text(16, _TAG), _object({"payload": _text(300, _PAYLOAD), "sha256": _text(64, _HEX64)}), 8),
     }), 1024),
-}, optional=("sequence", "lineage", "ignored", "hooks", "selection", "new_modules"))
+}, optional=("sequence", "lineage", "ignored", "warnings", "hooks", "selection", "new_modules"))
 
 
 def validate(manifest: dict) -> None:

@@ -456,8 +456,8 @@ def global_entries(module: str, values: dict, definitions: dict, captured: dict)
     """(manifest entries of a module's values and definitions, {name: the
     "refs" and "stale" of a changed value or constant}): the form both a
     bundle and an in-process patch carry them in."""
-    entries = [{"name": f"{module}:{q}", "kind": "value", "expression": v["expression"], "line": v["line"]}
-               for q, v in values.items()]
+    entries = [{"name": f"{module}:{q}", "kind": "value", "expression": v["expression"], "line": v["line"],
+                **({"built": v["built"]} if "built" in v else {})} for q, v in values.items()]
     entries += [{"name": f"{module}:{q}", "kind": "definition", "source": d["statement"], "line": d["line"],
                  "replaces": d["replaces"]} for q, d in definitions.items()]
     extra = {f"{module}:{q}": {k: c[k] for k in ("refs", "stale") if c[k]} for q, c in captured.items()}

@@ -220,9 +220,10 @@ def _namespace(module, scope: str, bundled, making, start=()) -> _Namespace:
 
 
 def evaluate(module, qualname: str, expression: str, filename: str, line: int, refs=(), bundled=None,
-             making=None) -> Recomputed:
+             making=None, names=None) -> Recomputed:
     """The value of `expression` as the assignment to `qualname` computes
-    it: module globals, and the class namespace for a class attribute."""
+    it: module globals, and the class namespace for a class attribute
+    (`names` bound over both: the patch's constructor, livepatch.derived)."""
     import ast
     tree = ast.parse(expression, filename, "eval")
     ast.increment_lineno(tree, max(0, line - 1))
@@ -232,7 +233,7 @@ def evaluate(module, qualname: str, expression: str, filename: str, line: int, r
         scope = scope.rpartition(".")[0]  # a def's defaults are evaluated where the def is
     owner = _owner(module, scope)
     local = _namespace(module, scope, bundled, making if making is not None else set(),
-                       vars(owner) if owner is not None else ())
+                       {**(vars(owner) if owner is not None else {}), **(names or {})})
     return Recomputed(eval(code, module.__dict__, local), module, refs)  # the bundle's code: see docs/bundle-format.md
 
 
@@ -303,7 +304,13 @@ def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=N
     if entry["kind"] == "value":
         text = entry["expression"]
         _parsed(text, "eval", f"{field}.expression", fail)
-        make = _once(lambda module, making: evaluate(module, qualname, text, filename, line, refs, bundled, making))
+        built = entry.get("built")
+        if built is not None:  # an object built at import, made anew with the patch's construction code
+            from .derived import construct
+            make = _once(lambda module, making: construct(module, qualname, text, filename, line, refs, built,
+                                                          bundled, making))
+        else:
+            make = _once(lambda module, making: evaluate(module, qualname, text, filename, line, refs, bundled, making))
         return value_for(module_name, make, runs_code=f"{qualname} = {text.strip()}"[:200])
     text = entry["source"]
     tree = _parsed(text, "exec", f"{field}.source", fail)
