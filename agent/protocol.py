@@ -19,12 +19,18 @@ is read and decoded. Clients accept answers up to MAX_FRAME."""
 from __future__ import annotations
 
 # the sockets are either type: the agent's (socket.socket) and the client's
-# (the C type, whose module a short command imports faster)
+# (the C type, whose module a short command imports faster). Frames are
+# encoded and decoded with json's own C accelerator: the json package
+# imports `re` (and with it enum, functools, collections), a third of a
+# `livepatch status`; it is imported only to name what is wrong with a
+# frame that is not JSON, or where the accelerator is missing.
 import _socket
-import json
 import os
-import re
-import struct
+
+try:
+    import _json
+except ImportError:  # an interpreter built without it: the json package does all
+    _json = None
 
 VERSION = 1
 # The largest frame a client reads as an answer, and the largest request
@@ -37,10 +43,6 @@ MIN_MAX_REQUEST = 64 << 10
 # refused before anything formats or walks it recursively.
 MAX_DEPTH = 32
 OPS = ("ping", "status", "history", "assess", "apply", "rollback", "reload-trust", "patched-errors")
-
-_HEADER = struct.Struct(">I")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProtocolError(Exception):
@@ -72,15 +74,65 @@ def max_request(value=None) -> int:
 
 
 def header(length: int) -> bytes:
-    return _HEADER.pack(length)
+    return length.to_bytes(4, "big")
 
 
 def frame_length(head: bytes) -> int:
-    return _HEADER.unpack(head)[0]
+    if len(head) != 4:
+        raise ValueError(f"a frame header is 4 bytes, not {len(head)}")
+    return int.from_bytes(head, "big")
 
 
 def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON number")
+
+
+class _Decoding:
+    """What json.loads(text, parse_constant=_refuse_constant) scans with."""
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int, parse_constant = float, int, staticmethod(_refuse_constant)
+
+
+_scan = _json.make_scanner(_Decoding()) if _json else None
+_JSON_SPACE = " \t\n\r"
+
+
+def _loads(text: str):
+    """json.loads(text, parse_constant=_refuse_constant): the accelerator's
+    scan of a well-formed text; anything else goes to json.loads itself, so
+    that the error raised is json's own."""
+    if _scan is not None:
+        start = len(text) - len(text.lstrip(_JSON_SPACE))
+        try:
+            value, end = _scan(text, start)
+        except Exception:
+            pass
+        else:
+            if end == len(text) or not text[end:].strip(_JSON_SPACE):
+                return value
+    import json
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def _dumps(message: dict) -> str:
+    """json.dumps(message, default=str): ASCII, the default separators,
+    circular references refused (each call its own markers, as in json)."""
+    if _json is None or type(message) is not dict:
+        import json
+        return json.dumps(message, default=str)
+    encode = _json.make_encoder({}, str, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return "".join(encode(message, 0))
+
+
+def _escapes_surrogate(text: str) -> bool:
+    """Whether `text` holds an escape \\uD800 to \\uDFFF (or one that looks like it)."""
+    i = text.find("\\u")
+    while i >= 0:
+        if text[i + 2:i + 3] in ("d", "D") and text[i + 3:i + 4] and text[i + 3] in "89abcdefABCDEF":
+            return True
+        i = text.find("\\u", i + 2)
+    return False
 
 
 def decode(body) -> dict:
@@ -92,7 +144,7 @@ def decode(body) -> dict:
     except MemoryError:
         raise ProtocolError("frame is too large to decode") from None
     try:
-        message = json.loads(text, parse_constant=_refuse_constant)
+        message = _loads(text)
     except RecursionError:
         raise ProtocolError("frame is not JSON: nested too deeply") from None
     except MemoryError:
@@ -101,13 +153,16 @@ def decode(body) -> dict:
         raise ProtocolError(f"frame is not JSON: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
-    _check(message, bool(_SURROGATE_ESCAPE.search(text)))
+    _check(message, _escapes_surrogate(text))
     return message
 
 
 def _check(message: dict, escapes: bool) -> None:
     """Depth, and (only when the text escaped a surrogate) lone surrogates;
     iterative, so a deep value cannot exhaust the stack here."""
+    if escapes:  # rare: re is imported for it alone
+        import re
+        lone_surrogate = re.compile("[\ud800-\udfff]").search
     todo = [(message, 1)]
     while todo:
         value, depth = todo.pop()
@@ -115,18 +170,18 @@ def _check(message: dict, escapes: bool) -> None:
             raise ProtocolError(f"frame is nested deeper than {MAX_DEPTH} levels")
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            if escapes and isinstance(key, str) and _LONE_SURROGATE.search(key):
+            if escapes and isinstance(key, str) and lone_surrogate(key):
                 raise ProtocolError("frame holds a string with a lone surrogate (not valid Unicode)")
             if isinstance(item, (dict, list)):
                 todo.append((item, depth + 1))
-            elif escapes and isinstance(item, str) and _LONE_SURROGATE.search(item):
+            elif escapes and isinstance(item, str) and lone_surrogate(item):
                 raise ProtocolError("frame holds a string with a lone surrogate (not valid Unicode)")
 
 
 def encode(message: dict) -> bytes:
     """A whole frame. ASCII JSON: a stray surrogate in an answer is escaped,
     never an encoding error."""
-    body = json.dumps(message, default=str).encode()
+    body = _dumps(message).encode()
     return header(len(body)) + body
 
 

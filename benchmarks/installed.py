@@ -21,7 +21,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCES = ("livepatch", "agent", "pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in",
-            "livepatch-autostart.pth")
+            "livepatch-autostart.pth", "packaging")
 
 
 def _copy_checkout(dest: str) -> None:

@@ -170,8 +170,9 @@ def request(pid: int, op: str, wait: float = 60.0, **fields) -> dict:
 
 
 def encode_bundle(data: bytes) -> str:
-    import base64
-    return base64.b64encode(data).decode()
+    """base64.b64encode(data), without the base64 module (which imports re)."""
+    import binascii
+    return binascii.b2a_base64(data, newline=False).decode()
 
 
 def live_agents() -> list[int]:
