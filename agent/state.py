@@ -47,53 +47,22 @@ import os
 import re
 import sys
 import threading
-import time
 
-# datetime, fcntl and hashlib are imported where used: an agent whose state
+# hashlib is imported where used: an agent whose state
 # directory holds nothing may never need them
 from . import log as _log
-from .state_dir import StateDir, UnsafeState, location
+from .history_file import History, now_iso
+from .state_dir import UnsafeState, location
 
-HISTORY_DAYS = 30.0
 REAPPLY_TIMEOUT = 5.0
 MAX_RECORDS = 256
-HISTORY_MAX_BYTES = 8 << 20  # beyond this, the oldest half goes, whatever its age
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.lpb")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Refusals that mean "this bundle is not for the code that runs here".
 _WRONG_CODE = ("BaselineMismatch", "TargetNotFound", "IncompatibleChange")
 
 
-def _now_iso(ts: float | None = None) -> str:
-    import datetime
-    ts = time.time() if ts is None else ts
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _parse_time(text) -> float | None:
-    import datetime
-    try:
-        return datetime.datetime.fromisoformat(str(text)).timestamp()
-    except (TypeError, ValueError):
-        return None
-
-
-def history_days() -> float:
-    raw = os.environ.get("LIVEPATCH_HISTORY_DAYS")
-    if raw is None:
-        return HISTORY_DAYS
-    try:
-        days = float(raw)
-        if days > 0 and days == days:
-            return days
-    except ValueError:
-        pass
-    _log.logger.warning("livepatch: LIVEPATCH_HISTORY_DAYS=%r is not a positive number of days; keeping %g",
-                        raw[:40], HISTORY_DAYS)
-    return HISTORY_DAYS
-
-
-class State(StateDir):
+class State(History):
     """One service's state: its applied records and its history."""
 
     # ------------------------------------------------------------ records
@@ -134,7 +103,7 @@ class State(StateDir):
         rec = {"id": patch_id, "file": f"{patch_id}-{digest[:16]}.lpb", "sha256": digest,
                "classification": manifest.get("classification"), "title": manifest.get("title"),
                "baseline": dict(manifest.get("baseline") or {}), "cumulative": bool(manifest.get("cumulative")),
-               "signed_by": signed_by, "applied_at": _now_iso(), "pid": os.getpid()}
+               "signed_by": signed_by, "applied_at": now_iso(), "pid": os.getpid()}
         with self.locked():
             records = self.records()
             for old in records:
@@ -185,7 +154,7 @@ class State(StateDir):
                     dest = os.path.join(self.path, "retired", r["file"])
                     os.replace(os.path.join(self.path, "bundles", r["file"]), dest)
                     os.utime(dest)  # kept as long as the history that names it
-            entry = {"time": _now_iso(), "pid": os.getpid(), "action": "retire", "patch": patch_id,
+            entry = {"time": now_iso(), "pid": os.getpid(), "action": "retire", "patch": patch_id,
                      "classification": gone[0].get("classification"), "outcome": "ok", "reason": reason,
                      "file": os.path.join("retired", gone[0]["file"])}
             self._append_locked(entry)
@@ -212,88 +181,6 @@ class State(StateDir):
         return data
 
     # ------------------------------------------------------------ history
-    def append(self, entry: dict) -> None:
-        with self.locked():
-            self._append_locked(entry)
-
-    def _append_locked(self, entry: dict) -> None:
-        line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
-        fd = os.open(os.path.join(self.path, "history.jsonl"),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, line)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > HISTORY_MAX_BYTES:
-            self._trim_locked()
-
-    def _trim_locked(self) -> None:
-        """Keep the newest half of an oversized history (a service whose
-        workers are recycled all day writes an import entry per worker)."""
-        raw = self._read("history.jsonl") or b""
-        tail = raw[-(HISTORY_MAX_BYTES // 2):]
-        cut = tail.find(b"\n") + 1 if len(tail) < len(raw) else 0
-        self._write("history.jsonl", tail[cut:])
-
-    def history(self) -> list[dict]:
-        try:
-            raw = self._read("history.jsonl")
-        except (OSError, UnsafeState) as exc:
-            self._warn_once("history", f"cannot read {self.path}/history.jsonl ({exc}); treating it as empty")
-            return []
-        out, bad = [], 0
-        for line in (raw or b"").splitlines():
-            try:
-                entry = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                entry = None
-            if isinstance(entry, dict):
-                out.append(entry)
-            elif line.strip():
-                bad += 1
-        if bad:
-            self._warn_once("history-lines", f"{self.path}/history.jsonl has {bad} unreadable line(s); skipping them")
-        return out
-
-    def prune(self, days: float | None = None) -> int:
-        """Drop history entries (and retired bundles) older than `days`;
-        returns how many entries went. Cheap when nothing is old: only the
-        first line is read."""
-        cutoff = time.time() - 86400 * (history_days() if days is None else days)
-        try:
-            if not self._present():
-                return 0
-            fd = os.open(os.path.join(self.path, "history.jsonl"),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (OSError, UnsafeState):
-            return 0
-        with os.fdopen(fd, "rb") as fh:
-            first = fh.readline(1 << 20).strip()
-        try:
-            oldest = _parse_time(json.loads(first).get("time")) if first else None
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            oldest = 0.0  # unreadable first line: rewrite without it
-        self._prune_retired(cutoff)
-        if oldest is None or oldest >= cutoff:
-            return 0
-        with self.locked():
-            entries = self.history()
-            keep = [e for e in entries if (_parse_time(e.get("time")) or 0.0) >= cutoff]
-            self._write("history.jsonl", b"".join(json.dumps(e, separators=(",", ":"), default=str).encode() + b"\n"
-                                                  for e in keep))
-        return len(entries) - len(keep)
-
-    def _prune_retired(self, cutoff: float) -> None:
-        folder = os.path.join(self.path, "retired")
-        with contextlib.suppress(OSError):
-            for name in os.listdir(folder):
-                p = os.path.join(folder, name)
-                with contextlib.suppress(OSError):
-                    st = os.lstat(p)
-                    if st.st_mtime < cutoff:
-                        os.unlink(p)
-
 
 # ------------------------------------------------------------ agent hooks
 
@@ -382,7 +269,7 @@ def _on_entry(entry: dict) -> None:
     if rec is not None and action == "apply" and entry.get("patch") == rec["id"]:
         action = "reapply"
     patch_id = entry.get("patch")
-    out = {"time": entry.get("time") or _now_iso(), "pid": os.getpid(), "action": action, "patch": patch_id,
+    out = {"time": entry.get("time") or now_iso(), "pid": os.getpid(), "action": action, "patch": patch_id,
            "classification": _classification(patch_id), "outcome": entry.get("outcome")}
     if action in ("apply", "rollback"):
         # who asked, and what they overrode: listeners run on the request's thread

@@ -258,11 +258,11 @@ def test_an_agent_whose_name_cannot_name_a_directory_keeps_no_state(tmp_path, ca
 
 
 def test_history_is_pruned_to_the_configured_age(tmp_path, monkeypatch):
-    from livepatch.agent import state
+    from livepatch.agent.history_file import now_iso
     s = _state(tmp_path)
     now = time.time()
     for days in (45, 31, 20, 2, 0):
-        s.append({"time": state._now_iso(now - days * 86400), "action": "apply", "patch": f"HP-{days}"})
+        s.append({"time": now_iso(now - days * 86400), "action": "apply", "patch": f"HP-{days}"})
     assert s.prune() == 2
     assert [h["patch"] for h in s.history()] == ["HP-20", "HP-2", "HP-0"]
     assert s.prune() == 0  # nothing old: only the first line is read
@@ -271,11 +271,11 @@ def test_history_is_pruned_to_the_configured_age(tmp_path, monkeypatch):
 
 
 def test_an_oversized_history_keeps_its_newest_half(tmp_path, monkeypatch):
-    from livepatch.agent import state
-    monkeypatch.setattr(state, "HISTORY_MAX_BYTES", 20_000)
+    from livepatch.agent import history_file
+    monkeypatch.setattr(history_file, "HISTORY_MAX_BYTES", 20_000)
     s = _state(tmp_path)
     for i in range(400):
-        s.append({"time": state._now_iso(), "action": "import", "patch": f"HP-{i}", "padding": "x" * 60})
+        s.append({"time": history_file.now_iso(), "action": "import", "patch": f"HP-{i}", "padding": "x" * 60})
     history = s.history()
     assert os.path.getsize(os.path.join(s.path, "history.jsonl")) <= 20_000
     assert history[-1]["patch"] == "HP-399" and 50 < len(history) < 400
@@ -284,11 +284,11 @@ def test_an_oversized_history_keeps_its_newest_half(tmp_path, monkeypatch):
 
 
 def test_old_history_is_pruned_when_a_service_starts(inventory, tmp_path):
-    from livepatch.agent import state
+    from livepatch.agent.history_file import now_iso
     os.makedirs(_state_dir(), mode=0o700)
     with open(os.path.join(_state_dir(), "history.jsonl"), "w") as fh:
         for days in (40, 3):
-            fh.write(json.dumps({"time": state._now_iso(time.time() - days * 86400), "pid": 1, "action": "apply",
+            fh.write(json.dumps({"time": now_iso(time.time() - days * 86400), "pid": 1, "action": "apply",
                                  "patch": f"HP-{days}", "outcome": "ok"}) + "\n")
     svc = inventory()
     assert [h["patch"] for h in _json("history", str(svc.pid))] == ["HP-3"]
@@ -336,10 +336,11 @@ def test_writers_in_several_processes_are_serialised(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from livepatch.agent import state
+        from livepatch.agent.history_file import now_iso
         from livepatch.agent.state_dir import location
         s = state.State(location("svc", {root!r}))
         for i in range(200):
-            s.append({{"time": state._now_iso(), "action": "apply", "patch": "HP-%s-%d" % (sys.argv[1], i),
+            s.append({{"time": now_iso(), "action": "apply", "patch": "HP-%s-%d" % (sys.argv[1], i),
                       "padding": "x" * 3000}})
             if i % 20 == 0:
                 s.record(b"the same bundle", {{"id": "HP-SAME", "classification": "bugfix"}})
@@ -514,6 +515,7 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_write(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, threading, time
         from livepatch.agent import state
+        from livepatch.agent.history_file import now_iso
         from livepatch.agent.state_dir import location
         s = state.State(location("svc", {str(tmp_path / "root")!r}))
         held, go = threading.Event(), threading.Event()
@@ -527,12 +529,12 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_write(tmp_path):
         pid = os.fork()
         if pid == 0:
             signal.alarm(20)  # never outlives a failed test
-            s.append({{"time": state._now_iso(), "action": "apply", "patch": "HP-CHILD"}})
+            s.append({{"time": now_iso(), "action": "apply", "patch": "HP-CHILD"}})
             os._exit(0)
         time.sleep(0.2)
         go.set()
         t.join()
-        s.append({{"time": state._now_iso(), "action": "apply", "patch": "HP-PARENT"}})
+        s.append({{"time": now_iso(), "action": "apply", "patch": "HP-PARENT"}})
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))
     """)
