@@ -159,13 +159,18 @@ def _ignore(diff: ModuleDiff, target: str, line: int, reasons) -> None:
         diff.ignored.append(Problem(f"ignored:{reason}", target, f"line {line}: {noops.REASONS[reason]}"))
 
 
-def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict) -> None:
+def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict, trees=None) -> None:
     for qualname, node in new_defs.items():
         base = base_defs.get(qualname)
         if not isinstance(node, ast.ClassDef) or not isinstance(base, ast.ClassDef):
             continue
         target = f"{diff.module}:{qualname}"
         old_layout, new_layout = _class_layout(base), _class_layout(node)
+        aliased = noops.same_bases(base, node, *trees) if trees and old_layout["bases"] != new_layout["bases"] else None
+        if aliased:  # `TypedDict` from `from typing import TypedDict`, now `typing.TypedDict`: one class
+            new_layout["bases"] = old_layout["bases"]
+            diff.ignored.append(Problem("ignored:same-base", target,
+                                        f"line {node.lineno}: {noops.SAME_BASE_REASON} ({'; '.join(aliased)})"))
         for what in old_layout:
             if old_layout[what] != new_layout[what]:
                 diff.refused.append(Problem("refused:class-layout", target, f"line {node.lineno}: {what} changed; instances and subclasses keep the old layout; {defs.HOOK_HINT}"))
@@ -343,7 +348,7 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                     defaults, kwdefaults = lit
             diff.changes.append((qualname, base_fp, new, defaults, kwdefaults))
 
-    _diff_classes(diff, base_defs, new_defs)
+    _diff_classes(diff, base_defs, new_defs, (base_tree, new_tree))
     _diff_statements(diff, base_tree, new_tree)
     _diff_removed(diff, base_codes, new_codes, new_tree)
     base_top, new_top = _module_level(base_tree), _module_level(new_tree)

@@ -40,6 +40,70 @@ def is_test_module(module: str, rel: str) -> bool:
     return any(p in _TEST_PACKAGES for p in packages) or any(fnmatch.fnmatchcase(name, pat) for pat in _TEST_FILES)
 
 
+SAME_BASE_REASON = "the bases name the same objects through other imports"
+
+
+def imported_names(tree: ast.Module) -> dict[str, str]:
+    """Local name -> the dotted name a module-level import binds it to
+    (`from typing import TypedDict` -> "typing.TypedDict", `import a.b` ->
+    "a", relative imports keep their dots). A name bound once more by
+    anything else, or by two different imports, is left out: which object
+    it names is not known from the syntax alone."""
+    found: dict[str, set] = {}
+    other: set = set()
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                found.setdefault(a.asname or a.name.partition(".")[0], set()).add(a.name if a.asname else a.name.partition(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            source = "." * node.level + (node.module or "")
+            for a in node.names:
+                found.setdefault(a.asname or a.name, set()).add(f"{source}.{a.name}" if node.module else f"{source}{a.name}")
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", []) + \
+                [n for h in getattr(node, "handlers", ()) for n in h.body]
+        else:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                other.add(node.name)
+            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ():
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+                    other.add(sub.id)
+    return {name: next(iter(t)) for name, t in found.items() if len(t) == 1 and name not in other}
+
+
+def _resolved(node, names: dict) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([names.get(node.id, node.id)] + parts[::-1])
+
+
+def same_bases(base: ast.ClassDef, new: ast.ClassDef, base_tree: ast.Module, new_tree: ast.Module):
+    """["OLD is NEW", ...] for the bases written differently that name the
+    same object through each side's imports, when every base does; None
+    when the bases differ (an explicit `object` base aside)."""
+    def bases(node):
+        return [b for b in node.bases if not (isinstance(b, ast.Name) and b.id == "object")]
+    old, now = bases(base), bases(new)
+    if len(old) != len(now):
+        return None
+    base_names, new_names = imported_names(base_tree), imported_names(new_tree)
+    out = []
+    for b, n in zip(old, now):
+        if ast.dump(b) == ast.dump(n) and _resolved(b, base_names) == _resolved(n, new_names):
+            continue
+        resolved = _resolved(b, base_names)
+        if resolved is None or resolved != _resolved(n, new_names):
+            return None
+        out.append(f"{ast.unparse(b)} is {ast.unparse(n)}")
+    return out or None
+
+
 def _is_name(node, names) -> bool:
     return (isinstance(node, ast.Name) and node.id in names) or \
         (isinstance(node, ast.Attribute) and node.attr in names and isinstance(node.value, ast.Name))
