@@ -358,7 +358,8 @@ def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_e
 IDLE_AGENT_MODULES = {
     "livepatch", "livepatch.forkimports", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart",
     "livepatch.agent.hangup", "livepatch.agent.history_file",
-    "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.requests",
+    "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.records",
+    "livepatch.agent.requests",
     "livepatch.agent.runtime_dir", "livepatch.agent.server", "livepatch.agent.state", "livepatch.agent.state_dir",
     "livepatch.agent.trust",
 }
