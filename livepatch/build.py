@@ -265,18 +265,26 @@ def _module_level(tree: ast.Module) -> dict:
     return out
 
 
-def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, new_filename: str) -> ModuleDiff:
+def diff_sources(module: str, base_src: str, new_src: str, base_filename: str, new_filename: str,
+                 decorators: dict | None = None) -> ModuleDiff:
     """Compare two versions of a module; SourceError if either does not
-    compile (or is too deep to compare), never another exception for them."""
+    compile (or is too deep to compare), never another exception for them.
+    `decorators`: {"baseline": verdicts, "patched": verdicts} of the
+    decorators the module imports from the rest of its distribution
+    (livepatch.decorators.verdicts); those defined in it are found here."""
     base_tree, base_code = _parse(base_src, base_filename, "baseline")
     new_tree, new_code = _parse(new_src, new_filename, "patched")
     try:
-        return _diff(module, base_tree, new_tree, code_tree(base_code), code_tree(new_code))
+        from .decorators import verdicts
+        known = {side: {**verdicts(module, tree), **(decorators or {}).get(side, {})}
+                 for side, tree in (("baseline", base_tree), ("patched", new_tree))}
+        return _diff(module, base_tree, new_tree, code_tree(base_code), code_tree(new_code), known)
     except (RecursionError, MemoryError) as exc:  # the walks below recurse with the syntax tree's depth
         raise SourceError("patched", None, f"nested too deeply to compare with the baseline ({exc})") from None
 
 
-def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: dict, new_codes: dict) -> ModuleDiff:
+def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: dict, new_codes: dict,
+          known: dict) -> ModuleDiff:
     diff = ModuleDiff(module)
     base_defs, new_defs = _definitions(base_tree), _definitions(new_tree)
     # the implementation runs, never the @overload stubs beside it
@@ -314,12 +322,18 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 and _defaults_text(node) != _defaults_text(base_node)
             target = f"{module}:{qualname}"
             if node is not None and base_node is not None and _decorators(node) != _decorators(base_node):
-                impure = defs.impure_decorator(base_node, base_tree) or defs.impure_decorator(node, new_tree)
+                impure = defs.impure_reason(base_node, base_tree, known["baseline"]) \
+                    or defs.impure_reason(node, new_tree, known["patched"])
                 if impure is None and len(news) == 1:
                     defs.add_definition(diff, qualname, node, replaces=True)  # re-applied: the new object replaces the old
                     break
+                text, why = impure or (qualname, "names more than one definition")
+                why = f"is not known to be pure: it {why}" if why else (
+                    "is not known to be pure (only staticmethod, classmethod, property and its accessors, "
+                    "cached_property, lru_cache, cache and the distribution's own wrappers, wrapper factories "
+                    "and markers are re-applied)")
                 # reported even when the body is unchanged: the change would otherwise be silently lost
-                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed and @{impure} is not known to be pure (only staticmethod, classmethod, property and its accessors, cached_property, lru_cache and cache are re-applied); a hotpatch does not re-run it, so what the baseline registered or wrapped stays as it was"))
+                diff.refused.append(Problem("refused:decorator", target, f"line {line}: decorators changed and @{text} {why}; a hotpatch does not re-run it, so what the baseline registered or wrapped stays as it was"))
                 if base_fp == fingerprint(new) and not defaults_changed:
                     continue
             elif base_fp == fingerprint(new) and not defaults_changed:
@@ -383,7 +397,9 @@ def patch_from_source(patch_id: str, module_name: str, new_source: str, *, base_
     if base_source is None:
         base_source = inspect.getsource(module)
     new_filename = patched_filename(filename, patch_id)
-    diff = diff_sources(module_name, base_source, new_source, filename, new_filename)
+    from .decorators import for_loaded
+    diff = diff_sources(module_name, base_source, new_source, filename, new_filename,
+                        for_loaded(module_name, base_source, new_source))
     if diff.refused:
         raise PatchError(f"cannot hotpatch {module_name}", diff.refused)
     changes = [

@@ -36,7 +36,8 @@ OVERRIDABLE = ("decorator", "statement")
 WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
 PROBE_TIMEOUT = 30.0
 # what the isolated worker is sent, in import order (stdlib imports only)
-_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "definitions", "derived", "build", "builder")
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "decorators", "definitions", "derived",
+                   "build", "builder")
 
 
 class BuildRefused(PatchError):
@@ -104,7 +105,7 @@ def _worker(request: dict) -> dict:
         module, rel = item["module"], item["file"]
         new_file = patched_filename(rel, request["id"])
         try:
-            diff = diff_sources(module, item["base"], item["new"], rel, new_file)
+            diff = diff_sources(module, item["base"], item["new"], rel, new_file, item.get("decorators"))
             defs.exact_sources(diff, item["new"])
             new_code = compile(item["new"], new_file, "exec", dont_inherit=True)
             out["modules"][module] = {
@@ -318,7 +319,10 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if source_errors:
         raise _one_or_list(patch_id, source_errors, "source files cannot be read as Python reads them")
     files = {m["module"]: m["file"] for m in modules}
-    request = {"id": patch_id, "modules": [{k: m[k] for k in ("module", "file", "base", "new")} for m in modules],
+    from .decorators import for_trees
+    request = {"id": patch_id, "modules": [{**{k: m[k] for k in ("module", "file", "base", "new")},
+                                            "decorators": for_trees(m["module"], m["base"], m["new"], base_tree, new_tree)}
+                                           for m in modules],
                "new_modules": added}
     answers = [_worker(request) if path is None else _run_worker(path, request) for path, _ in runners]
     failed: dict = {}  # (module, where, message) -> tags of the interpreters that said so

@@ -86,12 +86,14 @@ def _scopes(tree: ast.Module):
     return bodies, defs
 
 
-def references(tree: ast.Module, qualname: str, changed=()) -> tuple[list, list]:
+def references(tree: ast.Module, qualname: str, changed=(), tables: bool = False) -> tuple[list, list]:
     """(refs, stale) for the changed assignment at `qualname` ("NAME" or
     "Class.NAME"): refs the engine rebinds to the new value when they still
     hold the old one ("defaults:QUAL:I", "kwdefaults:QUAL:ARG",
     "alias:QUAL"), and sentences naming what keeps the old value. `changed`
-    are the other qualnames the patch assigns anew (not stale)."""
+    are the other qualnames the patch assigns anew (not stale). `tables`:
+    a list, tuple or dict display holding the name is no stale copy (the
+    engine rebinds it to a copy holding a function defined anew)."""
     scope, _, name = qualname.rpartition(".")
     refs, stale = [], []
     bodies, defs = _scopes(tree)
@@ -106,6 +108,8 @@ def references(tree: ast.Module, qualname: str, changed=()) -> tuple[list, list]
                         continue
                     if isinstance(n.value, ast.Name) and n.value.id == name:
                         refs.append(f"alias:{q}")
+                    elif tables and _table_of_names(n.value):
+                        continue
                     elif name in _names_in(n.value):
                         stale.append(f"{q} is computed from {name} at import and keeps the value made from the old one")
     for q, node, owner in defs:
@@ -128,6 +132,15 @@ def references(tree: ast.Module, qualname: str, changed=()) -> tuple[list, list]
             if name in _names_in(d):
                 stale.append(f"the decorator of {q} was applied with the old {name} at import")
     return refs, stale
+
+
+def _table_of_names(node) -> bool:
+    """A list, tuple or dict display whose items (dict values) are names or
+    literals: what captured a function in it is found by identity."""
+    items = node.values if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+    if not isinstance(node, (ast.List, ast.Tuple, ast.Dict)) or None in (getattr(node, "keys", None) or ()):
+        return False
+    return all(isinstance(i, (ast.Name, ast.Constant)) for i in items)
 
 
 # ---------------------------------------------------------------- decorators
@@ -164,16 +177,33 @@ def _wraps_style(tree, name: str | None) -> bool:
             and isinstance(ret, ast.Return) and isinstance(ret.value, ast.Name) and ret.value.id == inner.name)
 
 
-def impure_decorator(node, tree=None) -> str | None:
+def impure_decorator(node, tree=None, known=None) -> str | None:
     """The first decorator of a def that is not known to be pure (as text),
     or None when re-applying them all only makes the new object. `tree`, the
-    module, lets functools.wraps-style decorators defined in it count."""
+    module, lets functools.wraps-style decorators defined in it count;
+    `known` (livepatch.decorators.verdicts) the wrappers, factories and
+    markers of the distribution."""
+    return (impure_reason(node, tree, known) or (None, None))[0]
+
+
+def impure_reason(node, tree=None, known=None) -> tuple[str, str | None] | None:
+    """(text, what makes it impure or None when unknown) of the first
+    decorator of a def that is not known to be pure; None if all are."""
+    from .decorators import simple_argument
     for d in getattr(node, "decorator_list", ()):
         target, args = (d.func, d.args + [k.value for k in d.keywords]) if isinstance(d, ast.Call) else (d, [])
         name = _dotted(target)
         accessor = name is not None and name.rpartition(".")[2] in ("setter", "getter", "deleter") and "." in name
         if not isinstance(d, ast.Call) and _wraps_style(tree, name):
             continue
+        key = f"{name}()" if isinstance(d, ast.Call) else name
+        if known and key in known:
+            if known[key] is not None:
+                return ast.unparse(d), known[key]
+            bad = next((a for a in args if not simple_argument(a)), None)
+            if bad is None:
+                continue
+            return ast.unparse(d), f"is called with {ast.unparse(bad)}, which is more than a literal or a name"
         if name in _PURE or accessor:
             try:
                 for a in args:
@@ -181,7 +211,7 @@ def impure_decorator(node, tree=None) -> str | None:
                 continue
             except NotLiteral:
                 pass
-        return ast.unparse(d)
+        return ast.unparse(d), None
     return None
 
 
@@ -371,6 +401,11 @@ def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -
         refs, stale = references(new_tree, qualname, changed)
         if refs or stale:
             diff.captured[qualname] = {"refs": refs, "stale": stale}
+    for qualname, entry in diff.definitions.items():
+        if entry["replaces"]:  # what holds the old object by identity is found at apply time; not what copied it
+            stale = references(new_tree, qualname, changed | set(diff.definitions), tables=True)[1]
+            if stale:
+                diff.captured[qualname] = {"refs": [], "stale": stale}
     bound = bound_names(base_tree)
     if bound is None:
         return

@@ -68,10 +68,15 @@ class Recomputed:
                 for fn in _functions_of(_resolve(self.module, qualname)):
                     _rebind_defaults(fn, kind, which, old, new, f"{modname}:{qualname}", rebind)
             return out
+        replaced = {}  # id(container holding old) -> (it, its copy holding new)
         for qualname, holder in _namespaces(self.module):
             for attr, value in list(vars(holder).items()):
+                key = f"{modname}:{qualname + '.' if qualname else ''}{attr}"
                 if value is old:
-                    rebind(f"{modname}:{qualname + '.' if qualname else ''}{attr}", holder, attr, old, new)
+                    rebind(key, holder, attr, old, new)
+                elif _is_function_like(old) and (copy := _replaced_in(value, old, new)) is not None:
+                    replaced[id(value)] = (value, copy)  # a module-level list or table of functions
+                    rebind(key, holder, attr, value, copy)
                 for fn in _functions_of(value):
                     key = f"{modname}:{getattr(fn, '__qualname__', attr)}"
                     _rebind_defaults(fn, "defaults", {str(i) for i, d in enumerate(fn.__defaults__ or ()) if d is old},
@@ -88,7 +93,31 @@ class Recomputed:
             for attr, value in items:
                 if value is old:
                     rebind(f"{other_name}:{attr}", other, attr, old, new)
+                elif id(value) in replaced and replaced[id(value)][0] is value:  # `from m import HANDLERS`
+                    rebind(f"{other_name}:{attr}", other, attr, value, replaced[id(value)][1])
         return out
+
+
+def _is_function_like(obj) -> bool:
+    """A function or a method descriptor: what a module-level list, tuple
+    or dict holds by identity when it lists the functions of a module."""
+    return isinstance(obj, (types.FunctionType, staticmethod, classmethod, property)) \
+        or (callable(obj) and not isinstance(obj, type) and hasattr(obj, "__wrapped__"))
+
+
+def _replaced_in(container, old, new):
+    """A copy of a list, tuple or dict (exactly those types) with `new`
+    wherever it held `old` by identity, or None if it does not hold it.
+    The container itself is left as it is: rollback rebinds it."""
+    if type(container) in (list, tuple):
+        if not any(v is old for v in container):
+            return None
+        return type(container)(new if v is old else v for v in container)
+    if type(container) is dict:
+        if not any(v is old for v in container.values()):
+            return None
+        return {k: new if v is old else v for k, v in container.items()}
+    return None
 
 
 def _shared_by_value(obj, depth: int = 0) -> bool:
@@ -206,8 +235,40 @@ def _siblings(module, scope: str, bundled, making: set):
                 finally:
                     making.discard(key)
             return value.value if isinstance(value, Recomputed) else value
+        other = module.__dict__.get(name)
+        if isinstance(other, types.ModuleType) and other is not module \
+                and any(k.startswith(f"{other.__name__}:") for k in bundled or ()):
+            return _PatchedModule(other, _siblings(other, "", bundled, making))  # `@recurse(sql.Over)`, Over new
         raise KeyError(name)
     return lookup
+
+
+def _real_modules_in_defaults(value):
+    """`value` with the module itself wherever a default captured the view
+    of it (`def f(mod=sql)`): the view exists only while the patch is made."""
+    for fn in _functions_of(value):
+        if any(isinstance(d, _PatchedModule) for d in fn.__defaults__ or ()):
+            fn.__defaults__ = tuple(d._module if isinstance(d, _PatchedModule) else d for d in fn.__defaults__)
+        if any(isinstance(d, _PatchedModule) for d in (fn.__kwdefaults__ or {}).values()):
+            fn.__kwdefaults__ = {k: d._module if isinstance(d, _PatchedModule) else d for k, d in fn.__kwdefaults__.items()}
+    return value
+
+
+class _PatchedModule:
+    """Another module as code made at apply time sees it: the names the
+    same patch binds in it, as they will be once it commits, then its own
+    attributes (a decorator's argument naming a class the patch adds)."""
+
+    __slots__ = ("_module", "_lookup")
+
+    def __init__(self, module, lookup):
+        self._module, self._lookup = module, lookup
+
+    def __getattr__(self, name):
+        try:
+            return self._lookup(name)
+        except KeyError:
+            return getattr(self._module, name)
 
 
 _ABSENT = object()
@@ -266,7 +327,7 @@ def define(module, qualname: str, statement: str, filename: str, line: int, bund
         code = compile(tree, filename, "exec", dont_inherit=True)
         local = _namespace(module, "", bundled, making)
         exec(code, module.__dict__, local)  # the bundle's code: see docs/bundle-format.md
-        return local[name]
+        return _real_modules_in_defaults(local[name])
     # class <Owner>(metaclass=__livepatch_body__, namespace=...): <statement>
     shell = ast.ClassDef(name=owner.__name__, bases=[], keywords=[
         ast.keyword("metaclass", ast.Name("__livepatch_body__", ast.Load())),
