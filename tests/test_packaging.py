@@ -58,6 +58,9 @@ def test_the_wheel_carries_the_built_shim_for_every_python_and_current_metadata(
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = email.message_from_bytes(whl.read(meta_name))
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+        # the `livepatch` command: packaging/bin/livepatch, its `#!python` made this environment's at install
+        script = next(n for n in names if n.endswith(".data/scripts/livepatch"))
+        assert whl.read(script).startswith(b"#!python\n")
         shim = whl.read("livepatch/_attach_shim.so")
     assert meta["License-Expression"] == "MIT" and shim[:4] == b"\x7fELF"
 
