@@ -90,6 +90,7 @@ class ModuleDiff:
     ignored: list = field(default_factory=list)  # Problems "ignored:<why>": changes that never run
     values: dict = field(default_factory=dict)  # qualname -> {"expression", "line"}: evaluated at apply time
     definitions: dict = field(default_factory=dict)  # qualname -> {"statement", "line", "replaces"}: run at apply time
+    statements: dict = field(default_factory=dict)  # first line -> {"statement", "line", "binds"}: run at apply time
     captured: dict = field(default_factory=dict)  # qualname of a value or constant -> {"refs", "stale"}
     warnings: list = field(default_factory=list)  # Problems "warning:<why>": what the patch leaves in its old state
 
@@ -223,6 +224,7 @@ def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Modu
         line = next(n.lineno for t in (new_tree, base_tree) for n in _other_statements(t) if noops.is_type_checking(n))
         _ignore(diff, target, line, ["type-checking"])
     base = [n for n in _other_statements(base_tree) if not noops.is_type_checking(n)]
+    changed = []
     for n in _other_statements(new_tree):
         if noops.is_type_checking(n):
             continue
@@ -234,10 +236,27 @@ def _diff_statements(diff: ModuleDiff, base_tree: ast.Module, new_tree: ast.Modu
         if same is not None:
             base.remove(same)
         elif not defs.annotated_value(diff, n, base):  # a changed `NAME: type = value` is a value as any other
-            diff.refused.append(Problem("refused:statement", target, f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run"))
-    for gone in base:
-        diff.refused.append(Problem("refused:statement", target, f"baseline line {gone.lineno}: a module-level statement ({type(gone).__name__}) was removed; "
-                                                                 "what it did at import stays done"))
+            changed.append(n)
+    _diff_binding_statements(diff, changed, base, base_tree, new_tree)
+
+
+def _diff_binding_statements(diff: ModuleDiff, changed: list, base: list, base_tree: ast.Module,
+                             new_tree: ast.Module) -> None:
+    """New or changed statements that only bind names run at apply time
+    (livepatch.statements), paired with the baseline statements they replace."""
+    from . import statements
+    target = f"{diff.module}:<module>"
+    others = [(i, b) for i, b in enumerate(_other_statements(base_tree)) if any(b is x for x in base)]
+    positions = {id(n): i for i, n in enumerate(_other_statements(new_tree))}
+    base_defs = _definitions(base_tree)
+    for n in changed:
+        statements.pair(n, positions[id(n)], others)
+        why = statements.add(diff, n, base_defs)
+        if why is not None:
+            diff.refused.append(Problem("refused:statement", target, f"line {n.lineno}: changed module-level statement ({type(n).__name__}) ran at import and cannot be re-run: {why}"))
+    for _, gone in others:
+        problem = statements.removed(diff, gone, new_tree)
+        (diff.ignored if problem.category.startswith("ignored:") else diff.refused).append(problem)
 
 
 def _diff_removed(diff: ModuleDiff, base_codes: dict, new_codes: dict, new_tree: ast.Module) -> None:

@@ -36,8 +36,8 @@ OVERRIDABLE = ("decorator", "statement")
 WORKER_TIMEOUT = 300.0  # seconds one interpreter may take to compile everything
 PROBE_TIMEOUT = 30.0
 # what the isolated worker is sent, in import order (stdlib imports only)
-_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "decorators", "definitions", "derived",
-                   "build", "builder")
+_WORKER_MODULES = ("errors", "patch", "checks", "fingerprint", "noops", "references", "decorators", "definitions",
+                   "statements", "derived", "build", "builder")
 
 
 class BuildRefused(PatchError):
@@ -120,6 +120,7 @@ def _worker(request: dict) -> dict:
                 "ignored": [p.to_dict() for p in diff.ignored],
                 "warnings": [p.to_dict() for p in diff.warnings],
                 "values": diff.values, "definitions": diff.definitions, "captured": diff.captured,
+                "statements": diff.statements,
                 "code": base64.b64encode(marshal.dumps(new_code)).decode(),
             }
         except SourceError as exc:
@@ -400,7 +401,8 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     if only:  # the operator's choice of what the release diff contributes
         try:
             packages = {m for m, rel in files.items() if rel.endswith("__init__.py")}
-            refused, left_out = selection.select(only, targets, globals_, refused, packages)
+            bound = {m["module"]: _baseline_names(m["base"]) for m in modules}
+            refused, left_out = selection.select(only, targets, globals_, refused, packages, bound)
         except ValueError as exc:
             raise BuildRefused(f"cannot build {patch_id}: {exc}") from None
         selection.keep_modules(module_entries, payloads, targets, globals_)
@@ -453,12 +455,24 @@ def build(baseline: str, patched: str, *, patch_id: str, pythons=(), title: str 
     return data, out
 
 
+def _baseline_names(source: str):
+    """Names a baseline module binds at import; None if that is unknowable
+    (a star import, a source this interpreter cannot parse)."""
+    import ast
+    from .definitions import bound_names
+    try:
+        return bound_names(ast.parse(source))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
 def _apply_time_globals(globals_: dict, module: str, res: dict) -> bool:
     """Manifest entries for a module's values and definitions (made at apply
     time, see livepatch.values), and the references its changed values and
     constants were captured by at import."""
     from .definitions import global_entries
-    entries, extra = global_entries(module, res.get("values", {}), res.get("definitions", {}), res.get("captured", {}))
+    entries, extra = global_entries(module, res.get("values", {}), res.get("definitions", {}), res.get("captured", {}),
+                                    res.get("statements", {}))
     for entry in entries:
         globals_.setdefault(entry["name"], entry)
     for name, fields in extra.items():
@@ -548,7 +562,7 @@ def summary(manifest: dict) -> dict:
         "hooks": manifest.get("hooks", {}).get("functions", []),
         "left_out": manifest.get("selection", {}).get("left_out", []),
         "new_modules": sorted(manifest.get("new_modules", {})),
-        "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition")],
+        "made_at_apply": [g["name"] for g in manifest["globals"] if g["kind"] in ("value", "definition", "statement")],
         "not_updated": [f"{g['name']}: {why}" for g in manifest["globals"] for why in g.get("stale", ())],
     }
 

@@ -30,7 +30,7 @@ from .bundlefile import MAX_BUNDLE_BYTES, read_file  # noqa: F401  (both still i
 from .errors import PatchError, Problem
 from .locate import loaded_module
 from .patch import PYTHON_TAG, UNCHANGED, Change, Patch
-from .pending import AtImport, value_for
+from .pending import UNBOUND, AtImport, imported, value_for
 
 MAGIC = b"\x89LPB\r\n\x1a\n"
 FORMAT = 1
@@ -355,19 +355,21 @@ _SCHEMA = _object({
         "file": _text(1024), "line": _int(0, 10**7), "code": _codes,
     }), MAX_TARGETS),
     "globals": _list(_object({
-        "name": _target_name, "kind": _choice(("function", "import", "constant", "value", "definition")),
+        "name": _target_name, "kind": _choice(("function", "import", "constant", "value", "definition", "statement")),
         "code": _codes, "statement": _text(2000), "value": _text(MAX_LITERAL),
         "defaults": _text(MAX_LITERAL, optional=True), "kwdefaults": _text(MAX_LITERAL, optional=True),
         # values and definitions made at apply time (docs/bundle-format.md#values-and-definitions)
         "expression": _text(MAX_LITERAL), "source": _text(MAX_LITERAL), "line": _int(0, 10**7), "replaces": _bool,
         "refs": _list(_text(600, _REF), 1024, unique=True), "stale": _list(_text(), 1024),
+        # a module-level statement run at apply time, and every name it binds (#statements)
+        "binds": _list(_text(200, _MODULE), 1024, unique=True), "keeps": _list(_text(200, _MODULE), 1024, unique=True),
         # a value an unchanged statement built at import, made anew with the patch's construction (#recomputed)
         "built": _object({"call": _text(200, _MODULE), "function": _text(600, _MODULE), "reason": _text(),
                           "reads": _list(_text(600, _MODULE), 1024, unique=True),
                           "slots": _mapping(_text(600, _REF), _text(600, _MODULE), 1024),
                           "source": _text(MAX_LITERAL), "line": _int(0, 10**7)}, optional=("source", "line")),
     }, optional=("code", "statement", "value", "defaults", "kwdefaults", "expression", "source", "line",
-                 "replaces", "refs", "stale", "built")), MAX_TARGETS),
+                 "replaces", "refs", "stale", "binds", "keeps", "built")), MAX_TARGETS),
     "modules": _mapping(_text(200, _MODULE), _object({"file": _text(1024), "source": _text(300, _PAYLOAD),
                                                       "baseline": _text(300, _PAYLOAD)}), 1024),
     "payloads": _mapping(_text(300, _PAYLOAD), _object({"sha256": _text(64, _HEX64),
@@ -420,9 +422,11 @@ def validate(manifest: dict) -> None:
                 _fail(f"targets[{i}].code", "every target needs its baseline fingerprint")
             if section == "globals":
                 needed = {"function": "code", "import": "statement", "constant": "value", "value": "expression",
-                          "definition": "source"}[entry["kind"]]
+                          "definition": "source", "statement": "source"}[entry["kind"]]
                 if needed not in entry:
                     _fail(f"globals[{i}]", f"a {entry['kind']} global needs {needed!r}")
+                if entry["kind"] == "statement" and "binds" not in entry:
+                    _fail(f"globals[{i}]", "a statement global needs 'binds'")
     for name, module in manifest["modules"].items():
         for key in ("source", "baseline"):
             if module[key] not in manifest["payloads"]:
@@ -542,7 +546,7 @@ def to_patch(bundle: Bundle, tag: str = PYTHON_TAG) -> Patch:
         # commits if the module is not imported yet (the part is pending)
         if g["kind"] == "constant" and not g.get("refs"):
             new_globals[g["name"]] = _literal(g["value"], f"globals[{i}].value")
-        elif g["kind"] in ("constant", "value", "definition"):
+        elif g["kind"] in ("constant", "value", "definition", "statement"):
             from .values import manifest_value
             filename = _patched_file(bundle, module_name)
             new_globals[g["name"]] = manifest_value(g, f"globals[{i}]", filename, _fail,
@@ -634,7 +638,11 @@ def _import_value(tree: ast.Module, name: str, module: types.ModuleType, bundled
         source = resolve_name("." * node.level + (node.module or ""), module.__package__ or module.__name__)
         alias = next(a for a in node.names if (a.asname or a.name) == name)
         value = bundled.get(f"{source}:{alias.name}", _ABSENT)
-        if value is not _ABSENT and not isinstance(value, AtImport):
+        if isinstance(value, AtImport) and imported(source) is not None:
+            from .values import Recomputed
+            value = value.make(imported(source))  # made once: the very object its own module gets
+            value = value.value if isinstance(value, Recomputed) else value
+        if value is not _ABSENT and value is not UNBOUND and not isinstance(value, AtImport):
             return value
         # only this name: another one of the statement may be such a new value
         tree = ast.Module(body=[ast.ImportFrom(module=node.module, names=[alias], level=node.level)], type_ignores=[])

@@ -411,6 +411,7 @@ def finish(diff, base_tree: ast.Module, new_tree: ast.Module, new_codes: dict) -
         return
     bound |= {q.partition(".")[0] for q in list(changed) + [f[0] for f in diff.new_functions] + list(diff.definitions)}
     bound |= {name for name, _ in diff.new_imports}
+    bound |= {n for s in getattr(diff, "statements", {}).values() for n in s["binds"]}  # run at apply time
     # what a function of the release binds with `global NAME` exists once it ran, as in the release itself
     bound |= {n for node in ast.walk(new_tree) if isinstance(node, ast.Global) for n in node.names}
     used: dict = {}
@@ -467,7 +468,8 @@ def exact_sources(diff, source: str) -> None:
     source), where that text parses on its own."""
     import textwrap
     lines = source.splitlines(keepends=True)
-    for entries, key, mode in ((diff.values, "expression", "eval"), (diff.definitions, "statement", "exec")):
+    for entries, key, mode in ((diff.values, "expression", "eval"), (diff.definitions, "statement", "exec"),
+                               (getattr(diff, "statements", {}), "statement", "exec")):
         for entry in entries.values():
             texts = []
             for first, col, last, end_col in entry.pop("spans"):
@@ -487,7 +489,8 @@ def exact_sources(diff, source: str) -> None:
             entry[key] = text.rstrip("\n") if mode == "eval" else text
 
 
-def global_entries(module: str, values: dict, definitions: dict, captured: dict) -> tuple[list, dict]:
+def global_entries(module: str, values: dict, definitions: dict, captured: dict,
+                   statements: dict | None = None) -> tuple[list, dict]:
     """(manifest entries of a module's values and definitions, {name: the
     "refs" and "stale" of a changed value or constant}): the form both a
     bundle and an in-process patch carry them in."""
@@ -495,6 +498,9 @@ def global_entries(module: str, values: dict, definitions: dict, captured: dict)
                 **({"built": v["built"]} if "built" in v else {})} for q, v in values.items()]
     entries += [{"name": f"{module}:{q}", "kind": "definition", "source": d["statement"], "line": d["line"],
                  "replaces": d["replaces"]} for q, d in definitions.items()]
+    if statements:
+        from .statements import manifest_entries
+        entries += manifest_entries(module, statements)
     extra = {f"{module}:{q}": {k: c[k] for k in ("refs", "stale") if c[k]} for q, c in captured.items()}
     return entries, {k: v for k, v in extra.items() if v}
 

@@ -108,7 +108,22 @@ def materialise(new_globals: dict, module, run: bool = True) -> dict:
     `run` false, AtCommit values become PLANNED and nothing is run."""
     if not any(isinstance(v, AtImport) for v in new_globals.values()):
         return new_globals
-    return {k: (_make(k, v, module, run) if isinstance(v, AtImport) else v) for k, v in new_globals.items()}
+    made = {k: (_make(k, v, module, run) if isinstance(v, AtImport) else v) for k, v in new_globals.items()}
+    return {k: v for k, v in made.items() if v is not UNBOUND}
+
+
+class _Unbound:
+    """What a global made at commit is when the patch turns out to store
+    nothing there in this process (a statement whose branch binding it did
+    not run): no store, nothing to roll back."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not bound here>"
+
+
+UNBOUND = _Unbound()
 
 
 def _make(key: str, value: AtImport, module, run: bool):

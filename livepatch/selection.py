@@ -19,12 +19,17 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select(patterns, targets: dict, globals_: dict, refused: list, packages=()) -> tuple[list, list]:
+def select(patterns, targets: dict, globals_: dict, refused: list, packages=(),
+           baseline_names=None) -> tuple[list, list]:
     """Filter `targets` and `globals_` ({name: manifest entry}) in place;
     returns (the refusals that still apply, the names left out). A new
     global that an included import takes from another module stays in
     (`packages` names the modules that are packages, for relative
-    imports). A ValueError when no changed function matches."""
+    imports), and so does what a kept module-level statement needs. A
+    ValueError when no changed function matches, or when an included
+    import takes a name its module binds neither in the baseline
+    (`baseline_names`: module -> names, None where unknowable) nor in
+    the bundle."""
     chosen = [t for t in targets if _matches(t, patterns)]
     if not chosen:
         names = sorted(targets)
@@ -35,11 +40,19 @@ def select(patterns, targets: dict, globals_: dict, refused: list, packages=()) 
     for name in left_out:
         del targets[name]
     keep = {g for g in globals_ if _matches(g, patterns) or g.partition(":")[0] in modules}
-    while True:  # what kept imports take from the bundle's other new globals
-        needed = {n for g in keep for n in _imported(g, globals_[g], packages) if n in globals_} - keep
+    while True:  # what kept imports take from the bundle's other new globals, what kept statements need
+        needed = {n for g in keep for n in _imported(g, globals_[g], packages) + _statement_needs(g, globals_[g])
+                  if n in globals_} - keep
         if not needed:
             break
         keep |= needed
+    for g in sorted(keep):  # an import of a name only a left-out or refused change of its module binds
+        for n in _imported(g, globals_[g], packages):
+            source, _, imported = n.partition(":")
+            bound = (baseline_names or {}).get(source)  # None: a module the release leaves as it is, or unknowable
+            if n not in globals_ and bound is not None and imported not in bound:
+                raise ValueError(f"{g} imports {imported} from {source}, which neither the baseline nor what this "
+                                 f"bundle carries binds: add --only '{source}:*' (or see why it is refused)")
     for name in [g for g in globals_ if g not in keep]:
         del globals_[name]
         left_out.append(name)
@@ -67,6 +80,20 @@ def keep_modules(module_entries: dict, payloads: dict, targets: dict, globals_: 
         del module_entries[module]
         for name in [n for n in payloads if n.rpartition("/")[2] == module and not n.startswith("hooks/")]:
             del payloads[name]
+
+
+def _statement_needs(name: str, entry: dict) -> list[str]:
+    """module:name of every name a kept module-level statement binds (it is
+    run once for all of them) and of those it reads in its module."""
+    if entry.get("kind") != "statement":
+        return []
+    import ast
+    module = name.partition(":")[0]
+    try:
+        read = {n.id for n in ast.walk(ast.parse(entry["source"])) if isinstance(n, ast.Name)}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        read = set()
+    return [f"{module}:{n}" for n in sorted(set(entry.get("binds", ())) | read)]
 
 
 def _imported(name: str, entry: dict, packages) -> list[str]:

@@ -221,7 +221,7 @@ def _siblings(module, scope: str, bundled, making: set):
     """lookup(name) -> the value the patch binds to `name` (in class `scope`
     first), made now if it is made at commit (each once); KeyError if the
     patch binds no such name."""
-    from .pending import AtImport
+    from .pending import UNBOUND, AtImport
 
     def lookup(name):
         for key in ([f"{module.__name__}:{scope}.{name}"] if scope else []) + [f"{module.__name__}:{name}"]:
@@ -234,6 +234,8 @@ def _siblings(module, scope: str, bundled, making: set):
                     value = value.make(module)
                 finally:
                     making.discard(key)
+            if value is UNBOUND:  # a statement of the patch that does not bind it here
+                continue
             return value.value if isinstance(value, Recomputed) else value
         other = module.__dict__.get(name)
         if isinstance(other, types.ModuleType) and other is not module \
@@ -362,6 +364,9 @@ def manifest_value(entry: dict, field: str, filename: str, fail, literal_value=N
     line = entry.get("line", 1)
     if entry["kind"] == "constant":
         return value_for(module_name, lambda module: Recomputed(literal_value, module, refs))
+    if entry["kind"] == "statement":
+        from .statements import manifest_statement
+        return manifest_statement(entry, field, filename, fail, bundled)
     if entry["kind"] == "value":
         text = entry["expression"]
         _parsed(text, "eval", f"{field}.expression", fail)
@@ -443,9 +448,11 @@ def diff_globals(diff, module_name: str, filename: str, bundled: dict) -> dict:
     def fail(field, message):
         raise PatchError(f"{field}: {message}", [Problem("invalid", field, message)])
 
-    entries, extra = global_entries(module_name, diff.values, diff.definitions, diff.captured)
+    from collections import ChainMap
+    entries, extra = global_entries(module_name, diff.values, diff.definitions, diff.captured, diff.statements)
     entries += [{"name": f"{module_name}:{q}", "kind": "constant"} for q in diff.constants]
     out = {}
+    bundled = ChainMap(out, bundled)  # the patch's other globals, those made here too
     for entry in entries:
         entry.update(extra.get(entry["name"], {}))
         if entry["kind"] == "constant" and not entry.get("refs"):

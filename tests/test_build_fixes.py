@@ -93,10 +93,13 @@ def test_a_method_changed_inside_a_module_level_if_is_a_function_change(tmp_path
     assert out == {"before": True, "applied": False, "rolled_back": True}
 
 
-def test_a_changed_condition_of_a_module_level_if_is_still_refused_with_its_line(tmp_path):
+def test_a_changed_condition_of_a_module_level_if_is_refused_where_it_would_drop_a_live_class(tmp_path):
     base, new = write_release(tmp_path, {"app/__init__.py": "", "app/algos.py": GUARDED},
                               {"app/__init__.py": "", "app/algos.py": GUARDED.replace("if HAS_CRYPTO:", "if not HAS_CRYPTO:")})
-    with pytest.raises(BuildRefused) as info:
-        build(base, new, patch_id="HP-IF")
-    assert "algos.py:7: changed module-level statement (If) ran at import and cannot be re-run" in str(info.value)
-    assert "baseline line 7: a module-level statement (If) was removed" in str(info.value)
+    data, _ = build(base, new, patch_id="HP-IF")  # the statement only binds names: it runs at apply time
+    [entry] = manifest_of(data)["globals"]
+    assert (entry["name"], entry["kind"], entry["keeps"]) == ("app.algos:Algorithm", "statement", ["Algorithm"])
+    out = round_trip(tmp_path, data, ["app.algos"], "sys.modules['app.algos'].Algorithm().accepts('none')")
+    assert out["apply_error"].endswith("line 7: the statement no longer defines Algorithm in this process, which "
+                                       "has it (the live one would stay); nothing was changed"), out
+    assert out["before"] is True and out["rolled_back"] is True

@@ -133,7 +133,7 @@ def test_the_fix_applies_beside_what_was_ignored(tmp_path):
 @pytest.mark.parametrize("old,new,category", [
     ("class Money(object):", "class Money(dict):", "refused:class-layout"),
     ("    amount: int = 0\n", "    amount: int = 0\n    owner: str = ''\n", "refused:class-layout"),
-    ("except ImportError:\n    import json", "except Exception:\n    import json", "refused:statement"),
+    ("except ImportError:\n    import json", "except Exception:\n    import json\n    json.loads('1')", "refused:statement"),
     ("    return json.dumps(x)", "    return json.dumps(x, sort_keys=True)", None),
     ("class Shop(Base):\n    def __init__(self):\n        self.ready = False\n",
      "class Shop(Base):\n    def __init__(self):\n        self.ready = False\n        Base.__init__(self)\n", None),
