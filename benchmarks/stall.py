@@ -12,14 +12,24 @@ of 100 typical functions, then measures, rounds alternating:
   long as the preceding apply took is the control's. With 16 busy threads
   each worker waits for the other 15 most of the time, in both.
 * hold: with the switch interval at 0.1 ms and one worker, the longest time
-  the worker made no progress during an apply: the longest single hold of
-  the GIL that no switch could interrupt (a C-level call). The same for the
-  control thread, and for the locating strategy used on small heaps (one
-  `gc.get_referrers` pass, forced) for comparison.
-* latency: apply() and rollback() wall time of a 2-function patch with 4
-  and 16 busy threads, with the engine's one-call commit as it is and with
-  a sleep before and after it (commit.YIELD_AROUND_ONE_CALL, the earlier
-  behaviour), rounds alternating.
+  the worker made no progress (the longest GIL hold no switch could
+  interrupt), and, in the thread doing the work, the longest time between
+  two profiler events (`sys.setprofile`: every call and return of Python
+  code and of builtins called from bytecode), with the thread's CPU time
+  over it and what ran: a C-level call by name, or bytecode between two
+  lines (a call to a type such as `list(iterator)` raises no event, so the
+  one-call commit shows as bytecode around its line). No uninterruptible
+  hold is longer than that gap; a call that releases the GIL (a sleep, a
+  lock) shows with less CPU than wall time, an upper bound. For: an apply
+  as the engine chooses to locate; an apply with the namespace proof
+  disabled, so that the heap is walked (`heapwalk`); the positive control,
+  one `gc.get_referrers` pass over the heap called directly (what one pass
+  would cost, tens of milliseconds at 5x10^6 objects); and the control,
+  ordinary Python code.
+* latency: apply() and rollback() wall and CPU time of a 2-function patch
+  with 4 and 16 busy threads (100 rounds by default), beside the control:
+  the same thread running a fixed piece of ordinary Python (about as much
+  CPU as an apply) under the same load.
 
 Run: python benchmarks/stall.py [--quick]"""
 
@@ -30,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, make_module, summary, write_result  # noqa: E402
@@ -92,13 +103,75 @@ def ordinary_python(seconds: float) -> None:
         lst.clear()
 
 
-def in_thread(fn) -> tuple[int, int]:
+class LongestGap:
+    """A profile function (sys.setprofile, in the thread under test): the
+    longest time between two consecutive events, by wall clock, with the
+    thread's CPU time over it and what ran: separately for C-level calls (a
+    builtin called from bytecode, until it returns or calls Python code)
+    and for bytecode (with any call to a type, which raises no event). Its
+    own work is left out: the clocks are read first and last in each call."""
+
+    def __init__(self):
+        self.longest = {"C call": (0, 0, ""), "bytecode": (0, 0, "")}  # by wall clock
+        self.longest_cpu = dict(self.longest)  # by CPU time: the OS's preemptions left out
+        self.start()
+
+    def start(self):
+        """Begin here, in the thread measured (its CPU clock is its own)."""
+        self.prev = ("start", None, None, 0)
+        self.last_wall, self.last_cpu = time.perf_counter_ns(), time.thread_time_ns()
+
+    def __call__(self, frame, event, arg):
+        now, cpu = time.perf_counter_ns(), time.thread_time_ns()
+        wall, used = now - self.last_wall, cpu - self.last_cpu
+        kind = "C call" if self.prev[0] == "c_call" else "bytecode"
+        if wall > self.longest[kind][0]:
+            self.longest[kind] = (wall, used, self._what(frame, event))
+        if used > self.longest_cpu[kind][1]:
+            self.longest_cpu[kind] = (wall, used, self._what(frame, event))
+        self.prev = (event, arg, frame.f_code, frame.f_lineno)
+        self.last_wall, self.last_cpu = time.perf_counter_ns(), time.thread_time_ns()
+
+    def _what(self, frame, event) -> str:
+        """What ran between the previous event and this one."""
+        kind, prev_arg, code, line = self.prev
+        if kind == "c_call":
+            return _c_name(prev_arg)
+        if code is None:
+            return "start"
+        place = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+        if frame.f_code is code:
+            return f"{place} lines {line}-{frame.f_lineno}"
+        return (f"{place}:{line} ({kind}) to {os.path.basename(frame.f_code.co_filename)}:"
+                f"{frame.f_code.co_name}:{frame.f_lineno} ({event})")
+
+    def result(self) -> dict:
+        return {kind: {"wall_ns": wall, "cpu_ns_over_it": cpu, "where": where,
+                       "cpu_ns": self.longest_cpu[kind][1], "cpu_where": self.longest_cpu[kind][2]}
+                for kind, (wall, cpu, where) in self.longest.items()}
+
+
+def _c_name(fn) -> str:
+    owner = getattr(fn, "__self__", None)
+    prefix = getattr(owner, "__name__", None) if isinstance(owner, types.ModuleType) else None
+    return f"{prefix or getattr(fn, '__module__', None) or type(owner).__name__}.{getattr(fn, '__qualname__', fn)}"
+
+
+def in_thread(fn, profile=None) -> tuple[int, int]:
+    """(start, end) of fn() run in a new thread, with `profile` (a
+    LongestGap) as that thread's profile function if given."""
     box = []
 
     def run():
+        if profile is not None:
+            profile.start()
+            sys.setprofile(profile)
         start = time.perf_counter_ns()
         fn()
-        box.append((start, time.perf_counter_ns()))
+        end = time.perf_counter_ns()
+        if profile is not None:
+            sys.setprofile(None)
+        box.append((start, end))
     t = threading.Thread(target=run)
     t.start()
     t.join()
@@ -113,7 +186,7 @@ def build_heap(n: int) -> list:
 def child(args) -> dict:
     import gc
     import livepatch
-    from livepatch import commit, locate
+    from livepatch import locate
     from livepatch.build import patch_from_source
 
     heap = build_heap(args.heap)
@@ -152,50 +225,151 @@ def child(args) -> dict:
     sys.setswitchinterval(1e-4)
     workers = Workers(1)
     time.sleep(0.05)
-    holds = {"walk or one pass as chosen": [], "one get_referrers pass (forced)": [], "control": []}
-    small_heap = locate.SMALL_HEAP
+    real_proof = locate._module_functions
+
+    def apply_walking():
+        locate._module_functions = lambda mod: None  # no namespace proof: the heap is walked
+        try:
+            livepatch.apply(patch, timeout=60)
+        finally:
+            locate._module_functions = real_proof
+
+    modes = {"apply as the engine locates": lambda: livepatch.apply(patch, timeout=60),
+             "apply with the heap walked": apply_walking,
+             "one gc.get_referrers pass (positive control)": lambda: gc.get_referrers(vars(module)),
+             "control: ordinary Python": lambda: ordinary_python(0.05)}
+    holds = {name: [] for name in modes}
+    calls = {name: [] for name in modes}
     for r in range(args.reps):
-        for name in holds:
-            workers.clear()
-            if name == "control":
-                start, end = in_thread(lambda: ordinary_python(0.05))
-            else:
-                hint = locate._heap_hint
-                if name.startswith("one"):
-                    locate.SMALL_HEAP, locate._heap_hint = 1 << 62, 0
-                try:
-                    start, end = in_thread(lambda: livepatch.apply(patch, timeout=60))
-                finally:
-                    locate.SMALL_HEAP, locate._heap_hint = small_heap, hint
-                livepatch.rollback()
-            holds[name].append(workers.worst(start, end))
+        for name, fn in modes.items():
+            if fn is apply_walking and r >= args.walk_reps:
+                continue  # seconds per walk at 5x10^6 objects
+            for profiled in (False, True):
+                workers.clear()
+                gap = LongestGap() if profiled else None
+                start, end = in_thread(fn, gap)
+                if name.startswith("apply"):
+                    livepatch.rollback()
+                if profiled:
+                    calls[name].append(gap.result())
+                else:
+                    holds[name].append(workers.worst(start, end))
     workers.close()
     sys.setswitchinterval(interval)
     out["longest_hold_ns"] = {k: summary(v) for k, v in holds.items()}
-
-    # apply latency of a small patch at 4 and 16 busy threads, with and without the sleeps
-    out["latency"] = []
-    for threads in (4, 16):
-        workers = Workers(threads)
-        time.sleep(0.1)
-        lat = {False: {"apply": [], "rollback": []}, True: {"apply": [], "rollback": []}}
-        livepatch.apply(small_patch)
-        livepatch.rollback()  # warm-up: the first apply may walk the heap
-        for r in range(args.reps * 2):
-            for yields in (False, True):
-                commit.YIELD_AROUND_ONE_CALL = yields
-                t = time.perf_counter_ns()
-                livepatch.apply(small_patch)
-                lat[yields]["apply"].append(time.perf_counter_ns() - t)
-                t = time.perf_counter_ns()
-                livepatch.rollback()
-                lat[yields]["rollback"].append(time.perf_counter_ns() - t)
-        commit.YIELD_AROUND_ONE_CALL = False
-        workers.close()
-        out["latency"].append({"threads": threads, "functions": 2,
-                               "as_is": {k: summary(v) for k, v in lat[False].items()},
-                               "sleep_around_one_call": {k: summary(v) for k, v in lat[True].items()}})
+    out["longest_profiled_gap"] = {k: _gap_summary(v) for k, v in calls.items()}
+    out["latency"] = [latency(small_patch, threads, args.latency_reps) for threads in (4, 16)]
     return out
+
+
+def _gap_summary(rounds: list) -> dict:
+    out = {}
+    for kind in ("C call", "bytecode"):
+        gaps = [r[kind] for r in rounds]
+        out[kind] = {"wall_ns": summary([g["wall_ns"] for g in gaps]), "cpu_ns": summary([g["cpu_ns"] for g in gaps]),
+                     "longest": max(gaps, key=lambda g: g["wall_ns"]),
+                     "longest_by_cpu": max(gaps, key=lambda g: g["cpu_ns"]),
+                     "usual": _most_common(g["where"] for g in gaps),
+                     "usual_by_cpu": _most_common(g["cpu_where"] for g in gaps)}
+    return out
+
+
+def _most_common(items) -> str:
+    counts = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def fixed_python_work() -> None:
+    """The latency control: a fixed piece of ordinary Python, about as much
+    CPU as a small apply."""
+    d, lst = {}, []
+    for _ in range(60):
+        for i in range(200):
+            d[i] = str(i)
+            lst.append(i)
+        lst.clear()
+
+
+def latency(small_patch, threads: int, reps: int) -> dict:
+    """Wall and CPU time of apply() and rollback() of a 2-function patch
+    with `threads` busy threads, beside the fixed control work."""
+    import livepatch
+
+    workers = Workers(threads)
+    time.sleep(0.1)
+    livepatch.apply(small_patch)
+    livepatch.rollback()  # warm-up
+    wall = {"apply": [], "rollback": [], "control": []}
+    cpu = {k: [] for k in wall}
+    steps = {"apply": lambda: livepatch.apply(small_patch), "rollback": livepatch.rollback,
+             "control": fixed_python_work}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            t, c = time.perf_counter_ns(), time.thread_time_ns()
+            fn()
+            wall[name].append(time.perf_counter_ns() - t)
+            cpu[name].append(time.thread_time_ns() - c)
+    # Where the slow ones waited: applies and controls run with the profiler,
+    # each slow one (over 10 ms) named by its longest gap between two events
+    # by wall clock, with the CPU time in it (little: the thread waited for
+    # the GIL or the CPU; much: it computed, a garbage collection say).
+    waits = {"apply": {}, "control": {}}
+    for _ in range(max(1, reps // 2)):
+        for name in waits:
+            gap = LongestGap()
+            t, c = time.perf_counter_ns(), time.thread_time_ns()
+            gap.start()
+            sys.setprofile(gap)
+            steps[name]()
+            sys.setprofile(None)
+            took, used = time.perf_counter_ns() - t, time.thread_time_ns() - c
+            if name == "apply":
+                livepatch.rollback()
+            if took > 10_000_000:
+                longest = max(gap.result().items(), key=lambda kv: kv[1]["wall_ns"])
+                place = f"{longest[0]} {longest[1]['where']}"
+                waits[name].setdefault(place, []).append((took, used, longest[1]["wall_ns"], longest[1]["cpu_ns_over_it"]))
+    workers.close()
+    return {"threads": threads, "functions": 2, "rounds": reps,
+            "wall_ns": {k: summary(v) for k, v in wall.items()}, "cpu_ns": {k: summary(v) for k, v in cpu.items()},
+            "profiled_rounds": max(1, reps // 2),
+            "slow_ones_waited_in": {k: {place: {"count": len(v), "wall_ns": [x[0] for x in v], "cpu_ns": [x[1] for x in v],
+                                               "gap_wall_ns": [x[2] for x in v], "gap_cpu_ns": [x[3] for x in v]}
+                                       for place, v in w.items()} for k, w in waits.items()}}
+
+
+def _ms(ns) -> str:
+    return f"{ns / 1e6:.2f}"
+
+
+def print_row(row: dict) -> None:
+    s = row["stall"]
+    print(f"heap {row['heap_objects']:>9,} (+{row['tracked_objects']:,} tracked, load average "
+          f"{row['load_average'][0]:.2f}): worst stall p50 apply {_ms(s['worst_stall_apply_ns']['p50'])} ms vs control "
+          f"{_ms(s['worst_stall_control_ns']['p50'])} ms (ratio {s['ratio_p50']:.2f})")
+    for name, hold in row["longest_hold_ns"].items():
+        print(f"   {name}: worker's longest gap p50/max {_ms(hold['p50'])}/{_ms(hold['max'])} ms")
+        for kind, gap in row["longest_profiled_gap"][name].items():
+            w, c = gap["wall_ns"], gap["cpu_ns"]
+            print(f"      longest {kind} by wall p50/p99/max {_ms(w['p50'])}/{_ms(w['p99'])}/{_ms(w['max'])} ms "
+                  f"(usually {gap['usual']}; the max {gap['longest']['where']}, CPU "
+                  f"{_ms(gap['longest']['cpu_ns_over_it'])} ms); by CPU p50/p99/max {_ms(c['p50'])}/{_ms(c['p99'])}/"
+                  f"{_ms(c['max'])} ms (usually {gap['usual_by_cpu']}; the max {gap['longest_by_cpu']['cpu_where']})")
+    for lat in row["latency"]:
+        w = lat["wall_ns"]
+        print(f"   {lat['threads']:>2} threads, {lat['rounds']} rounds: apply p50/p99/max "
+              f"{_ms(w['apply']['p50'])}/{_ms(w['apply']['p99'])}/{_ms(w['apply']['max'])} ms "
+              f"(CPU p50 {_ms(lat['cpu_ns']['apply']['p50'])}), rollback {_ms(w['rollback']['p50'])}/"
+              f"{_ms(w['rollback']['p99'])} ms, control {_ms(w['control']['p50'])}/{_ms(w['control']['p99'])} ms "
+              f"(CPU p50 {_ms(lat['cpu_ns']['control']['p50'])})")
+        for name, places in lat["slow_ones_waited_in"].items():
+            slow = sum(p["count"] for p in places.values())
+            print(f"      {name}: {slow} of {lat['profiled_rounds']} profiled rounds slow; longest gap in them: "
+                  + "; ".join(f"{place} x{p['count']} (gap {'/'.join(_ms(g) for g in p['gap_wall_ns'][:3])} ms wall, "
+                              f"{'/'.join(_ms(g) for g in p['gap_cpu_ns'][:3])} ms CPU)"
+                              for place, p in sorted(places.items(), key=lambda kv: -kv[1]["count"])[:4]))
 
 
 def main():
@@ -204,32 +378,28 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--heap", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=12, help="rounds of the stall and hold measures")
+    ap.add_argument("--walk-reps", type=int, default=3, help="rounds of the hold measures with the heap walked")
+    ap.add_argument("--latency-reps", type=int, default=100, help="applies per latency cell")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
     heaps = [10_000] if args.quick else [100_000, 1_000_000, 5_000_000]
     reps = 2 if args.quick else args.reps
+    latency_reps = 3 if args.quick else args.latency_reps
     rows = []
     for heap in heaps:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--heap", str(heap),
-               "--threads", str(4 if args.quick else args.threads), "--reps", str(reps)]
+               "--threads", str(4 if args.quick else args.threads), "--reps", str(reps),
+               "--latency-reps", str(latency_reps), "--walk-reps", str(min(reps, args.walk_reps))]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             sys.exit(f"stall benchmark at {heap} objects failed:\n{done.stderr}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["load_average"] = os.getloadavg()
         rows.append(row)
-        s = row["stall"]
-        print(f"heap {heap:>9,} (+{row['tracked_objects']:,} tracked): worst stall p50 apply "
-              f"{s['worst_stall_apply_ns']['p50'] / 1e6:.1f} ms vs control {s['worst_stall_control_ns']['p50'] / 1e6:.1f} ms "
-              f"(ratio {s['ratio_p50']:.2f}); longest hold p50/max "
-              + ", ".join(f"{k} {v['p50'] / 1e3:.0f}/{v['max'] / 1e3:.0f} us" for k, v in row["longest_hold_ns"].items()))
-        for lat in row["latency"]:
-            print(f"   {lat['threads']:>2} threads: apply p50/p99 {lat['as_is']['apply']['p50'] / 1e6:.1f}/"
-                  f"{lat['as_is']['apply']['p99'] / 1e6:.1f} ms, with sleeps "
-                  f"{lat['sleep_around_one_call']['apply']['p50'] / 1e6:.1f}/"
-                  f"{lat['sleep_around_one_call']['apply']['p99'] / 1e6:.1f} ms")
+        print_row(row)
     path = write_result("stall", {"machine": machine(), "rows": rows}, args.quick)
     print(f"results: {path}")
 

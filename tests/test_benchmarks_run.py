@@ -40,7 +40,10 @@ def test_stall_benchmark_runs():
     data = _run("stall.py", "--quick")
     row = data["rows"][0]
     assert row["stall"]["worst_stall_apply_ns"]["n"] == row["stall"]["worst_stall_control_ns"]["n"] == 2
-    assert set(row["longest_hold_ns"]) == {"walk or one pass as chosen", "one get_referrers pass (forced)", "control"}
+    modes = {"apply as the engine locates", "apply with the heap walked",
+             "one gc.get_referrers pass (positive control)", "control: ordinary Python"}
+    assert set(row["longest_hold_ns"]) == set(row["longest_profiled_gap"]) == modes
+    assert "gc.get_referrers" in row["longest_profiled_gap"]["one gc.get_referrers pass (positive control)"]["C call"]["usual_by_cpu"]
     assert [lat["threads"] for lat in row["latency"]] == [4, 16]
 
 
