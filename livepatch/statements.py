@@ -51,14 +51,19 @@ def side_effect(node: ast.AST) -> str | None:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         impure = defs.impure_decorator(node)
         return None if impure is None else f"line {node.lineno}: decorator @{impure} of {node.name} may register it somewhere"
-    if isinstance(node, ast.If):
-        return _first(node.body + node.orelse)
-    if isinstance(node, ast.Try):
-        return _first(node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+    if isinstance(node, (ast.If, ast.Try)):
+        return _first(_branches(node))
     what = {ast.Delete: "del", ast.Global: "global", ast.Nonlocal: "nonlocal", ast.For: "a loop",
             ast.AsyncFor: "a loop", ast.While: "a loop", ast.With: "a with block", ast.AsyncWith: "a with block",
             ast.Raise: "raise", ast.Assert: "assert"}.get(type(node), type(node).__name__)
     return f"line {node.lineno}: {what} does more at import than binding names"
+
+
+def _branches(node) -> list:
+    """The statements of every branch of an `if` or `try`."""
+    if isinstance(node, ast.If):
+        return node.body + node.orelse
+    return node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody
 
 
 def _first(body) -> str | None:
@@ -98,12 +103,10 @@ def bound_names(node: ast.AST) -> list[str]:
                 names(t)
             if n.value is not None:
                 names(n.value)  # a walrus in the value
-        elif isinstance(n, ast.If):
-            names(n.test)
-            for s in n.body + n.orelse:
-                walk(s)
-        elif isinstance(n, ast.Try):
-            for s in n.body + [s for h in n.handlers for s in h.body] + n.orelse + n.finalbody:
+        elif isinstance(n, (ast.If, ast.Try)):
+            if isinstance(n, ast.If):
+                names(n.test)
+            for s in _branches(n):
                 walk(s)
 
     def names(expr):
@@ -124,11 +127,8 @@ def _kept_definitions(node: ast.AST, base_defs: dict) -> set:
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             base = base_defs.get(n.name)
             (by_def if base is not None and type(base) is type(n) else other).add(n.name)
-        elif isinstance(n, ast.If):
-            for s in n.body + n.orelse:
-                walk(s)
-        elif isinstance(n, ast.Try):
-            for s in n.body + [s for h in n.handlers for s in h.body] + n.orelse + n.finalbody:
+        elif isinstance(n, (ast.If, ast.Try)):
+            for s in _branches(n):
                 walk(s)
         else:
             other.update(bound_names(n))

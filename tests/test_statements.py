@@ -6,6 +6,7 @@ anything else they would do keeps them refused, with the reason."""
 
 import importlib
 import itertools
+import json
 import os
 import sys
 import zlib
@@ -232,6 +233,19 @@ def test_a_removed_statement_whose_names_are_still_used_stays_refused(tmp_path):
     assert [(p.category, p.message) for p in info.value.problems if p.target.endswith(":<module>")] == [
         ("refused:statement", "core.py: baseline line 1: a module-level statement (Try) was removed; "
                               "what it did at import stays done")]
+
+
+def test_inspect_lists_each_name_a_statement_binds_with_the_statement(tmp_path):
+    from live import cli
+    data, _ = build(*release(tmp_path), patch_id="HP-S")
+    (tmp_path / "hp.lpb").write_bytes(data)
+    proc = cli("--json", "inspect", str(tmp_path / "hp.lpb"))
+    assert proc.returncode == 0, proc.stderr
+    shown = {g["name"]: g for g in json.loads(proc.stdout)["manifest"]["globals"] if g["kind"] == "statement"}
+    assert shown["app.core:MODE"]["source"] == IF and shown["app.core:MODE"]["binds"] == ["MODE", "SETTINGS"]
+    proc = cli("inspect", str(tmp_path / "hp.lpb"))
+    assert "app.core:_checksum  statement  try: from zlib import crc32 as _checksum except ImportError: " \
+           "_checksum = None" in proc.stdout, proc.stdout
 
 
 def test_the_loader_refuses_a_statement_entry_that_does_more_than_bind_names(tmp_path):
