@@ -45,6 +45,7 @@ import weakref
 
 from . import hangup, protocol, runtime_dir
 from .runtime_dir import peer_credentials
+from .stale_sockets import answers, remove_stale
 
 REQUEST_DEADLINE = 10.0
 IDLE_LIMIT = 10.0
@@ -103,7 +104,7 @@ class Server:
         places = [runtime_dir.ensure(directory)] if directory is not None else runtime_dir.usable(reasons)
         for place in places:
             path = os.path.join(place, name)
-            if _answers(path):  # another live process with our PID number (another PID namespace)
+            if answers(path):  # another live process with our PID number (another PID namespace)
                 reasons.append(f"{path} is in use by another process")
                 continue
             sock, bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), False
@@ -508,70 +509,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except socket.timeout:
-        return True  # a listener with a full backlog is still a listener
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def stale_inode(path: str, pid: int) -> int | None:
-    """The inode of `path` if it is a stale socket of process `pid`: one
-    nothing listens on any more, left by a process `pid` that is gone, or
-    by an earlier process whose PID number was recycled (the file is older
-    than the process). A socket being set up between bind() and listen() by
-    a live process is newer than that process, so it is never taken for
-    stale."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    started = process_start_time(pid)
-    if started is not None and st.st_mtime >= started - 0.5:
-        return None
-    return None if _answers(path) else st.st_ino
-
-
-def remove_stale(directory: str, own: str | None = None) -> list[str]:
-    """Remove the stale sockets in `directory` (the caller owns it); `own`
-    is our own socket's path, which nothing else answers on by now."""
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in names:
-        stem = entry[:-5] if entry.endswith(".sock") else ""
-        if not stem.isdigit():
-            continue
-        path = os.path.join(directory, entry)
-        try:
-            inode = os.lstat(path).st_ino if path == own else stale_inode(path, int(stem))
-            # only the file judged stale: not one a new process has bound since
-            if inode is not None and os.lstat(path).st_ino == inode:
-                os.unlink(path)
-                removed.append(path)
-        except OSError:
-            pass
-    return removed
-
-
-def process_start_time(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    ticks = int(fields[19])  # field 22, starttime, in clock ticks since boot
-    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    return time.time() - age

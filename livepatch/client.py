@@ -179,7 +179,7 @@ def live_agents() -> list[int]:
     """PIDs whose agent answers on a verified socket, ours or (for root)
     anyone's. Stale sockets are skipped, and removed from our own
     directories; sockets that fail the checks are not listed."""
-    from livepatch.agent.server import remove_stale
+    from livepatch.agent.stale_sockets import remove_stale
     me = os.getuid()
     places = {(d, me) for d in runtime_dir.candidates(me, os.environ, every_temp=True)}
     seen = set()

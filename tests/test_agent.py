@@ -361,7 +361,7 @@ IDLE_AGENT_MODULES = {
     "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.records",
     "livepatch.agent.requests",
     "livepatch.agent.runtime_dir", "livepatch.agent.server", "livepatch.agent.state", "livepatch.agent.state_dir",
-    "livepatch.agent.trust",
+    "livepatch.agent.stale_sockets", "livepatch.agent.trust",
 }
 # the standard library those need (3.11 to 3.13: json, socket, selectors, logging and what they import)
 IDLE_AGENT_STDLIB = {
