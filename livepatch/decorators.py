@@ -23,11 +23,12 @@ import ast
 from typing import Callable
 
 
-def _dotted(node) -> str | None:
+def dotted(node) -> str | None:
+    """`a.b.c` for a name or attribute chain, else None."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
-        inner = _dotted(node.value)
+        inner = dotted(node.value)
         return None if inner is None else f"{inner}.{node.attr}"
     return None
 
@@ -41,7 +42,7 @@ def _body(node) -> list:
 def simple_argument(node) -> bool:
     """A use-site argument of a factory that runs nothing but lookups:
     a literal, a name, a dotted attribute, or a tuple of those."""
-    if isinstance(node, ast.Constant) or _dotted(node) is not None:
+    if isinstance(node, ast.Constant) or dotted(node) is not None:
         return True
     if isinstance(node, (ast.Tuple, ast.List)):
         return all(simple_argument(e) for e in node.elts)
@@ -57,7 +58,7 @@ def _params(node) -> list[str]:
 
 def _calls(node) -> str | None:
     call = next((n for n in ast.walk(node) if isinstance(n, ast.Call)), None)
-    return None if call is None else (_dotted(call.func) or ast.unparse(call.func))
+    return None if call is None else (dotted(call.func) or ast.unparse(call.func))
 
 
 def _impure_statement(stmt, fn: str) -> str:
@@ -69,7 +70,7 @@ def _impure_statement(stmt, fn: str) -> str:
         for t in targets:
             if isinstance(t, ast.Subscript):
                 return f"registers in {ast.unparse(t.value)} at decoration time"
-            if isinstance(t, ast.Attribute) and _dotted(t.value) != fn:
+            if isinstance(t, ast.Attribute) and dotted(t.value) != fn:
                 return f"stores {ast.unparse(t)} at decoration time"
         called = _calls(stmt)
         if called is not None:
@@ -80,7 +81,7 @@ def _impure_statement(stmt, fn: str) -> str:
         if isinstance(func, ast.Attribute) and func.attr in ("append", "add", "register", "update", "setdefault",
                                                               "insert", "extend"):
             return f"registers in {ast.unparse(func.value)} at decoration time"
-        return f"calls {_dotted(func) or ast.unparse(func)} at decoration time"
+        return f"calls {dotted(func) or ast.unparse(func)} at decoration time"
     if isinstance(stmt, ast.Return):
         return f"returns {ast.unparse(stmt.value) if stmt.value else 'None'} rather than a wrapper it defines"
     return f"runs a {type(stmt).__name__} statement at decoration time"
@@ -90,8 +91,8 @@ def _wrapper_def(inner, fn: str) -> str | None:
     """Why the wrapper def inside a decorator is not plain, or None: no
     decorator but functools.wraps(fn), defaults that run nothing."""
     for d in inner.decorator_list:
-        if not (isinstance(d, ast.Call) and _dotted(d.func) in ("functools.wraps", "wraps") and not d.keywords
-                and len(d.args) == 1 and _dotted(d.args[0]) == fn):
+        if not (isinstance(d, ast.Call) and dotted(d.func) in ("functools.wraps", "wraps") and not d.keywords
+                and len(d.args) == 1 and dotted(d.args[0]) == fn):
             return f"decorates its wrapper with @{ast.unparse(d)}"
     for default in inner.args.defaults + [k for k in inner.args.kw_defaults if k is not None]:
         if not simple_argument(default):
@@ -116,12 +117,12 @@ def decorator_shape(node) -> str | None:
     last = body[-1]
     if isinstance(body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) and len(body) == 2:
         inner = body[0]
-        if isinstance(last, ast.Return) and _dotted(last.value) == inner.name:
+        if isinstance(last, ast.Return) and dotted(last.value) == inner.name:
             return _wrapper_def(inner, fn)
-    if isinstance(last, ast.Return) and _dotted(last.value) == fn:
+    if isinstance(last, ast.Return) and dotted(last.value) == fn:
         for stmt in body[:-1]:  # a marker: fn.attr = CONST
             if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Attribute)
-                    and _dotted(stmt.targets[0].value) == fn
+                    and dotted(stmt.targets[0].value) == fn
                     and (isinstance(stmt.value, ast.Constant) or isinstance(stmt.value, ast.Name))):
                 return _impure_statement(stmt, fn)
         return None
@@ -138,7 +139,7 @@ def factory_shape(node) -> str | None:
         return f"is itself decorated (@{ast.unparse(node.decorator_list[0])})"
     body = _body(node)
     if len(body) == 2 and isinstance(body[0], ast.FunctionDef) and isinstance(body[1], ast.Return) \
-            and _dotted(body[1].value) == body[0].name:
+            and dotted(body[1].value) == body[0].name:
         for default in body[0].args.defaults + [k for k in body[0].args.kw_defaults if k is not None]:
             if not simple_argument(default):
                 return f"computes the default {ast.unparse(default)} of its decorator when called"
@@ -261,7 +262,7 @@ def verdicts(module: str, tree: ast.Module, read: Callable[[str], str | None] = 
     for node in ast.walk(tree):
         for d in getattr(node, "decorator_list", ()) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else ():
             called = isinstance(d, ast.Call)
-            name = _dotted(d.func if called else d)
+            name = dotted(d.func if called else d)
             key = f"{name}()" if called else name
             if name is None or key in out:
                 continue

@@ -23,6 +23,8 @@ import dis
 import symtable
 import types
 
+from .decorators import dotted as _dotted, simple_argument
+
 _CONST_OPS = {"RESUME", "NOP", "CACHE", "LOAD_CONST", "RETURN_VALUE", "RETURN_CONST"}
 
 
@@ -149,15 +151,6 @@ _PURE = {"staticmethod", "classmethod", "property", "cached_property", "functool
          "lru_cache", "functools.lru_cache", "cache", "functools.cache", "abstractmethod", "abc.abstractmethod"}
 
 
-def _dotted(node) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        inner = _dotted(node.value)
-        return None if inner is None else f"{inner}.{node.attr}"
-    return None
-
-
 def _wraps_style(tree, name: str | None) -> bool:
     """Whether `name` is a decorator defined at the top of the module that
     only wraps: `def deco(fn): @functools.wraps(fn) def inner(...): ...;
@@ -189,7 +182,6 @@ def impure_decorator(node, tree=None, known=None) -> str | None:
 def impure_reason(node, tree=None, known=None) -> tuple[str, str | None] | None:
     """(text, what makes it impure or None when unknown) of the first
     decorator of a def that is not known to be pure; None if all are."""
-    from .decorators import simple_argument
     for d in getattr(node, "decorator_list", ()):
         target, args = (d.func, d.args + [k.value for k in d.keywords]) if isinstance(d, ast.Call) else (d, [])
         name = _dotted(target)

@@ -20,6 +20,29 @@ def cli(*args, timeout=120, **kw):
                           timeout=timeout, **kw)
 
 
+def observed_program(program: str, *args, env=None, cwd=None):
+    """(process, observe) for `program` run under `livepatch run`: it prints
+    "ready", then one JSON line for each line it reads; observe() asks once
+    and returns the answer. Stop the process with end_process."""
+    proc = subprocess.Popen([sys.executable, "-m", "livepatch", "run", "--", sys.executable, program, *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd)
+    try:
+        ready = proc.stdout.readline().strip()
+    except BaseException:
+        end_process(proc)
+        raise
+    if ready != "ready":
+        end_process(proc)
+        raise AssertionError(f"the program did not start: {ready!r} {proc.stderr.read()}")
+
+    def observe():
+        proc.stdin.write("?\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+    return proc, observe
+
+
 def end_process(proc, ask=lambda p: p.send_signal(signal.SIGTERM), timeout=10):
     """Ask `proc` to exit (SIGTERM by default); SIGKILL it if it has not
     within `timeout` seconds."""

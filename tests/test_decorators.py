@@ -8,12 +8,10 @@ and rollback puts the very old object back everywhere."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from live import cli, end_process
+from live import cli, end_process, observed_program
 from livepatch.builder import BuildRefused, build
 from test_values import manifest_of, trees
 
@@ -212,17 +210,8 @@ def test_round_trip_a_decorator_added_to_an_existing_function(tmp_path, keys):
     assert json.loads(r.stdout)["made_at_apply"] == [f"{pkg}.core:handle"]
     (tmp_path / "program.py").write_text(RT_PROGRAM.format(pkg=pkg))
     env = dict(os.environ, LIVEPATCH_TRUST=keys["trust"])
-    proc = subprocess.Popen([sys.executable, "-m", "livepatch", "run", "--", sys.executable, str(tmp_path / "program.py"),
-                             os.path.dirname(base)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    proc, observe = observed_program(str(tmp_path / "program.py"), os.path.dirname(base), env=env, cwd=str(tmp_path))
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-
-        def observe():
-            proc.stdin.write("?\n")
-            proc.stdin.flush()
-            return json.loads(proc.stdout.readline())
-
         same = dict.fromkeys(("core", "user", "HANDLERS", "TABLE", "list", "table", "hook", "alias"), True)
         baseline = {"calls": [1] * 7, "same": same}
         assert observe() == baseline

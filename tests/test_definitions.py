@@ -8,14 +8,13 @@ trip runs the CLI against a real process."""
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 import livepatch
 from conftest import assert_unchanged, snapshot
-from live import cli, end_process
+from live import cli, end_process, observed_program
 from livepatch import bundle as fmt
 from livepatch.builder import BuildRefused, build
 from test_values import imported, manifest_of, trees
@@ -313,17 +312,8 @@ def test_round_trip_with_the_cli_into_a_running_process(tmp_path, keys):
     assert sorted(made) == sorted(f"{pkg}.core:{n}" for n in ("PATTERN", "Cart.total", "Cart.of", "Receipt"))
     (tmp_path / "program.py").write_text(PROGRAM.format(pkg=pkg))
     env = dict(os.environ, LIVEPATCH_TRUST=keys["trust"])
-    proc = subprocess.Popen([sys.executable, "-m", "livepatch", "run", "--", sys.executable, str(tmp_path / "program.py"),
-                             os.path.dirname(base)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    proc, observe = observed_program(str(tmp_path / "program.py"), os.path.dirname(base), env=env, cwd=str(tmp_path))
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-
-        def observe():
-            proc.stdin.write("?\n")
-            proc.stdin.flush()
-            return json.loads(proc.stdout.readline())
-
         same = {"PATTERN": True, "default": True, "P": True, "total": True}
         baseline = {"clean": "< script>x", "read": 65536, "receipt": False, "of": False, "total": 3,
                     "same": same, "P_is_PATTERN": True}
