@@ -101,14 +101,16 @@ def _construction(diff, name: str, cls, fn, tree):
         who = "its __init__"
         for member in _CONSTRUCTION:
             if f"{name}.{member}" in changed_code:
+                reasons.append(f"whose {member} changed")
                 blockers.append(f"its {member} changed, and only an __init__ can be run anew before the commit")
         node = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
         if cls.decorator_list and any(q.startswith(f"{name}.") for q in changed_code | changed):
+            reasons.append("whose class, made by a decorator, changed")
             blockers.append("the class decorator makes its construction")
     else:
         function, who, node = name, "it", fn
     if node is None:
-        return ("whose construction changed", blockers, {}) if blockers else None
+        return ("; ".join(reasons), blockers, {}) if reasons else None
     if function in changed_code:
         reasons.append(f"whose {who[4:] if cls is not None else 'code'} changed")
         if node.decorator_list:
@@ -139,15 +141,16 @@ def _construction(diff, name: str, cls, fn, tree):
                 and n.value.id in ("self", "cls", name):
             q = f"{name}.{n.attr}"
             if q in changed and q not in reads:
+                reasons.append(f"whose changed {n.attr} {who} reads")
                 blockers.append(f"{who} reads {q} at run time, which holds the old value until the commit")
             elif q in changed_code and q != function:
                 blockers.append(f"{who} calls {q}, whose new code runs only once the patch is in")
-    if not reasons and not blockers:
-        return None
+    if not reasons:
+        return None  # calling changed code alone is not a construction the patch changes
     built = {"call": name, "function": function, "reads": reads, "slots": slots}
     if function in changed_code:
         built["source"], built["line"] = defs.statement(node)
-    return "; ".join(dict.fromkeys(reasons or ["whose construction changed"])), list(dict.fromkeys(blockers)), built
+    return "; ".join(dict.fromkeys(reasons)), list(dict.fromkeys(blockers)), built
 
 
 def _assignments(tree: ast.Module):
@@ -276,7 +279,7 @@ def construct(module, qualname: str, expression: str, filename: str, line: int, 
 
 def _staged(module, built: dict, filename: str, bundled, making):
     import types
-    from .values import _owner, _siblings, current, define
+    from .values import _owner, _resolve, _siblings, current, define
     owner_path, _, name = built["function"].rpartition(".")
     owner = _owner(module, owner_path)
     live = vars(owner if owner is not None else module).get(name)
@@ -287,7 +290,10 @@ def _staged(module, built: dict, filename: str, bundled, making):
 
     def made(q):
         where, _, attr = q.rpartition(".")
-        return _siblings(module, where, bundled, making)(attr)
+        try:
+            return _siblings(module, where, bundled, making)(attr)
+        except KeyError:  # left out of this bundle (--only): the live value is the one the construction reads
+            return current(_resolve(module, where), attr, None)
 
     overlay = {}
     defaults, kwdefaults = fn.__defaults__, dict(fn.__kwdefaults__ or {}) or None

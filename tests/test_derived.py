@@ -12,8 +12,14 @@ import textwrap
 
 import pytest
 
+import livepatch
+from conftest import assert_unchanged, snapshot
+from livepatch import bundle as fmt
 from livepatch.build import diff_sources
+from livepatch.builder import build
 from livepatch.definitions import exact_sources
+from livepatch.errors import PatchError
+from test_values import cleanup, imported, trees  # noqa: F401 (cleanup is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONS = {v: os.path.join(ROOT, f".venv-{v}", "bin", "python") for v in ("3.11", "3.12", "3.13")}
@@ -99,6 +105,40 @@ def test_a_module_global_built_by_a_changed_function_is_recomputed():
     complex_args = base + "THIRD = make(LIMIT + 1)\n"
     d = diff(complex_args, complex_args.replace("return [n]", "return [n, n]"))
     assert "THIRD" not in d.values and "the call's arguments are not literals or names" in d.warnings[0].message
+
+
+def test_a_changed_init_rebuilds_the_object_with_its_new_code_and_rollback_restores_it(
+        tmp_path, monkeypatch, cleanup):
+    new = NEW.replace("h.lower() for h in x", "h.strip().lower() for h in x")
+    base, new, pkg = trees(str(tmp_path), BASE, new)
+    cleanup(pkg)
+    data, summary = build(base, new, patch_id="HP-INIT")
+    assert summary["warnings"] == [] and len(summary["recomputed"]) == 1
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    before, old = snapshot(core), {"default": core.R.DEFAULT}
+    engine = livepatch.Engine()
+    engine.apply(fmt.load_bundle(data, allow_unsigned=True))
+    assert core.R.DEFAULT.x == frozenset({"cookie", "authorization"}) and core.R(["  A "]).x == frozenset({"a"})
+    engine.rollback()
+    assert_unchanged(core, before)
+    assert core.R.DEFAULT is old["default"] and core.R.DEFAULT.x == frozenset({"authorization"})
+
+
+def test_a_construction_that_fails_at_apply_time_refuses_the_apply_and_changes_nothing(
+        tmp_path, monkeypatch, cleanup):
+    broken = NEW.replace("self.x = frozenset(h.lower() for h in x)",
+                         "if len(x) > 1:\n            raise RuntimeError('no rebuild')\n"
+                         "        self.x = frozenset(h.lower() for h in x)")
+    base, new, pkg = trees(str(tmp_path), BASE, broken)
+    cleanup(pkg)
+    data, _ = build(base, new, patch_id="HP-FAIL")
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    before = snapshot(core)
+    with pytest.raises(PatchError) as info:
+        livepatch.Engine().apply(fmt.load_bundle(data, allow_unsigned=True))
+    assert f"{pkg}.core:R.DEFAULT" in str(info.value) and "no rebuild" in str(info.value)
+    assert_unchanged(core, before)
+    assert core.R.DEFAULT.strips("Authorization") and not core.R.DEFAULT.strips("Cookie")
 
 
 # ---------------------------------------------------------------- bases
