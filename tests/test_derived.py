@@ -141,6 +141,27 @@ def test_a_construction_that_fails_at_apply_time_refuses_the_apply_and_changes_n
     assert core.R.DEFAULT.strips("Authorization") and not core.R.DEFAULT.strips("Cookie")
 
 
+def test_build_and_inspect_list_recomputed_objects_and_warn_about_the_others(tmp_path):
+    later = "REGISTRY = []\nKEPT = R()\nREGISTRY.append(KEPT)\n"
+    base, new, pkg = trees(str(tmp_path), BASE + later, NEW + later)
+    out = str(tmp_path / "b.lpb")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "livepatch", *args], capture_output=True, text=True, timeout=120)
+    built = cli("build", base, new, "--id", "HP-W", "-o", out)
+    assert built.returncode == 0, built.stderr
+    recomputed = f"recomputed {pkg}.core:R.DEFAULT: {REASON}"
+    warning = (f"WARNING {pkg}.core:KEPT: core.py:13: KEPT was built at import by R(), whose changed CONST its "
+               "__init__ reads; it keeps the state built by the old code (line 14 passes it to a call); "
+               "a --hooks post_apply(ctx) can rebuild it (see livepatch/hooks.py)")
+    assert f"  {recomputed}" in built.stdout.splitlines() and f"  {warning}" in built.stdout.splitlines()
+    shown = cli("inspect", out)
+    assert shown.returncode == 0 and recomputed in shown.stdout.splitlines() and warning in shown.stdout.splitlines()
+    manifest = json.loads(cli("inspect", out, "--json").stdout)["manifest"]
+    assert [w["category"] for w in manifest["warnings"]] == ["warning:built-at-import"]
+    assert [g["name"] for g in manifest["globals"] if "built" in g] == [f"{pkg}.core:R.DEFAULT"]
+
+
 # ---------------------------------------------------------------- bases
 
 def test_bases_naming_the_same_class_through_imports_are_ignored():
