@@ -68,14 +68,16 @@ class Recomputed:
                 for fn in _functions_of(_resolve(self.module, qualname)):
                     _rebind_defaults(fn, kind, which, old, new, f"{modname}:{qualname}", rebind)
             return out
-        replaced = {}  # id(container holding old) -> (it, its copy holding new)
+        replaced: dict = {}  # id(container holding old) -> (it, its copy holding new)
+        # the module's own lists and tables of functions (another module's may be a registry that
+        # something else holds too: a copy there would part from it; they are left as they are)
+        tables = _is_function_like(old)
         for qualname, holder in _namespaces(self.module):
             for attr, value in list(vars(holder).items()):
                 key = f"{modname}:{qualname + '.' if qualname else ''}{attr}"
                 if value is old:
                     rebind(key, holder, attr, old, new)
-                elif _is_function_like(old) and (copy := _replaced_in(value, old, new)) is not None:
-                    replaced[id(value)] = (value, copy)  # a module-level list or table of functions
+                elif tables and (copy := _replaced_in(value, old, new, replaced)) is not None:
                     rebind(key, holder, attr, value, copy)
                 for fn in _functions_of(value):
                     key = f"{modname}:{getattr(fn, '__qualname__', attr)}"
@@ -105,19 +107,27 @@ def _is_function_like(obj) -> bool:
         or (callable(obj) and not isinstance(obj, type) and hasattr(obj, "__wrapped__"))
 
 
-def _replaced_in(container, old, new):
+_TABLE_LIMIT = 4096  # items: bigger containers are data, not lists of functions, and cost a scan each
+
+
+def _replaced_in(container, old, new, replaced: dict):
     """A copy of a list, tuple or dict (exactly those types) with `new`
-    wherever it held `old` by identity, or None if it does not hold it.
-    The container itself is left as it is: rollback rebinds it."""
-    if type(container) in (list, tuple):
-        if not any(v is old for v in container):
-            return None
-        return type(container)(new if v is old else v for v in container)
+    wherever it held `old` by identity, or None if it does not hold it; one
+    copy per container (`replaced`), whatever names it. The container itself
+    is left as it is: rollback rebinds it."""
+    if type(container) not in (list, tuple, dict) or len(container) > _TABLE_LIMIT:
+        return None
+    if id(container) in replaced:
+        return replaced[id(container)][1]
+    items = container.values() if type(container) is dict else container
+    if not any(v is old for v in items):
+        return None
     if type(container) is dict:
-        if not any(v is old for v in container.values()):
-            return None
-        return {k: new if v is old else v for k, v in container.items()}
-    return None
+        copy = {k: new if v is old else v for k, v in container.items()}
+    else:
+        copy = type(container)(new if v is old else v for v in container)
+    replaced[id(container)] = (container, copy)  # keeps the container alive, so its id stays its own
+    return copy
 
 
 def _shared_by_value(obj, depth: int = 0) -> bool:

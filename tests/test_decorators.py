@@ -8,12 +8,17 @@ and rollback puts the very old object back everywhere."""
 
 import json
 import os
+import sys
 
 import pytest
 
+import livepatch
+from conftest import assert_unchanged, snapshot
 from live import cli, end_process, observed_program
+from livepatch import bundle as fmt
 from livepatch.builder import BuildRefused, build
-from test_values import manifest_of, trees
+from livepatch.errors import PatchError
+from test_values import imported, manifest_of, trees
 
 UTILS = '''\
 import functools
@@ -146,6 +151,23 @@ def test_an_impure_decorator_is_refused_with_what_it_does(tmp_path, decorator, w
     assert why.format(pkg=pkg) in problem.message, problem.message
 
 
+def test_a_factory_argument_that_fails_at_apply_time_changes_nothing(tmp_path, monkeypatch):
+    new = CORE.replace("def handler", "@recurse(utils.NOT_THERE)\ndef handler").replace("def render",
+                                                                                    "@recurse(int)\ndef render")
+    base, patched, pkg = trees(str(tmp_path), CORE, new, extra=[("utils.py", UTILS)])
+    data, _ = build(base, patched, patch_id="HP-DECO")
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    try:
+        before, table = snapshot(core), core.TABLE
+        with pytest.raises(PatchError, match="NOT_THERE"):
+            livepatch.Engine().apply(fmt.load_bundle(data, allow_unsigned=True))
+        assert_unchanged(core, before)  # render, made first, is not stored either
+        assert core.TABLE is table and core.TABLE["h"] is core.handler and core.handler(1) == 1
+    finally:
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
+
+
 # ---------------------------------------------------------------- round trip
 
 RT_UTILS = '''\
@@ -217,7 +239,8 @@ def test_round_trip_a_decorator_added_to_an_existing_function(tmp_path, keys):
         assert observe() == baseline
         r = cli("apply", str(proc.pid), bundle, env=env)
         assert r.returncode == 0, r.stderr
-        # the wrapper everywhere the old function was: the module, an import of it, a list, a table, a class
+        # the wrapper everywhere the old function was: the module, an import of it and of its list,
+        # a list, a table, a class
         assert observe() == {"calls": [["new", 1]] * 7, "same": dict.fromkeys(same, False)}
         r = cli("rollback", str(proc.pid), env=env)
         assert r.returncode == 0, r.stderr
