@@ -49,8 +49,9 @@ def select(patterns, targets: dict, globals_: dict, refused: list, packages=(),
     for g in sorted(keep):  # an import of a name only a left-out or refused change of its module binds
         for n in _imported(g, globals_[g], packages):
             source, _, imported = n.partition(":")
-            bound = (baseline_names or {}).get(source)  # None: a module the release leaves as it is, or unknowable
-            if n not in globals_ and bound is not None and imported not in bound:
+            # None: a module the release leaves as it is, or unknowable; a module __getattr__ makes names lazily
+            bound = (baseline_names or {}).get(source)
+            if n not in globals_ and bound is not None and imported not in bound and "__getattr__" not in bound:
                 raise ValueError(f"{g} imports {imported} from {source}, which neither the baseline nor what this "
                                  f"bundle carries binds: add --only '{source}:*' (or see why it is refused)")
     for name in [g for g in globals_ if g not in keep]:
