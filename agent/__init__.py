@@ -151,10 +151,7 @@ def _after_fork_in_child() -> None:
     inherited, options = _server, _options
     _server = _agent = None
     if inherited is not None:
-        try:
-            inherited._sock.close()  # only our copy of the descriptor: the parent keeps listening
-        except OSError:
-            pass
+        inherited.abandon()  # only our copies of its descriptors: the parent keeps listening
     if options is not None and options["follow"]:
         try:
             start(**options)

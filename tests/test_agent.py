@@ -357,7 +357,7 @@ def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_e
 # the first request that needs them.
 IDLE_AGENT_MODULES = {
     "livepatch", "livepatch.forkimports", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart",
-    "livepatch.agent.hangup", "livepatch.agent.history_file",
+    "livepatch.agent.connections", "livepatch.agent.hangup", "livepatch.agent.history_file",
     "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.records",
     "livepatch.agent.requests",
     "livepatch.agent.runtime_dir", "livepatch.agent.server", "livepatch.agent.state", "livepatch.agent.state_dir",
@@ -446,7 +446,8 @@ def test_an_idle_agent_imports_only_what_waiting_for_requests_needs(tmp_path):
 # threading, or the modules of other commands.
 NOT_IN_THE_CLI = ("livepatch.patchstack", "livepatch.bundle", "livepatch.signing", "livepatch.errors",
                   "livepatch.tree", "livepatch.fanout", "livepatch.agent.requests", "livepatch.agent.state",
-                  "livepatch.agent.server", "livepatch.cli_run", "livepatch.cli_repo", "livepatch.cli_updater",
+                  "livepatch.agent.server", "livepatch.agent.connections", "livepatch.agent.records",
+                  "livepatch.agent.history_file", "livepatch.agent.reapply", "livepatch.cli_run", "livepatch.cli_repo", "livepatch.cli_updater",
                   "livepatch.hotfixes", "cryptography", "dataclasses", "inspect", "typing", "hashlib", "shutil",
                   "subprocess", "signal", "socket", "selectors", "threading", "datetime")
 CLI_MODULES = """

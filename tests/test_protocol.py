@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from live import cli, end_process
 from livepatch import bundle as fmt
-from livepatch.agent import protocol, server
+from livepatch.agent import connections, protocol
 from livepatch.builder import build
 from livepatch.cli import printable, table
 from livepatch.signing import generate, load_private
@@ -150,7 +150,7 @@ def test_slow_clients_do_not_take_the_slots_of_a_legitimate_request(agents):
 def test_clients_that_never_read_their_refusal_do_not_stall_accepting(agents):
     agent = agents()
     # fill the connection table, then keep connecting clients that are refused and never read
-    held = [agent.connect() for _ in range(server.MAX_CONNECTIONS)]
+    held = [agent.connect() for _ in range(connections.MAX_CONNECTIONS)]
     for s in held:
         s.sendall(b"\x00")  # a started header, never finished
     time.sleep(0.6)  # older than a prompt client's wait: the longest waiting make room
@@ -163,12 +163,12 @@ def test_clients_that_never_read_their_refusal_do_not_stall_accepting(agents):
 
 def test_a_request_frame_must_arrive_whole_within_the_deadline(agents, monkeypatch):
     agent = agents()
-    s = agent.connect(timeout=server.REQUEST_DEADLINE + 10)
+    s = agent.connect(timeout=connections.REQUEST_DEADLINE + 10)
     s.sendall(struct.pack(">I", 100) + b"{")
     started = time.monotonic()
     answer = protocol.recv(s)  # the agent gives up on it, with a reason
     assert answer["error"]["error"] == "ProtocolError" and "within" in answer["error"]["message"]
-    assert time.monotonic() - started < server.REQUEST_DEADLINE + 5  # bounded, not a performance figure
+    assert time.monotonic() - started < connections.REQUEST_DEADLINE + 5  # bounded, not a performance figure
     s.close()
 
 
@@ -206,7 +206,7 @@ def test_large_frames_share_one_budget(agents):
             refused += bool(data) and b"Busy" in data
         except OSError:
             pass
-    assert refused >= 8 - server.BUFFER_BUDGET_FRAMES  # only the budget's worth is being held
+    assert refused >= 8 - connections.BUFFER_BUDGET_FRAMES  # only the budget's worth is being held
     assert agent.request("ping")["ok"] is True
     for s in big:
         s.close()
