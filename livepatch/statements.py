@@ -188,11 +188,6 @@ def manifest_entries(module: str, statements: dict) -> list:
             for s in statements.values() for name in s["binds"]]
 
 
-def names_bound(statements: dict) -> set:
-    """Every name the module's apply-time statements can bind."""
-    return {n for s in statements.values() for n in s["binds"]}
-
-
 # ---------------------------------------------------------------- loader side
 
 def checked(entry: dict, field: str, fail) -> ast.Module:
