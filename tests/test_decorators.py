@@ -161,7 +161,7 @@ def test_a_factory_argument_that_fails_at_apply_time_changes_nothing(tmp_path, m
         before, table = snapshot(core), core.TABLE
         with pytest.raises(PatchError, match="NOT_THERE"):
             livepatch.Engine().apply(fmt.load_bundle(data, allow_unsigned=True))
-        assert_unchanged(core, before)  # render, made first, is not stored either
+        assert_unchanged(core, before)  # neither definition is stored, render's included
         assert core.TABLE is table and core.TABLE["h"] is core.handler and core.handler(1) == 1
     finally:
         for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
