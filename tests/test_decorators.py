@@ -6,6 +6,7 @@ CLI against a real process: the new wrapper replaces the old function in
 the module, in another module's import of it and in module-level tables,
 and rollback puts the very old object back everywhere."""
 
+import ast
 import json
 import os
 import sys
@@ -16,7 +17,9 @@ import livepatch
 from conftest import assert_unchanged, snapshot
 from live import cli, end_process, observed_program
 from livepatch import bundle as fmt
+from livepatch.build import patch_from_source
 from livepatch.builder import BuildRefused, build
+from livepatch.decorators import verdicts
 from livepatch.errors import PatchError
 from test_values import imported, manifest_of, trees
 
@@ -149,6 +152,32 @@ def test_an_impure_decorator_is_refused_with_what_it_does(tmp_path, decorator, w
     (problem,) = info.value.problems
     assert problem.category == "refused:decorator" and problem.target == f"{pkg}.core:handler"
     assert why.format(pkg=pkg) in problem.message, problem.message
+
+
+def test_verdicts_follow_relative_and_dotted_imports_into_subpackages():
+    sources = {"pkg.utils": UTILS, "pkg.engine": "", "pkg.engine.grouping": ""}
+    grouping = ast.parse("import pkg.utils\nfrom ..utils import recurse, register as reg\nfrom .. import utils\n\n"
+                         "@recurse(int)\n@pkg.utils.logged\n@utils.pass_environment\n@reg\n@elsewhere\n"
+                         "def group(t):\n    return t\n")
+    assert verdicts("pkg.engine.grouping", grouping, sources.get, {"pkg", "pkg.engine"}) == {
+        "recurse()": None, "pkg.utils.logged": None, "utils.pass_environment": None,
+        "reg": "registers in REGISTRY at decoration time (pkg.utils.register, line 35)"}  # elsewhere: unknown
+
+
+def test_a_patch_made_in_process_finds_the_factory_in_a_loaded_module(tmp_path, monkeypatch):
+    base, _, pkg = trees(str(tmp_path), CORE, CORE, extra=[("utils.py", UTILS)])
+    (core,) = imported(base, pkg, monkeypatch, "core")
+    try:
+        old = core.handler
+        patch = patch_from_source("HP-DECO", core.__name__, CORE.replace("def handler", "@recurse(str)\ndef handler"))
+        engine = livepatch.Engine()
+        engine.apply(patch)
+        assert core.handler(1) == ("recursed", (str,), 1) and core.TABLE["h"] is core.handler
+        engine.rollback()
+        assert core.handler is old and core.TABLE["h"] is old
+    finally:
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
 
 
 def test_a_factory_argument_that_fails_at_apply_time_changes_nothing(tmp_path, monkeypatch):
