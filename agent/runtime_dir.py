@@ -24,19 +24,22 @@ import _socket
 import errno
 import os
 import stat
-import struct
+import sys
 
 
 class UnsafeDirectory(Exception):
     pass
 
 
-_UCRED = struct.Struct("iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_UCRED_SIZE = 12  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}, native byte order
 
 
 def peer_credentials(conn) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    return _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
+    # read without the struct module: a `livepatch status` imports nothing it can do without
+    data = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    return (int.from_bytes(data[0:4], sys.byteorder, signed=True), int.from_bytes(data[4:8], sys.byteorder),
+            int.from_bytes(data[8:12], sys.byteorder))
 
 
 def candidates(uid: int | None = None, env=None, every_temp: bool = False) -> list[str]:

@@ -17,7 +17,8 @@ measured here):
   identical except that one has livepatch-autostart.pth in site-packages,
   started alternately (plus an A/A pair), and the cost of processing that
   one line in-process (site.addpackage: open, read, exec);
-* the commands end to end: the installed `livepatch` console script
+* the commands end to end: the installed `livepatch` command (the script
+  packaging/bin/livepatch, as pip installs it)
   running `status PID`, `apply PID BUNDLE` (a signed bundle for the HTTP
   demo service, which the agent verifies) and `rollback PID` against a live
   service, from just before the process is started to its exit, wall and
@@ -53,13 +54,13 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import installed  # noqa: E402
-from common import machine, summary, write_result  # noqa: E402
+from common import machine, percentile, summary, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(ROOT, "livepatch-autostart.pth")
 DEMO = os.path.join(ROOT, "demo_apps", "http_api")
 PATCHES = os.path.join(DEMO, "patches")
-# the installed environment's interpreter and console script (set in main)
+# the installed environment's interpreter and `livepatch` command (set in main)
 PYTHON = sys.executable
 LIVEPATCH = None
 MAIN = "import time; print(time.monotonic_ns())"
@@ -107,7 +108,8 @@ def _alternate(modes: dict, rounds: int) -> dict:
 
 
 def _median(values):
-    return sorted(values)[len(values) // 2]
+    # the p50 that summary() reports: the differences printed are those of the p50s shown
+    return percentile(values, 50)
 
 
 def _report(runs: dict, base: str, control: str, subject: str) -> dict:
@@ -172,7 +174,7 @@ def modules_added(state_dir: str, baseline: str | None = None) -> dict:
     return out
 
 
-# `livepatch status PID` as the console script runs it, with three time
+# `livepatch status PID` as the installed command runs it, with three time
 # stamps on stderr: the first statement, the first connect (to the agent),
 # main's return. The parent takes the start and the exit.
 CLI_TIMED = """import sys, time
@@ -306,7 +308,7 @@ _COMMANDS = ("bare_interpreter", "status", "status_again", "apply", "rollback")
 
 
 def commands_end_to_end(rounds: int, work: str, fresh: int) -> dict:
-    """The installed console script: status, apply and rollback against the
+    """The installed command: status, apply and rollback against the
     live demo service, alternating with a bare interpreter and an A/A
     status; then the first status of `fresh` newly started agents."""
     bundle, trust = _signed_bundle(work)

@@ -163,10 +163,10 @@ def test_a_line_the_quick_parser_leaves_out_fails_as_argparse_says():
 # interpreter itself starts with: the package, the command modules, the
 # client and the protocol on the C socket and json types. Not argparse (nor
 # gettext, locale), json or re (nor enum, functools, collections), base64,
-# socket, threading, the bundle parser, the engine.
+# struct, socket, threading, the bundle parser, the engine.
 _COMMON = {"__future__", "livepatch", "livepatch.forkimports", "livepatch.cli", "livepatch.cli_quick",
            "livepatch.cli_agent", "livepatch.client", "livepatch.agent", "livepatch.agent.protocol",
-           "livepatch.agent.runtime_dir", "_socket", "_json", "atexit", "errno", "struct", "_struct"}
+           "livepatch.agent.runtime_dir", "_socket", "_json", "atexit", "errno"}
 HOT_PATHS = {"status": _COMMON,
              "apply": _COMMON | {"livepatch.cancel", "livepatch.bundlefile", "stat", "binascii"},
              "rollback": _COMMON | {"livepatch.cancel"}}
