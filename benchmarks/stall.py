@@ -135,11 +135,11 @@ class LongestGap:
     def _what(self, frame, event) -> str:
         """What ran between the previous event and this one."""
         kind, prev_arg, code, line = self.prev
-        if kind == "c_call":
-            return _c_name(prev_arg)
         if code is None:
             return "start"
         place = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+        if kind == "c_call":
+            return f"{_c_name(prev_arg)} from {place}:{line}"
         if frame.f_code is code:
             return f"{place} lines {line}-{frame.f_lineno}"
         return (f"{place}:{line} ({kind}) to {os.path.basename(frame.f_code.co_filename)}:"
