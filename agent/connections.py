@@ -77,7 +77,6 @@ class _Conn:
         return bool(self.head)
 
 
-
 class Connections:
     """The connections of one listening socket, run by a daemon thread."""
 

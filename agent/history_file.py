@@ -77,11 +77,7 @@ class History(StateDir):
         self._write("history.jsonl", tail[cut:])
 
     def history(self) -> list[dict]:
-        try:
-            raw = self._read("history.jsonl")
-        except (OSError, UnsafeState) as exc:
-            self._warn_once("history", f"cannot read {self.path}/history.jsonl ({exc}); treating it as empty")
-            return []
+        raw = self._read_or_warn("history.jsonl", "history")
         out, bad = [], 0
         for line in (raw or b"").splitlines():
             try:

@@ -25,11 +25,7 @@ class Records(History):
     Retiring one writes its history entry under the same lock."""
 
     def records(self) -> list[dict]:
-        try:
-            raw = self._read("applied.json")
-        except (OSError, UnsafeState) as exc:
-            self._warn_once("applied", f"cannot read {self.path}/applied.json ({exc}); treating it as empty")
-            return []
+        raw = self._read_or_warn("applied.json", "applied")
         if raw is None:
             return []
         try:

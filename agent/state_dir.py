@@ -52,7 +52,6 @@ def location(name: str, root: str | None = None) -> str:
     return os.path.join(os.path.abspath(root), validate_name(name))
 
 
-
 def _check_ancestors(path: str) -> None:
     """Nobody but us or root may replace `path` or a directory above it."""
     uid = os.getuid()
@@ -98,7 +97,6 @@ def _makedirs_private(path: str) -> None:
             os.mkdir(d, 0o700)
         except FileExistsError:
             pass
-
 
 
 class StateDir:
@@ -152,6 +150,14 @@ class StateDir:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
                 raise UnsafeState(f"{os.path.join(self.path, name)} is not a regular file of ours")
             return fh.read(MAX_STATE_FILE + 1)
+
+    def _read_or_warn(self, name: str, key: str) -> bytes | None:
+        """`_read`, or None with one log line (per `key`) when it cannot be read."""
+        try:
+            return self._read(name)
+        except (OSError, UnsafeState) as exc:
+            self._warn_once(key, f"cannot read {self.path}/{name} ({exc}); treating it as empty")
+            return None
 
     def _write(self, name: str, data: bytes) -> None:
         """Write to a fresh temporary name, then rename over `name`."""
