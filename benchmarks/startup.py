@@ -34,8 +34,9 @@ measured here):
 
 With `--baseline REV` the package as it was at git revision REV (livepatch/
 and agent/, laid out as installed) is put first on PYTHONPATH for an extra
-mode of each measurement, run alternately with the others: before and after
-side by side, on one machine, under one load."""
+mode of each measurement, run alternately with the others (the commands end
+to end through the launcher pip generated for the entry point the command
+was then): before and after side by side, on one machine, under one load."""
 
 from __future__ import annotations
 
@@ -305,12 +306,24 @@ def _stop(proc) -> None:
 
 
 _COMMANDS = ("bare_interpreter", "status", "status_again", "apply", "rollback")
+_AT_BASELINE = ("status_baseline", "apply_baseline", "rollback_baseline")
+# what pip generates for a [project.scripts] entry point (as the command was installed before
+# packaging/bin/livepatch), for the --baseline modes
+ENTRY_POINT_LAUNCHER = """import re
+import sys
+from livepatch.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
 
 
-def commands_end_to_end(rounds: int, work: str, fresh: int) -> dict:
+def commands_end_to_end(rounds: int, work: str, fresh: int, baseline: str | None = None) -> dict:
     """The installed command: status, apply and rollback against the
     live demo service, alternating with a bare interpreter and an A/A
-    status; then the first status of `fresh` newly started agents."""
+    status (and with `baseline`, the three as the package was there, run by
+    an entry-point launcher as pip made it); then the first status of
+    `fresh` newly started agents."""
     bundle, trust = _signed_bundle(work)
     env = _clean_env()
     proc = _demo_service(work, trust, "e2e")
@@ -318,15 +331,26 @@ def commands_end_to_end(rounds: int, work: str, fresh: int) -> dict:
     argv = {"bare_interpreter": [PYTHON, "-c", "pass"], "status": [LIVEPATCH, "status", pid],
             "status_again": [LIVEPATCH, "status", pid], "apply": [LIVEPATCH, "apply", pid, bundle],
             "rollback": [LIVEPATCH, "rollback", pid]}
+    envs = dict.fromkeys(argv, env)
     # apply and rollback stay a pair (the service is back at its baseline after each)
     units = [("bare_interpreter",), ("status",), ("status_again",), ("apply", "rollback")]
-    runs = {n: [] for n in _COMMANDS}
+    names = _COMMANDS
+    if baseline:
+        launcher = os.path.join(work, "livepatch-entry-point")
+        with open(launcher, "w") as fh:
+            fh.write(ENTRY_POINT_LAUNCHER)
+        argv.update(status_baseline=[PYTHON, launcher, "status", pid], apply_baseline=[PYTHON, launcher, "apply", pid, bundle],
+                    rollback_baseline=[PYTHON, launcher, "rollback", pid])
+        envs.update(dict.fromkeys(_AT_BASELINE, _clean_env(PYTHONPATH=baseline)))
+        units += [("status_baseline",), ("apply_baseline", "rollback_baseline")]
+        names = _COMMANDS + _AT_BASELINE
+    runs = {n: [] for n in names}
     try:
         for r in range(rounds + 2):  # two rounds of warm-up
             k = r % len(units)
             for unit in units[k:] + units[:k]:
                 for name in unit:
-                    sample = _timed(argv[name], env)
+                    sample = _timed(argv[name], envs[name])
                     if r >= 2:
                         runs[name].append(sample)
         out = {}
@@ -336,7 +360,7 @@ def commands_end_to_end(rounds: int, work: str, fresh: int) -> dict:
             out[what] = {n: summary(v) for n, v in values.items()}
             out[what]["aa_control_median_diff_ms"] = round(med["status_again"] - med["status"], 3)
             out[what]["over_bare_interpreter_median_ms"] = {n: round(med[n] - med["bare_interpreter"], 3)
-                                                           for n in _COMMANDS[1:]}
+                                                           for n in names[1:]}
     finally:
         _stop(proc)
     first, second = [], []
@@ -427,8 +451,8 @@ def main():
         print(f"modules at start: {mods['modules_without_agent']} without, {mods['modules_with_agent']} with the "
               f"agent (+{mods['modules_added']})"
               + (f"; at {args.baseline}: +{mods['baseline']['modules_added']}" if baseline else ""))
-        e2e = commands_end_to_end(rounds, work, 3 if args.quick else 10)
-        for name in _COMMANDS:
+        e2e = commands_end_to_end(rounds, work, 3 if args.quick else 10, baseline)
+        for name in _COMMANDS + (_AT_BASELINE if baseline else ()):
             w, c = e2e["wall_ms"][name], e2e["process_cpu_ms"][name]
             extra = "" if name == "bare_interpreter" else \
                 f" ({e2e['wall_ms']['over_bare_interpreter_median_ms'][name]:+.1f} ms over a bare interpreter)"
