@@ -150,10 +150,11 @@ def _on_entry(entry: dict) -> None:
         state._warn_once("append", f"cannot write {state.path}/history.jsonl: {getattr(exc, 'strerror', None) or exc}")
     if action == "import" and out["outcome"] == "refused" and out.get("error") in WRONG_CODE:
         retire(state, patch_id, f"{out.get('module') or 'a module'} as imported here does not match the bundle's "
-                                 f"baseline ({out.get('error')}): {_log._first_line(out.get('reason'))}")
+                                f"baseline ({out.get('error')}): {_log._first_line(out.get('reason'))}")
 
 
 def retire(state: State, patch_id: str, reason: str, sha256: str | None = None) -> None:
+    """Retire a record (agent/records.py) with a log line, or one saying why it could not be."""
     try:
         entry = state.retire(patch_id, reason, sha256)
     except (OSError, UnsafeState) as exc:
