@@ -95,13 +95,15 @@ def cycles_in_fresh_process(count: int, functions: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--functions", type=int, help="patched functions for the retained bytes (default 10,000; --quick 1,000)")
+    ap.add_argument("--cycles", type=int, help="apply/rollback cycles per fresh process (default 10,000; --quick 100)")
     ap.add_argument("--child-cycles", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_cycles:
         print(json.dumps(cycles(*args.child_cycles)))
         return 0
-    n = 1000 if args.quick else 10_000
-    count = 100 if args.quick else 10_000
+    n = args.functions or (1000 if args.quick else 10_000)
+    count = args.cycles or (100 if args.quick else 10_000)
     r = retained(n)
     print(f"{n} patched functions: {r['retained_bytes_per_function']} B retained per function (tracemalloc, "
           f"source copy included: its lines alone {r['source_lines_getsizeof_per_function']} B), "
