@@ -187,6 +187,10 @@ def _diff_classes(diff: ModuleDiff, base_defs: dict, new_defs: dict, trees=None)
                 defs.add_value(diff, f"{qualname}.{t.id}", n)
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def _strip(node: ast.AST) -> str:
     return ast.dump(node, annotate_fields=True, include_attributes=False)
 
@@ -364,7 +368,7 @@ def _diff(module: str, base_tree: ast.Module, new_tree: ast.Module, base_codes: 
                 _ignore(diff, target, line, reasons)
                 continue
             if code_kind(base) != code_kind(new):
-                diff.refused.append(Problem("refused:kind", target, f"line {line}: a {code_kind(base)} became a {code_kind(new)}; callers and running frames expect the old kind; {defs.HOOK_HINT}"))
+                diff.refused.append(Problem("refused:kind", target, f"line {line}: {_article(code_kind(base))} became {_article(code_kind(new))}; callers and running frames expect the old kind; {defs.HOOK_HINT}"))
                 continue
             if base.co_freevars != new.co_freevars and defs.class_cell_redefinition(diff, qualname, base, new, node, len(news), new_tree):
                 continue  # a method that starts or stops using zero-argument super(): defined anew in its class
