@@ -214,10 +214,13 @@ def _statement_shape(node: ast.AST) -> str:
 
 
 def _other_statements(tree: ast.Module) -> list:
-    """Module-level statements that are not defs, classes, imports or plain
-    assignments: code that ran once at import and cannot be re-run."""
+    """Module-level statements that are not defs, classes, imports or
+    assignments to plain names: code that ran once at import. An assignment
+    to an attribute, a subscript or a tuple is one of them, or a change to it
+    would go unseen."""
     return [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
-                                                       ast.Import, ast.ImportFrom, ast.Assign))
+                                                       ast.Import, ast.ImportFrom))
+            and not (isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) for t in n.targets))
             and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstrings
 
 

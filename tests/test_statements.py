@@ -224,6 +224,24 @@ def test_a_statement_that_does_more_than_bind_names_is_refused_with_the_reason(t
                         f"{reason}"], info.value
 
 
+@pytest.mark.parametrize("before,after,reason", [
+    ("Parser.strict = False", "Parser.strict = True",
+     "line 6: a store to Parser.strict changes an object, not a name of the module"),
+    ("REGISTRY[:] = ['gzip']", "REGISTRY[:] = ['gzip', 'zstd']",
+     "line 6: a store to REGISTRY[:] changes an object, not a name of the module"),
+])
+def test_a_changed_store_into_an_object_at_module_level_is_refused_not_dropped(tmp_path, before, after, reason):
+    # an assignment whose target is not a plain name is code that ran at import:
+    # a changed one must be refused, never left out of the bundle unseen
+    base_src = "REGISTRY = []\n\n\nclass Parser:\n    pass\n" + before + "\n"
+    new_src = "REGISTRY = []\n\n\nclass Parser:\n    pass\n" + after + "\n"
+    with pytest.raises(BuildRefused) as info:
+        build(*package(tmp_path, base_src, new_src), patch_id="HP-STORE")
+    messages = [p.message for p in info.value.problems if p.category == "refused:statement"]
+    assert messages == [f"core.py:6: changed module-level statement (Assign) ran at import and cannot be re-run: "
+                        f"{reason}"], info.value
+
+
 def test_a_removed_statement_whose_names_are_still_used_stays_refused(tmp_path):
     base_src = "try:\n    import json as codec\nexcept ImportError:\n    codec = None\n\n\n" \
                "def dump(x):\n    return codec.dumps(x)\n"
