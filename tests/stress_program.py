@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--handoff", action="store_true",
                     help="always commit after a GIL handoff, never in one C-level call")
     ap.add_argument("--switch-interval", type=float, default=0.001)
+    ap.add_argument("--timeout", type=float, default=30.0, help="each apply's and rollback's timeout")
     ap.add_argument("--naive", action="store_true",
                     help="swap with a plain Python loop instead of the engine (shows the test can fail)")
     args = ap.parse_args()
@@ -150,7 +151,7 @@ def main():
                     time.sleep(0.0005)
                 pauses += [0, 0]
             else:
-                for result in (livepatch.apply(patch, timeout=30), livepatch.rollback(timeout=30)):
+                for result in (livepatch.apply(patch, timeout=args.timeout), livepatch.rollback(timeout=args.timeout)):
                     pauses.append(result.pause_ns)
                     methods[result.method] = methods.get(result.method, 0) + 1
             swaps += 2
