@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import _thread
 import gc
-import operator
 import sys
 import types
 from bisect import bisect_right
-from itertools import accumulate, chain, compress, filterfalse, groupby, islice
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import and_, getitem, not_, or_, rshift, setitem
 
 # Bytes of containers (sys.getsizeof) whose referents one call gathers: about
 # 4k references. Each is a cache miss on a big heap (the call increfs it):
@@ -40,12 +40,19 @@ SLICE = 8192
 # 2048 of them took up to 3 ms at 5x10^6 objects on a loaded machine).
 STEP = 1024
 
-# The objects visited are kept by address region, a set per region: one set
-# of them all would be rehashed whole, in one C-level call, every time it
-# grows (70 ms at 10^6 objects). A region of 64 KiB holds a few thousand
-# objects at most, whose set grows in microseconds.
-REGION_SHIFT = 16
-_region_of = REGION_SHIFT.__rrshift__
+# The objects visited are marked in bitmaps, one per address region of
+# 2**REGION_SHIFT bytes, a bit per 16 bytes (two tracked objects never start
+# within 16 bytes of each other: each has a 16-byte collector header before
+# it). A set of the visited ids would be rehashed whole, in one C-level call,
+# each time it grows (70 ms at 10^6 objects), and sets per region hold a
+# Python int and a 16-byte slot per object: tens of MiB at 10^6 objects,
+# which the allocator returns to the system in one call, as long as the heap
+# is big, when the walk lets go of it. A 32 KiB region's bitmap is 256 bytes
+# (the small-object allocator's, released a 1 MiB arena at a time).
+REGION_SHIFT = 15
+_SLOT_SHIFT = 4
+# the bit of an address's slot in its byte, by the address's low 7 bits
+_BIT_OF_LOW_BITS = tuple(1 << ((low >> _SLOT_SHIFT) & 7) for low in range(128))
 
 _ModuleType = types.ModuleType
 _getsizeof = sys.getsizeof
@@ -106,18 +113,24 @@ def _cumulative_sizes(batch: list) -> list:
         return list(accumulate(map(_size, batch)))
 
 
-def _unseen(seen: dict, ids: list) -> list:
-    """The ids among `ids` (sorted, distinct) that are not in `seen` (a set
-    per address region); they are added to it."""
-    fresh: list = []
-    for region, group in groupby(ids, _region_of):
-        known = seen.get(region)
-        if known is None:
-            known = seen[region] = set()
-        new = list(filterfalse(known.__contains__, group))
-        known.update(new)
-        fresh += new
-    return fresh
+def _unseen(seen: dict, ids: list, region_shift: int) -> list:
+    """The ids among `ids` (distinct) not marked in `seen` (a bitmap per
+    address region); they are marked. Every step over the ids is one C-level
+    call (map and compress over operator functions): no Python per id."""
+    regions = list(map(rshift, ids, repeat(region_shift)))
+    byte_bits = region_shift - _SLOT_SHIFT - 3  # a byte marks 8 slots: 128 bytes of addresses
+    for region in set(regions).difference(seen):
+        seen[region] = bytearray(1 << max(0, byte_bits))
+    bitmaps = list(map(seen.__getitem__, regions))
+    at = list(map(and_, map(rshift, ids, repeat(_SLOT_SHIFT + 3)), repeat((1 << max(0, byte_bits)) - 1)))
+    bits = list(map(_BIT_OF_LOW_BITS.__getitem__, map(and_, ids, repeat(127))))
+    fresh = list(map(not_, map(and_, map(getitem, bitmaps, at), bits)))
+    bitmaps = list(compress(bitmaps, fresh))
+    at = list(compress(at, fresh))
+    # read-modify-write in order: each byte is read after the previous id's
+    # bit went in (two fresh ids can share a byte); setitem returns None
+    any(map(setitem, bitmaps, at, map(or_, map(getitem, bitmaps, at), compress(bits, fresh))))
+    return list(compress(ids, fresh))
 
 
 def walk(wanted: tuple) -> tuple[list, int]:
@@ -136,7 +149,7 @@ def walk(wanted: tuple) -> tuple[list, int]:
             batch = batch[:STEP]
         batch = list(filter(_is_tracked, batch)) if batch else batch
         ids = dict(zip(map(id, batch), batch))
-        fresh = _unseen(seen, sorted(ids))
+        fresh = _unseen(seen, list(ids), REGION_SHIFT)
         if not fresh:
             continue
         batch = list(map(ids.__getitem__, fresh))
@@ -150,7 +163,7 @@ def walk(wanted: tuple) -> tuple[list, int]:
         if module_kinds:
             is_module = list(map(module_kinds.__contains__, types_))
             todo.append(list(map(vars, compress(batch, is_module))))
-            batch = list(compress(batch, map(operator.not_, is_module)))
+            batch = list(compress(batch, map(not_, is_module)))
         del types_
         sizes = _cumulative_sizes(batch)
         start = 0

@@ -92,7 +92,7 @@ def test_heap_walk_in_tiny_steps_finds_the_same(make_module, monkeypatch):
     monkeypatch.setattr(heapwalk, "STEP", 3)
     monkeypatch.setattr(heapwalk, "SLICE", 4)
     monkeypatch.setattr(heapwalk, "BATCH_BYTES", 256)
-    monkeypatch.setattr(heapwalk, "_region_of", (6).__rrshift__)  # 64-byte regions: most objects alone in one
+    monkeypatch.setattr(heapwalk, "REGION_SHIFT", 6)  # 64-byte regions: most objects alone in one
     monkeypatch.setattr(locate, "_heap_hint", None)
     monkeypatch.setattr(locate, "_module_functions", lambda module: None)
     walked = HeapIndex.scan([m.__name__])
@@ -101,6 +101,31 @@ def test_heap_walk_in_tiny_steps_finds_the_same(make_module, monkeypatch):
     assert _names(walked.functions) == _names(expected)
     held = [in_a_big_list[-1], in_a_big_dict[33][1], next(iter(p for p in in_a_big_set if callable(p))).func]
     assert all(any(f is h for f in walked.functions) for h in held)
+
+
+def test_heap_walk_keeps_a_few_bytes_per_object_it_visits():
+    """What the walk allocates is returned to the system when it ends, in one
+    call as long as the allocation is big (tens of MiB kept as sets of ids
+    at 10^6 objects took 4 to 6 ms in one free). Its bookkeeping stays a few
+    bytes per visited object: a bit per 16 bytes of addresses, and the
+    slices of the biggest container (8 bytes per item)."""
+    import tracemalloc
+    from livepatch import heapwalk
+    flat = [[i] for i in range(100_000)]
+    nested = [[[i] for i in range(1000)] for _ in range(100)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        _, visited = heapwalk.walk((types.FunctionType,))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        if was_enabled:
+            gc.enable()
+    assert visited > len(flat) + 100 * 1000
+    assert peak / visited < 16, f"{peak / visited:.1f} bytes per visited object"
+    del flat, nested
 
 
 @pytest.mark.parametrize("way", ["namespace", "walk"])
