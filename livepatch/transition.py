@@ -41,6 +41,7 @@ from .locate import HeapIndex, gc_counts, holders_unchanged, young_snapshot
 from .safepoint import NOTHING_PROVEN, describe, first_busy, scan_stacks, young_suspended
 
 HEAP_CHANGED = "heap changed during the attempt (a garbage collection ran)"
+RUNNING = "a thread was running a target"
 # How long to keep sampling for a safe point before backing off.
 BURST_SECONDS = 0.25
 # How long to let a thread seen running a target go on before looking again.
@@ -76,6 +77,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
     `plain_owner(owner)`: storing into it runs no Python code."""
     deadline = time.monotonic() + max(0.0, timeout)
     attempts = 0
+    why_not = {}  # reason -> attempts it stopped: the message says what kept failing, not only the last
     backoff = 0.01
     outcome = None
     gc_was_enabled = gc.isenabled()
@@ -183,6 +185,9 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                 elif not tried_one_call:
                     outcome = _commit.run(plan.ops, plan.undo, check, python_setattr=plan.python_setattr)
                 del frames, busy
+                if not outcome.committed:
+                    reason = outcome.blocker if isinstance(outcome.blocker, str) else RUNNING
+                    why_not[reason] = why_not.get(reason, 0) + 1
                 proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
                 if outcome.committed or outcome.blocker is HEAP_CHANGED or time.monotonic() >= burst_end:
                     break
@@ -214,7 +219,10 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                     # the last attempt's own reason comes first: threads found
                     # in targets now may not have been there when it checked
                     problems.insert(0, Problem("busy", "", last_reason or HEAP_CHANGED))
-                raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts",
+                tally = "; ".join(f"{n} {reason}" for reason, n in
+                                  sorted(why_not.items(), key=lambda kv: -kv[1]))
+                raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts"
+                                 + (f" ({tally})" if tally else ""),
                                  problems, blockers)
             engine._in_flight = None
             del suspended

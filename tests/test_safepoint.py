@@ -1,5 +1,6 @@
 """Safe points: busy targets are waited for, then reported with their stacks."""
 import asyncio
+import re
 import threading
 import time
 
@@ -54,6 +55,9 @@ def test_busy_thread_is_reported_with_name_and_stack(make_module, engine):
         text = str(info.value)
         assert "busy-worker" in text and str(t.ident) in text
         assert "in work" in text and m.__file__ in text
+        # what stopped every attempt is counted in the first line
+        first = re.search(r"after (\d+) attempts \((\d+) (.*)\)$", text.splitlines()[0])
+        assert first and first[1] == first[2] and first[3] == transition.RUNNING, text.splitlines()[0]
         blocker = info.value.blockers[0]
         assert blocker["thread_name"] == "busy-worker" and any("gate.wait()" in s for s in blocker["stack"])
         assert m.handle() == "old"
