@@ -8,7 +8,9 @@ child each engine gets a new lock, the collector is enabled again if a
 transition had disabled it, and a transition whose stores took effect but
 whose bookkeeping did not finish is undone (the child's patch stack then
 says truthfully what runs). The import hook's lock is re-created; the
-commit's handoff helper thread is re-created on first use (commit.py)."""
+commit's handoff helper thread is re-created on first use (commit.py); the
+service's gc.callbacks, if a heap walk's collection had set them aside,
+are put back (young.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def install() -> None:
 
 
 def _after_fork_in_child() -> None:
-    from . import imports
+    from . import imports, young
     imports.reinit_in_child()
+    young.restore_in_child()
     for engine in list(_engines):
         engine._reinit_in_child()
 

@@ -17,7 +17,8 @@ string, a number, a tuple or dict of such) refers to no function. Modules
 are followed through their `__dict__` only (see `_reachable_from_roots` in
 locate). What changes while the walk runs is the caller's business: objects
 made meanwhile are young (the caller keeps the collector off, so they stay
-in generation 0, see `locate.young_snapshot`)."""
+in generation 0, see `locate.young_snapshot`, and `between_steps` keeps
+that generation small, see `young`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import _thread
 import gc
 import sys
 import types
+from array import array
 from bisect import bisect_right
 from itertools import accumulate, chain, compress, islice, repeat
 from operator import and_, getitem, not_, or_, rshift, setitem
@@ -34,7 +36,7 @@ from operator import and_, getitem, not_, or_, rshift, setitem
 # 16k of them took 1.5 ms at 5x10^6 objects.
 BATCH_BYTES = 1 << 15
 # A container larger than BATCH_BYTES is read in slices of SLICE items.
-SLICE = 8192
+SLICE = 4096
 # Objects one step looks at (each C-level call of a step handles at most
 # this many; `sys.getsizeof` of each, the slowest, touches cold memory:
 # 2048 of them took up to 3 ms at 5x10^6 objects on a loaded machine).
@@ -55,6 +57,7 @@ _SLOT_SHIFT = 4
 _BIT_OF_LOW_BITS = tuple(1 << ((low >> _SLOT_SHIFT) & 7) for low in range(128))
 
 _ModuleType = types.ModuleType
+_GeneratorType = types.GeneratorType
 _getsizeof = sys.getsizeof
 _is_tracked = gc.is_tracked
 
@@ -86,13 +89,19 @@ def _slices(obj):
         return
     if isinstance(obj, (dict, set, frozenset)):
         for _ in range(3):
-            it = iter(obj.items()) if isinstance(obj, dict) else iter(obj)
             try:
+                if isinstance(obj, dict):
+                    # keys and values flat: a list of the item tuples would
+                    # be as many young objects, kept while the slice waits
+                    it = chain.from_iterable(obj.items())
+                    step = 2 * SLICE
+                else:
+                    it, step = iter(obj), SLICE
                 while True:
-                    part = list(islice(it, SLICE))
+                    part = list(islice(it, step))
                     if not part:
                         return
-                    yield list(chain.from_iterable(part)) if isinstance(obj, dict) else part
+                    yield part
             except RuntimeError:  # changed size during iteration: read it again
                 continue
     # anything else (and a dict that keeps changing) in one call
@@ -106,11 +115,12 @@ def _size(obj) -> int:
         return 0
 
 
-def _cumulative_sizes(batch: list) -> list:
+def _cumulative_sizes(batch: list) -> array:
+    """Kept while the containers wait: 8 bytes each, not an int object each."""
     try:
-        return list(accumulate(map(_getsizeof, batch)))
+        return array("q", accumulate(map(_getsizeof, batch)))
     except Exception:
-        return list(accumulate(map(_size, batch)))
+        return array("q", accumulate(map(_size, batch)))
 
 
 def _unseen(seen: dict, ids: list, region_shift: int) -> list:
@@ -133,19 +143,40 @@ def _unseen(seen: dict, ids: list, region_shift: int) -> list:
     return list(compress(ids, fresh))
 
 
-def walk(wanted: tuple) -> tuple[list, int]:
+def walk(wanted: tuple, between_steps=None) -> tuple[list, int]:
     """(every reachable object whose type is in `wanted`, how many tracked
-    objects were visited)."""
+    objects were visited). `between_steps()`, if given, is called before
+    each step (see young.YoungKeeper).
+
+    Two stacks: lists of objects to check against what was seen, and lists
+    of visited containers whose referents are still to gather. What waits
+    is kept as containers, not as their referents (a step's referents were
+    up to a million references, in lists the collector traverses and, once
+    they outlive a collection, counts as long-lived: enough, at 5x10^6
+    objects, to set off a full collection as the transition ended); the
+    referents one call gathers are checked at the next step."""
     wanted = frozenset(wanted)
     is_wanted = wanted.__contains__
     found: list = []
     seen: dict = {}
-    todo: list = [_roots()]
+    to_check: list = [_roots()]
+    to_expand: list = []  # [containers, their cumulative sizes, how many are done]
     visited = 0
-    while todo:
-        batch = todo.pop()
+    while to_check or to_expand:
+        if between_steps is not None:
+            between_steps()
+        if not to_check:
+            _expand_some(to_expand, to_check)
+            continue
+        batch = to_check.pop()
+        if type(batch) is _GeneratorType:  # a big container, read a slice at a time
+            part = next(batch, None)
+            if part is None:
+                continue
+            to_check.append(batch)
+            batch = part
         if len(batch) > STEP:
-            todo += [batch[i:i + STEP] for i in range(STEP, len(batch), STEP)]
+            to_check += [batch[i:i + STEP] for i in range(STEP, len(batch), STEP)]
             batch = batch[:STEP]
         batch = list(filter(_is_tracked, batch)) if batch else batch
         ids = dict(zip(map(id, batch), batch))
@@ -162,23 +193,31 @@ def walk(wanted: tuple) -> tuple[list, int]:
         module_kinds = {k for k in kinds if issubclass(k, _ModuleType)}
         if module_kinds:
             is_module = list(map(module_kinds.__contains__, types_))
-            todo.append(list(map(vars, compress(batch, is_module))))
+            to_check.append(list(map(vars, compress(batch, is_module))))
             batch = list(compress(batch, map(not_, is_module)))
         del types_
-        sizes = _cumulative_sizes(batch)
-        start = 0
-        while start < len(batch):
-            if sizes[start] - (sizes[start - 1] if start else 0) > BATCH_BYTES:
-                todo.extend(_slices(batch[start]))
-                start += 1
-                continue
-            # the longest run of objects from `start` that fits in one call
-            limit = (sizes[start - 1] if start else 0) + BATCH_BYTES
-            end = max(start + 1, bisect_right(sizes, limit, start))
-            todo.append(gc.get_referents(*batch[start:end]))
-            start = end
+        if batch:
+            to_expand.append([batch, _cumulative_sizes(batch), 0])
     # let go of what was seen a region at a time: freeing it all at once on
     # return would be one C-level call as long as the heap is big
     while seen:
         seen.popitem()
     return found, visited
+
+
+def _expand_some(to_expand: list, to_check: list) -> None:
+    """The referents of the next run of waiting containers that fits in one
+    call (BATCH_BYTES), or the slices of one bigger than that, to check."""
+    pending = to_expand[-1]
+    batch, sizes, start = pending
+    base = sizes[start - 1] if start else 0
+    if sizes[start] - base > BATCH_BYTES:
+        to_check.append(_slices(batch[start]))
+        end = start + 1
+    else:
+        end = max(start + 1, bisect_right(sizes, base + BATCH_BYTES, start))
+        to_check.append(gc.get_referents(*batch[start:end]))
+    if end >= len(batch):
+        to_expand.pop()
+    else:
+        pending[2] = end

@@ -24,6 +24,7 @@ from itertools import chain, compress, repeat, starmap
 from dataclasses import dataclass, field
 
 from . import heapwalk
+from .young import YoungKeeper, counts as young_counts
 from .errors import Problem
 
 FunctionType = types.FunctionType
@@ -117,6 +118,10 @@ class HeapIndex:
     walked: bool = False  # found by the walk: `reachable` holds every generator-like
     reachable: list = field(default_factory=list)
     anchors: list = field(default_factory=list)
+    # (counts before, counts after) of each walk that collected the young
+    # generation itself (see `young`), and whether anyone else collected meanwhile
+    own_collections: list = field(default_factory=list)
+    young_lost: bool = False
 
     @classmethod
     def scan(cls, modules=()) -> "HeapIndex":
@@ -142,11 +147,14 @@ class HeapIndex:
                                     if id(f) not in known and any(f.__globals__ is a for a in anchors)]
         else:
             # the walk follows references, so frozen objects are found like any other
-            found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE)
+            keeper = YoungKeeper(_WANTED_YOUNG)
+            found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE, keeper.step)
+            keeper.finish()
             ids = {id(a) for a in anchors}
             index.functions = [f for f in found if type(f) is FunctionType and id(f.__globals__) in ids]
             index.reachable = [o for o in found if type(o) is not FunctionType]
             index.walked = True
+            index._take_young(keeper)
         index._reindex()
         return index
 
@@ -175,20 +183,52 @@ class HeapIndex:
             self._reindex()
         return len(functions)
 
-    def find_suspendables(self, codes) -> None:
-        """Collect the generator-likes whose code is one of `codes`."""
+    def _take_young(self, keeper: YoungKeeper) -> int:
+        """Add what the walk's own collections moved out of the young
+        generation (see `young`), and keep the counts they left; how many
+        functions were added."""
+        if keeper.collections or not keeper.clean:
+            self.young_lost = self.young_lost or not keeper.clean
+            self.own_collections.append((keeper.started, keeper.counts))
+        return self.add_young(keeper.kept)
+
+    def take_counts(self, counts: tuple) -> tuple | None:
+        """`counts` (`gc_counts()` read before the index was made, or last
+        returned) moved on by the walks' own collections since; None if
+        objects left the young generation unseen (a collection or freeze by
+        hand meanwhile): the caller locates again."""
+        walks, self.own_collections = self.own_collections, []
+        for before, after in walks:
+            if before != counts:
+                return None
+            counts = after
+        return None if self.young_lost else counts
+
+    def find_suspendables(self, codes) -> int:
+        """Collect the generator-likes whose code is one of `codes`; how many
+        functions of the modules a walk for them came upon as young (the
+        caller plans again when any did)."""
         codes = list(codes)
         ids = {id(c) for c in codes}
+        added = 0
+        if self.complete and codes and not self.walked and not _small_heap():
+            # the namespaces say nothing of generators: walk the heap for them,
+            # once (every generator-like is kept, for later calls)
+            keeper = YoungKeeper(_WANTED_YOUNG)
+            everywhere = heapwalk.walk(_SUSPENDABLE, keeper.step)[0]
+            keeper.finish()
+            known = {id(o) for o in self.reachable}
+            self.reachable += [o for o in everywhere if id(o) not in known]
+            self.walked = True
+            added = self._take_young(keeper)
         found = [o for o in self.reachable if id(frame_code(o)) in ids]  # walked, or young
-        if self.complete and codes and not _small_heap():
-            # the namespaces say nothing of generators: walk the heap for them
-            found += [o for o in heapwalk.walk(_SUSPENDABLE)[0] if id(frame_code(o)) in ids]
-        elif not self.walked:
+        if not self.walked:
             for i in range(0, len(codes), 64):  # get_referrers compares linearly with its arguments
                 found += [o for o in gc.get_referrers(*codes[i:i + 64]) if type(o) in _SUSPENDABLE]
             if self.frozen_objects and codes:
                 found += [o for o in _frozen_cache.suspendables() if id(frame_code(o)) in ids]
         self.suspendables = list({id(o): o for o in found}.values())
+        return added
 
     def functions_using(self, code) -> list:
         return [f for f in self.by_code.get(id(code), ()) if f.__code__ is code]
@@ -322,10 +362,9 @@ def young_snapshot(codes: tuple) -> tuple[list, list, tuple]:
     return out[1], out[2:-2], out[-1]
 
 
-def gc_counts() -> tuple:
-    """Collections per generation and the freeze count: while they stay the
-    same, no object has left the young generation."""
-    return tuple(g["collections"] for g in gc.get_stats()) + (gc.get_freeze_count(),)
+# Collections per generation and the freeze count: while they stay the same,
+# no object has left the young generation (but by a walk's own collections).
+gc_counts = young_counts
 
 
 def holders_unchanged(codes: tuple, expected: list) -> bool:

@@ -92,6 +92,10 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
             if heap is None:
                 counts = gc_counts()
                 heap, plan = HeapIndex.scan(modules), None
+                counts = heap.take_counts(counts)  # a walk's own collections kept what they moved
+                if counts is None:  # collected by hand during the walk
+                    heap = None
+                    continue
             expected, replans = None, 0
             while expected is None:
                 if plan is None:
@@ -106,7 +110,14 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
             if now != counts:  # collected or frozen by hand: objects left the young generation
                 heap = plan = None
                 continue
-            heap.find_suspendables(plan.gen_codes)
+            added = heap.find_suspendables(plan.gen_codes)
+            counts = heap.take_counts(counts)
+            if counts is None:
+                heap = plan = None
+                continue
+            if added:  # functions made during its walk: plan with them
+                plan = None
+                continue
             suspended = heap.suspended_in(plan.busy_ids)
             busy_ids, gen_ids = plan.busy_ids, plan.gen_ids
             proven = NOTHING_PROVEN

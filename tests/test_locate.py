@@ -4,7 +4,9 @@ switched, however and whenever it was made before the commit."""
 import functools
 import gc
 import linecache
+import os
 import types
+import weakref
 
 import pytest
 
@@ -126,6 +128,104 @@ def test_heap_walk_keeps_a_few_bytes_per_object_it_visits():
     assert visited > len(flat) + 100 * 1000
     assert peak / visited < 16, f"{peak / visited:.1f} bytes per visited object"
     del flat, nested
+
+
+def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_generation(make_module, engine,
+                                                                                           monkeypatch):
+    """The walk keeps the young generation small by collecting it itself
+    (what the service keeps meanwhile would otherwise make the young
+    snapshot, and the first collection after the apply, one long hold); a
+    function made meanwhile and moved out of it by those collections is
+    still switched. This one is held only where the walk does not look (by
+    `atexit`, in C state): nothing but the young generation can name it."""
+    import atexit
+    from livepatch import heapwalk, young
+    m, src = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    monkeypatch.setattr(heapwalk, "STEP", 64)
+    monkeypatch.setattr(young, "YOUNG_BOUND", 200)
+    made, kept_alive, keepers = [], [], []
+    real_step = young.YoungKeeper.step
+
+    def step_while_the_service_allocates(self):
+        if not made:
+            row = m.make(5)
+            atexit.register(row)
+            made.append(weakref.ref(row))  # the walk finds what the test's frame holds: a weak reference only
+            keepers.append(self)
+            del row
+        kept_alive.append([[] for _ in range(20)])  # what the service keeps meanwhile
+        real_step(self)
+        assert gc.get_count()[0] <= young.YOUNG_BOUND + 21
+    monkeypatch.setattr(young.YoungKeeper, "step", step_while_the_service_allocates)
+    try:
+        engine.apply(patch_of(m, src, NEW))
+        assert keepers[0].collections > 0 and keepers[0].clean
+        assert not any(o is made[0]() for o in gc.get_objects(0))  # it left the young generation
+        assert made[0]()(1) == 51 and m.make(1)(1) == 11
+        engine.rollback()
+        assert made[0]()(1) == 6
+    finally:
+        atexit.unregister(made[0]())
+
+
+def test_a_collection_by_hand_during_a_walk_makes_the_engine_locate_again(make_module, engine, monkeypatch):
+    """Objects it moved out of the young generation were not seen: the
+    index cannot be trusted, whenever it came during the walk."""
+    from livepatch import young
+    m, src = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    monkeypatch.setattr(young, "YOUNG_BOUND", -1)  # every step collects
+    scans, own = [], []
+    real_scan = HeapIndex.scan.__func__
+    real_collect = young.YoungKeeper._keep_and_collect
+
+    def counting_scan(cls, modules):
+        scans.append(1)
+        return real_scan(cls, modules)
+
+    def then_one_by_hand(self):
+        real_collect(self)
+        own.append(1)
+        if len(scans) == 1 and len(own) == 3:
+            gc.collect(0)  # the service, by hand, right after the walk's own third collection
+    monkeypatch.setattr(HeapIndex, "scan", classmethod(counting_scan))
+    monkeypatch.setattr(young.YoungKeeper, "_keep_and_collect", then_one_by_hand)
+    engine.apply(patch_of(m, src, NEW))
+    assert len(scans) == 2 and m.price(1) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_walk_collects_keeps_the_services_gc_callbacks(make_module, engine, monkeypatch):
+    from livepatch import young
+    m, src = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    monkeypatch.setattr(young, "YOUNG_BOUND", -1)
+    seen_in_child = []
+
+    def services_callback(phase, info):
+        pass
+    real_collect = young.YoungKeeper._keep_and_collect
+
+    def fork_inside(self):
+        if not seen_in_child:
+            assert services_callback not in gc.callbacks  # set aside for the collection
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if gc.callbacks.count(services_callback) == 1 else 1)
+            seen_in_child.append(os.waitpid(pid, 0)[1])
+        real_collect(self)
+    gc.callbacks.append(services_callback)
+    monkeypatch.setattr(young.YoungKeeper, "_keep_and_collect", fork_inside)
+    try:
+        engine.apply(patch_of(m, src, NEW))
+    finally:
+        gc.callbacks.remove(services_callback)
+    assert seen_in_child == [0]
+    assert services_callback not in gc.callbacks and m.price(1) == 3
 
 
 @pytest.mark.parametrize("way", ["namespace", "walk"])
