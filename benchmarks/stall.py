@@ -24,8 +24,10 @@ of 100 typical functions, then measures, rounds alternating:
   as the engine chooses to locate; an apply with the namespace proof
   disabled, so that the heap is walked (`heapwalk`); the positive control,
   one `gc.get_referrers` pass over the heap called directly (what one pass
-  would cost, tens of milliseconds at 5x10^6 objects); and the control,
-  ordinary Python code.
+  would cost, tens of milliseconds at 5x10^6 objects); and the controls,
+  ordinary Python code for 50 ms and for as long as the walked apply took
+  (the longest gap over a window grows with the window: the OS and the
+  machine stop a thread now and then whatever it runs).
 * latency: apply() and rollback() wall and CPU time of a 2-function patch
   with 4 and 16 busy threads (100 rounds by default), beside the control:
   the same thread running a fixed piece of ordinary Python (about as much
@@ -234,20 +236,30 @@ def child(args) -> dict:
         finally:
             locate._module_functions = real_proof
 
+    # The longest gap over a window grows with the window (the OS, the
+    # machine): a walk takes seconds, so its control runs as long.
+    walk_took = [0.05]
+
+    def ordinary_python_as_long_as_the_walk():
+        ordinary_python(walk_took[-1])
+
     modes = {"apply as the engine locates": lambda: livepatch.apply(patch, timeout=60),
              "apply with the heap walked": apply_walking,
+             "control: ordinary Python as long as the walked apply": ordinary_python_as_long_as_the_walk,
              "one gc.get_referrers pass (positive control)": lambda: gc.get_referrers(vars(module)),
              "control: ordinary Python": lambda: ordinary_python(0.05)}
     holds = {name: [] for name in modes}
     calls = {name: [] for name in modes}
     for r in range(args.reps):
         for name, fn in modes.items():
-            if fn is apply_walking and r >= args.walk_reps:
+            if fn in (apply_walking, ordinary_python_as_long_as_the_walk) and r >= args.walk_reps:
                 continue  # seconds per walk at 5x10^6 objects
             for profiled in (False, True):
                 workers.clear()
                 gap = LongestGap() if profiled else None
                 start, end = in_thread(fn, gap)
+                if fn is apply_walking and not profiled:
+                    walk_took.append((end - start) / 1e9)
                 if name.startswith("apply"):
                     livepatch.rollback()
                 if profiled:

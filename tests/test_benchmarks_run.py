@@ -41,6 +41,7 @@ def test_stall_benchmark_runs():
     row = data["rows"][0]
     assert row["stall"]["worst_stall_apply_ns"]["n"] == row["stall"]["worst_stall_control_ns"]["n"] == 2
     modes = {"apply as the engine locates", "apply with the heap walked",
+             "control: ordinary Python as long as the walked apply",
              "one gc.get_referrers pass (positive control)", "control: ordinary Python"}
     assert set(row["longest_hold_ns"]) == set(row["longest_profiled_gap"]) == modes
     assert "gc.get_referrers" in row["longest_profiled_gap"]["one gc.get_referrers pass (positive control)"]["C call"]["usual_by_cpu"]
