@@ -6,6 +6,7 @@ import gc
 import linecache
 import os
 import types
+import warnings
 import weakref
 
 import pytest
@@ -213,7 +214,9 @@ def test_a_child_forked_while_a_walk_collects_keeps_the_services_gc_callbacks(ma
     def fork_inside(self):
         if not seen_in_child:
             assert services_callback not in gc.callbacks  # set aside for the collection
-            pid = os.fork()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what is tested here
+                pid = os.fork()
             if pid == 0:
                 os._exit(0 if gc.callbacks.count(services_callback) == 1 else 1)
             seen_in_child.append(os.waitpid(pid, 0)[1])
