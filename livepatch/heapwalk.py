@@ -128,11 +128,12 @@ def _unseen(seen: dict, ids: list, region_shift: int) -> list:
     address region); they are marked. Every step over the ids is one C-level
     call (map and compress over operator functions): no Python per id."""
     regions = list(map(rshift, ids, repeat(region_shift)))
-    byte_bits = region_shift - _SLOT_SHIFT - 3  # a byte marks 8 slots: 128 bytes of addresses
+    # a byte marks 8 slots: 128 bytes of addresses
+    bitmap_size = 1 << max(0, region_shift - _SLOT_SHIFT - 3)
     for region in set(regions).difference(seen):
-        seen[region] = bytearray(1 << max(0, byte_bits))
+        seen[region] = bytearray(bitmap_size)
     bitmaps = list(map(seen.__getitem__, regions))
-    at = list(map(and_, map(rshift, ids, repeat(_SLOT_SHIFT + 3)), repeat((1 << max(0, byte_bits)) - 1)))
+    at = list(map(and_, map(rshift, ids, repeat(_SLOT_SHIFT + 3)), repeat(bitmap_size - 1)))
     bits = list(map(_BIT_OF_LOW_BITS.__getitem__, map(and_, ids, repeat(127))))
     fresh = list(map(not_, map(and_, map(getitem, bitmaps, at), bits)))
     bitmaps = list(compress(bitmaps, fresh))

@@ -24,7 +24,7 @@ from itertools import chain, compress, repeat, starmap
 from dataclasses import dataclass, field
 
 from . import heapwalk
-from .young import YoungKeeper, counts as young_counts
+from .young import YoungKeeper, counts as gc_counts
 from .errors import Problem
 
 FunctionType = types.FunctionType
@@ -119,9 +119,8 @@ class HeapIndex:
     reachable: list = field(default_factory=list)
     anchors: list = field(default_factory=list)
     # (counts before, counts after) of each walk that collected the young
-    # generation itself (see `young`), and whether anyone else collected meanwhile
+    # generation itself (see `young`); after is None if anyone else collected meanwhile
     own_collections: list = field(default_factory=list)
-    young_lost: bool = False
 
     @classmethod
     def scan(cls, modules=()) -> "HeapIndex":
@@ -149,7 +148,6 @@ class HeapIndex:
             # the walk follows references, so frozen objects are found like any other
             keeper = YoungKeeper(_WANTED_YOUNG)
             found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE, keeper.step)
-            keeper.finish()
             ids = {id(a) for a in anchors}
             index.functions = [f for f in found if type(f) is FunctionType and id(f.__globals__) in ids]
             index.reachable = [o for o in found if type(o) is not FunctionType]
@@ -184,12 +182,12 @@ class HeapIndex:
         return len(functions)
 
     def _take_young(self, keeper: YoungKeeper) -> int:
-        """Add what the walk's own collections moved out of the young
-        generation (see `young`), and keep the counts they left; how many
-        functions were added."""
+        """After the walk: add what its own collections moved out of the
+        young generation (see `young`), and keep the counts they left; how
+        many functions were added."""
+        keeper.finish()
         if keeper.collections or not keeper.clean:
-            self.young_lost = self.young_lost or not keeper.clean
-            self.own_collections.append((keeper.started, keeper.counts))
+            self.own_collections.append((keeper.started, keeper.counts if keeper.clean else None))
         return self.add_young(keeper.kept)
 
     def take_counts(self, counts: tuple) -> tuple | None:
@@ -199,10 +197,10 @@ class HeapIndex:
         hand meanwhile): the caller locates again."""
         walks, self.own_collections = self.own_collections, []
         for before, after in walks:
-            if before != counts:
+            if before != counts or after is None:
                 return None
             counts = after
-        return None if self.young_lost else counts
+        return counts
 
     def find_suspendables(self, codes) -> int:
         """Collect the generator-likes whose code is one of `codes`; how many
@@ -216,7 +214,6 @@ class HeapIndex:
             # once (every generator-like is kept, for later calls)
             keeper = YoungKeeper(_WANTED_YOUNG)
             everywhere = heapwalk.walk(_SUSPENDABLE, keeper.step)[0]
-            keeper.finish()
             known = {id(o) for o in self.reachable}
             self.reachable += [o for o in everywhere if id(o) not in known]
             self.walked = True
@@ -360,11 +357,6 @@ def young_snapshot(codes: tuple) -> tuple[list, list, tuple]:
         map(sys.getrefcount, codes),
         starmap(operator.call, ((box.clear,), (gc_counts,)))))  # gc_counts is Python: after the clear
     return out[1], out[2:-2], out[-1]
-
-
-# Collections per generation and the freeze count: while they stay the same,
-# no object has left the young generation (but by a walk's own collections).
-gc_counts = young_counts
 
 
 def holders_unchanged(codes: tuple, expected: list) -> bool:

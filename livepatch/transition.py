@@ -32,6 +32,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections import Counter
 from types import FunctionType
 
 from . import commit as _commit
@@ -77,7 +78,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
     `plain_owner(owner)`: storing into it runs no Python code."""
     deadline = time.monotonic() + max(0.0, timeout)
     attempts = 0
-    why_not = {}  # reason -> attempts it stopped: the message says what kept failing, not only the last
+    why_not = Counter()  # reason -> attempts it stopped: the message says what kept failing, not only the last
     backoff = 0.01
     outcome = None
     gc_was_enabled = gc.isenabled()
@@ -197,8 +198,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                     outcome = _commit.run(plan.ops, plan.undo, check, python_setattr=plan.python_setattr)
                 del frames, busy
                 if not outcome.committed:
-                    reason = outcome.blocker if isinstance(outcome.blocker, str) else RUNNING
-                    why_not[reason] = why_not.get(reason, 0) + 1
+                    why_not[outcome.blocker if isinstance(outcome.blocker, str) else RUNNING] += 1
                 proven = NOTHING_PROVEN  # frames are not kept alive past one attempt
                 if outcome.committed or outcome.blocker is HEAP_CHANGED or time.monotonic() >= burst_end:
                     break
@@ -230,8 +230,7 @@ def run(engine, action, patch_id, build, modules, timeout, force, restore_defaul
                     # the last attempt's own reason comes first: threads found
                     # in targets now may not have been there when it checked
                     problems.insert(0, Problem("busy", "", last_reason or HEAP_CHANGED))
-                tally = "; ".join(f"{n} {reason}" for reason, n in
-                                  sorted(why_not.items(), key=lambda kv: -kv[1]))
+                tally = "; ".join(f"{n} {reason}" for reason, n in why_not.most_common())
                 raise TargetBusy(f"no safe point for {patch_id!r} within {timeout:g}s after {attempts} attempts"
                                  + (f" ({tally})" if tally else ""),
                                  problems, blockers)
