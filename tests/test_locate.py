@@ -57,6 +57,12 @@ registry = []
 NEW = SRC.replace("return x + 1", "return x + 2").replace("return 1\n", "return 2\n").replace("a + n", "a + n * 10")
 
 
+def _walk_the_heap(monkeypatch):
+    """Nothing known of the heap and no namespace proof: the apply walks it."""
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+
+
 def _names(functions):
     return sorted(f"{f.__qualname__}@{id(f)}" for f in functions)
 
@@ -96,8 +102,7 @@ def test_heap_walk_in_tiny_steps_finds_the_same(make_module, monkeypatch):
     monkeypatch.setattr(heapwalk, "SLICE", 4)
     monkeypatch.setattr(heapwalk, "BATCH_BYTES", 256)
     monkeypatch.setattr(heapwalk, "REGION_SHIFT", 6)  # 64-byte regions: most objects alone in one
-    monkeypatch.setattr(locate, "_heap_hint", None)
-    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    _walk_the_heap(monkeypatch)
     walked = HeapIndex.scan([m.__name__])
     assert walked.walked
     expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
@@ -142,8 +147,7 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
     import atexit
     from livepatch import heapwalk, young
     m, src = make_module(SRC)
-    monkeypatch.setattr(locate, "_heap_hint", None)
-    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    _walk_the_heap(monkeypatch)
     monkeypatch.setattr(heapwalk, "STEP", 64)
     monkeypatch.setattr(young, "YOUNG_BOUND", 200)
     made, kept_alive, keepers = [], [], []
@@ -176,8 +180,7 @@ def test_a_collection_by_hand_during_a_walk_makes_the_engine_locate_again(make_m
     index cannot be trusted, whenever it came during the walk."""
     from livepatch import young
     m, src = make_module(SRC)
-    monkeypatch.setattr(locate, "_heap_hint", None)
-    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    _walk_the_heap(monkeypatch)
     monkeypatch.setattr(young, "YOUNG_BOUND", -1)  # every step collects
     scans, own = [], []
     real_scan = HeapIndex.scan.__func__
@@ -202,8 +205,7 @@ def test_a_collection_by_hand_during_a_walk_makes_the_engine_locate_again(make_m
 def test_a_child_forked_while_a_walk_collects_keeps_the_services_gc_callbacks(make_module, engine, monkeypatch):
     from livepatch import young
     m, src = make_module(SRC)
-    monkeypatch.setattr(locate, "_heap_hint", None)
-    monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+    _walk_the_heap(monkeypatch)
     monkeypatch.setattr(young, "YOUNG_BOUND", -1)
     seen_in_child = []
 
@@ -235,8 +237,7 @@ def test_a_child_forked_while_a_walk_collects_keeps_the_services_gc_callbacks(ma
 def test_a_function_made_from_old_code_after_locating_is_switched_too(way, make_module, engine, monkeypatch):
     m, src = make_module(SRC)
     if way == "walk":
-        monkeypatch.setattr(locate, "_heap_hint", None)
-        monkeypatch.setattr(locate, "_module_functions", lambda module: None)
+        _walk_the_heap(monkeypatch)
     real_scan = HeapIndex.scan.__func__
     made = []
 
