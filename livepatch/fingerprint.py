@@ -10,7 +10,6 @@ versions, so a 3.11 fingerprint never equals a 3.12 one."""
 from __future__ import annotations
 
 import dis
-import functools
 import hashlib
 import opcode
 import sys
@@ -28,7 +27,7 @@ def fingerprint(obj) -> str:
     if known is not None and known[0]() is code:
         return known[1]
     digest = hashlib.blake2b(_encode_code(code), digest_size=16).hexdigest()
-    _known[key] = (weakref.ref(code, functools.partial(_forget, key)), digest)
+    _known[key] = (weakref.ref(code, lambda ref, key=key: _forget(key, ref)), digest)
     return digest
 
 
@@ -40,12 +39,10 @@ def fingerprint(obj) -> str:
 _known: dict[int, tuple] = {}
 
 
-def _forget(key: int, ref, known=_known) -> None:
-    # `known` bound here, not looked up: code objects still die while the
-    # interpreter clears module globals at exit
-    entry = known.get(key)
-    if entry is not None and entry[0] is ref:
-        del known[key]
+def _forget(key: int, ref) -> None:
+    known = _known.get(key)
+    if known is not None and known[0] is ref:
+        del _known[key]
 
 
 # ---------------------------------------------------------------- fast path
