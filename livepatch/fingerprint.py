@@ -14,7 +14,6 @@ import hashlib
 import opcode
 import sys
 import types
-import weakref
 
 _TAG = sys.implementation.cache_tag or sys.implementation.name
 
@@ -22,27 +21,7 @@ _TAG = sys.implementation.cache_tag or sys.implementation.name
 def fingerprint(obj) -> str:
     """Hex digest of a code object's behaviour (accepts functions and code)."""
     code = code_of(obj)
-    key = id(code)
-    known = _known.get(key)
-    if known is not None and known[0]() is code:
-        return known[1]
-    digest = hashlib.blake2b(_encode_code(code), digest_size=16).hexdigest()
-    _known[key] = (weakref.ref(code, lambda ref, key=key: _forget(key, ref)), digest)
-    return digest
-
-
-# A code object never changes what it does (its adaptive copy deoptimises to
-# the same instructions), so each live one is encoded once: an apply checks
-# its targets' baselines without re-reading their bytecode (hundreds of
-# microseconds per function, all of it holding the GIL). Entries go with
-# their code objects.
-_known: dict[int, tuple] = {}
-
-
-def _forget(key: int, ref) -> None:
-    known = _known.get(key)
-    if known is not None and known[0] is ref:
-        del _known[key]
+    return hashlib.blake2b(_encode_code(code), digest_size=16).hexdigest()
 
 
 # ---------------------------------------------------------------- fast path

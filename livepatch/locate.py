@@ -254,9 +254,7 @@ def _module_functions(module) -> list | None:
     namespace = vars(module)
     found: dict = {}
     seen: set = set()
-    # not what __builtins__ holds: builtins are C functions, and a function
-    # of this module stored there only makes the count below fall short
-    todo = [v for k, v in namespace.items() if k != "__builtins__"]
+    todo = list(namespace.values())
     while todo:
         obj = todo.pop()
         if id(obj) in seen or obj is None:
