@@ -14,6 +14,7 @@ import hashlib
 import opcode
 import sys
 import types
+import weakref
 
 _TAG = sys.implementation.cache_tag or sys.implementation.name
 
@@ -21,7 +22,33 @@ _TAG = sys.implementation.cache_tag or sys.implementation.name
 def fingerprint(obj) -> str:
     """Hex digest of a code object's behaviour (accepts functions and code)."""
     code = code_of(obj)
-    return hashlib.blake2b(_encode_code(code), digest_size=16).hexdigest()
+    key = id(code)
+    known = _known.get(key)
+    if known is not None and known[0]() is code:
+        return known[1]
+    digest = hashlib.blake2b(_encode_code(code), digest_size=16).hexdigest()
+    if len(_known) >= _sweep_at[0]:
+        _sweep()
+    _known[key] = (weakref.ref(code), digest)
+    return digest
+
+
+# A code object never changes what it does (its adaptive copy deoptimises to
+# the same instructions), so each live one is encoded once: an apply checks
+# its targets' baselines without re-reading their bytecode (hundreds of
+# microseconds per function, all of it holding the GIL). The weak references
+# have no callback: one would be Python code run wherever a code object
+# dies, inside a commit's stores too. Dead entries are swept instead, when
+# the table has doubled since the last sweep.
+_known: dict[int, tuple] = {}
+_sweep_at = [1024]
+
+
+def _sweep() -> None:
+    for key, (ref, _) in list(_known.items()):
+        if ref() is None:
+            _known.pop(key, None)
+    _sweep_at[0] = max(1024, 2 * len(_known))
 
 
 # ---------------------------------------------------------------- fast path

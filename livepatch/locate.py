@@ -254,7 +254,9 @@ def _module_functions(module) -> list | None:
     namespace = vars(module)
     found: dict = {}
     seen: set = set()
-    todo = list(namespace.values())
+    # not what __builtins__ holds: builtins are C functions, and a function
+    # of this module stored there only makes the count below fall short
+    todo = [v for k, v in namespace.items() if k != "__builtins__"]
     while todo:
         obj = todo.pop()
         if id(obj) in seen or obj is None:

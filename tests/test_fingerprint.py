@@ -109,10 +109,16 @@ def test_live_bytecode_is_rebuilt_exactly_without_caching_co_code(monkeypatch):
         # only allocations made from the fingerprint module count: the test
         # process has other threads allocating meanwhile
         only_fp = [tracemalloc.Filter(True, fp.__file__)]
+        # a digest table with room for the entry fingerprint() adds (taken
+        # out again below): the digest kept for the next apply is not what
+        # this measures, nor the table growing
+        monkeypatch.setattr(fp, "_known", {-1: None})
+        del fp._known[-1]
         tracemalloc.start()
         try:
             before = tracemalloc.take_snapshot().filter_traces(only_fp)
             fingerprint(code)
+            fp._known.pop(id(code))
             gc.collect()
             after = tracemalloc.take_snapshot().filter_traces(only_fp)
         finally:
@@ -148,3 +154,37 @@ def test_instrumented_code_falls_back_to_cpython(tmp_path):
     finally:
         mon.set_local_events(tool, f.__code__, 0)
         mon.free_tool_id(tool)
+
+
+def test_a_live_code_object_is_encoded_once_and_its_digest_swept_after_it(monkeypatch):
+    """An apply checks its targets' baselines from the digests kept per live
+    code object; a code object that dies leaves a dead entry, which is never
+    taken for a new code object at the same address and is swept once the
+    table has grown. The weak reference runs no callback: that would be
+    Python code run inside a commit's stores, where a store drops code."""
+    import gc
+    import weakref
+    fp = sys.modules["livepatch.fingerprint"]
+    ns = {}
+    exec(compile(SRC, "kept.py", "exec"), ns)
+    code = ns["f"].__code__
+    first = fingerprint(code)
+    ref, digest = fp._known[id(code)]
+    assert digest == first and ref() is code
+    assert weakref.getweakrefcount(code) == 1 and ref.__callback__ is None
+    encoded = []
+    real = fp._encode_code
+    monkeypatch.setattr(fp, "_encode_code", lambda c: encoded.append(c) or real(c))
+    assert fingerprint(ns["f"]) == first
+    assert encoded == []
+    key = id(code)
+    del ns, code, ref
+    gc.collect()
+    assert fp._known[key][0]() is None  # dead, not yet swept
+    monkeypatch.setattr(fp, "_sweep_at", [len(fp._known)])
+    other = {}
+    exec(compile(SRC.replace("1", "2"), "other.py", "exec"), other)
+    fingerprint(other["f"])  # the table is full: dead entries go first
+    assert key not in fp._known or fp._known[key][0]() is not None
+    assert all(r() is not None for r, _ in fp._known.values())
+    assert fp._sweep_at[0] >= 1024
