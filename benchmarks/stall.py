@@ -30,8 +30,9 @@ of 100 typical functions, then measures, rounds alternating:
   machine stop a thread now and then whatever it runs).
 * latency: apply() and rollback() wall and CPU time of a 2-function patch
   with 4 and 16 busy threads (100 rounds by default), beside the control:
-  the same thread running a fixed piece of ordinary Python (about as much
-  CPU as an apply) under the same load.
+  the same thread running a fixed piece of ordinary Python, sized before
+  the busy threads start to take as much CPU as the apply, under the same
+  load.
 
 Run: python benchmarks/stall.py [--quick]"""
 
@@ -293,15 +294,35 @@ def _most_common(items) -> str:
     return max(counts, key=counts.get)
 
 
-def fixed_python_work() -> None:
-    """The latency control: a fixed piece of ordinary Python, about as much
-    CPU as a small apply."""
+def fixed_python_work(rounds: int) -> None:
+    """The latency control: a fixed piece of ordinary Python, `rounds` units
+    of it (sized to a small apply's CPU by `control_rounds`)."""
     d, lst = {}, []
-    for _ in range(60):
+    for _ in range(rounds):
         for i in range(200):
             d[i] = str(i)
             lst.append(i)
         lst.clear()
+
+
+def control_rounds(small_patch) -> int:
+    """Units of the control that take as much CPU as an apply of
+    `small_patch`, measured before any busy thread starts."""
+    import livepatch
+
+    applies = []
+    for i in range(18):
+        c = time.thread_time_ns()
+        livepatch.apply(small_patch)
+        if i >= 3:  # after a warm-up
+            applies.append(time.thread_time_ns() - c)
+        livepatch.rollback()
+    units = []
+    for _ in range(15):
+        c = time.thread_time_ns()
+        fixed_python_work(1)
+        units.append(time.thread_time_ns() - c)
+    return max(1, round(sorted(applies)[len(applies) // 2] / sorted(units)[len(units) // 2]))
 
 
 def latency(small_patch, threads: int, reps: int) -> dict:
@@ -309,6 +330,7 @@ def latency(small_patch, threads: int, reps: int) -> dict:
     with `threads` busy threads, beside the fixed control work."""
     import livepatch
 
+    rounds = control_rounds(small_patch)
     workers = Workers(threads)
     time.sleep(0.1)
     livepatch.apply(small_patch)
@@ -316,7 +338,7 @@ def latency(small_patch, threads: int, reps: int) -> dict:
     wall = {"apply": [], "rollback": [], "control": []}
     cpu = {k: [] for k in wall}
     steps = {"apply": lambda: livepatch.apply(small_patch), "rollback": livepatch.rollback,
-             "control": fixed_python_work}
+             "control": lambda: fixed_python_work(rounds)}
     for _ in range(reps):
         for name, fn in steps.items():
             t, c = time.perf_counter_ns(), time.thread_time_ns()
@@ -344,7 +366,7 @@ def latency(small_patch, threads: int, reps: int) -> dict:
                 place = f"{longest[0]} {longest[1]['where']}"
                 waits[name].setdefault(place, []).append((took, used, longest[1]["wall_ns"], longest[1]["cpu_ns_over_it"]))
     workers.close()
-    return {"threads": threads, "functions": 2, "rounds": reps,
+    return {"threads": threads, "functions": 2, "rounds": reps, "control_units": rounds,
             "wall_ns": {k: summary(v) for k, v in wall.items()}, "cpu_ns": {k: summary(v) for k, v in cpu.items()},
             "profiled_rounds": max(1, reps // 2),
             "slow_ones_waited_in": {k: {place: {"count": len(v), "wall_ns": [x[0] for x in v], "cpu_ns": [x[1] for x in v],
