@@ -67,25 +67,31 @@ is this (`Python/ceval_gil.c`):
   costs latency while threads queue for the GIL, none inside the section;
   confirming a switch instead by watching other threads' frames move after
   `sleep(0)` costs ~40 us of cold reads inside it.)
-* Except iterations that start while this thread is taking the GIL: a
+* Except iterations that start while this thread is taking the GIL back: a
   waiter woken when the helper let go of it, or a thread just forced to
-  give it up, tries again at once and can read the old interval before
-  this thread has set the long one (the OS often runs the woken thread
-  first). So the helper sets a longer interval (COVER times the old one)
-  before it lets go; if this thread then takes the GIL within an interval,
-  no thread was forced to give it up meanwhile, and none asks for it for
-  COVER intervals. Otherwise a thread forced to give it up may ask again
-  after one old interval.
+  give it up, tries again at once and can read the interval in force
+  before this thread has set the long one (the OS often runs the woken
+  thread first). So the helper sets a longer interval before it lets go:
+  COVER times the old one, or HOLD_INTERVAL when Python code runs inside
+  the stores. Every wait iteration that begins after this thread took the
+  GIL back lasts at least that long, and every one that began earlier is
+  void: no thread asks for the GIL for that long, whatever the OS did to
+  this thread meanwhile.
 * That matters only when Python code runs inside the stores (an audit
   hook, a Python `__setattr__`): then the section must end, undoing
-  included, within a quarter of that time. The clock is read after every
+  included, within a quarter of HOLD_INTERVAL. The clock is read after every
   store, in the same C-level loop, and past the deadline the stores are
   undone and the attempt retried (LATE); unless other threads may already
   have run amid them (see below), when undoing would tear a second time:
   the stores are then finished and the commit reported. Measured with an
   audit hook spinning 0.8 ms on every third store (switch interval 1 ms,
   40 commits): before, 537,493 torn calls and 6 commits with other threads
-  inside; after, none (tests/test_stress.py runs it).
+  inside; after, none. With COVER intervals only (4 ms here), the OS
+  descheduling this thread for a few ms inside a slow hook opened the
+  window on a loaded machine (84,333 torn calls in 10 commits beside
+  `pytest -n 2`); a hook keeping this thread off the CPU for 8 ms on every
+  third store, holding the GIL, tore 290,888 calls in 10 commits then, and
+  none with HOLD_INTERVAL (tests/test_stress.py runs both hooks).
 * The check (Python code) runs inside that window. If it finishes too late
   (the OS preempted this thread for half an interval), the attempt is
   abandoned before any store and retried. The stores are issued by one
@@ -190,43 +196,32 @@ class _Handoff:
         self.ident = self._thread.ident  # blocked on the queue outside switch(): never "ran inside"
 
     def _serve(self):
-        get, clock, set_interval = self._requests.get, time.perf_counter_ns, sys.setswitchinterval
+        get, set_interval = self._requests.get, sys.setswitchinterval
         while True:
-            done, released_at, intervals, abandoned = get()
+            done, intervals, abandoned = get()
             # One C-level call: the caller may have given up waiting (then the
             # old interval stays), and cannot do so in the middle of this.
             deque(map(set_interval, map(intervals.__getitem__, map(len, (abandoned,)))), maxlen=0)
-            released_at.append(clock())  # just before this thread lets go of the GIL in get()
             done.release()  # needs the GIL: this is the switch
 
-    def switch(self, timeout: float, then_interval: float, interval: float, cover: float) -> tuple[bool, bool]:
+    def switch(self, timeout: float, then_interval: float, interval: float, cover: float) -> bool:
         """Returns holding the GIL, taken back from another thread, with the
         switch interval set to `then_interval` (also if it timed out; the
-        caller restores it), and says (taken back in time, with no thread
-        forced to give it up since the helper let go of it). `interval`: the
-        one in force until now; `cover`: the one the helper sets."""
+        caller restores it), and says whether it was taken back in time.
+        `interval`: the one in force until now; `cover`: the one the helper
+        sets before it lets go of the GIL."""
         # a fresh lock per switch: a late release after a timeout is harmless
-        done, released_at, abandoned = threading.Lock(), [], []
+        done, abandoned = threading.Lock(), []
         done.acquire()
-        self._requests.put((done, released_at, (cover, interval), abandoned))
+        self._requests.put((done, (cover, interval), abandoned))
         # The GIL is taken back inside acquire(); the interval is set by the
         # next call of the same C-level loop, with no bytecode in between,
         # so a thread that starts waiting for the GIL from then on waits
         # `then_interval` before it asks for it.
-        took, _, taken_at = starmap(_call, ((done.acquire, True, timeout),
-                                            (sys.setswitchinterval, then_interval), (time.perf_counter_ns,)))
+        took, _ = starmap(_call, ((done.acquire, True, timeout), (sys.setswitchinterval, then_interval)))
         if not took:
             abandoned.append(True)
-        # But a thread that was forced to give up the GIL (a drop request)
-        # waits for the next holder to take it and then asks for it again at
-        # once, often before the interval above is set (the OS runs the
-        # woken thread first): it asks for the GIL back after the old
-        # interval, possibly inside the commit. A forced drop needs a waiter
-        # to have waited a whole interval since the GIL last changed hands,
-        # so if it came back sooner than that after the helper let go of it,
-        # no thread was forced to give it up meanwhile.
-        unforced = took and taken_at - released_at[0] < interval * 5e8  # released_at is set before `done` is
-        return took, unforced
+        return took
 
 
 _handoff = None
@@ -426,18 +421,21 @@ def run(ops: list, undo: list, check, *, python_setattr: bool = False) -> Outcom
         # Let threads that waited through the caller's preparation run first;
         # otherwise their pause would run on through the helper and the section.
         time.sleep(RELEASE_SLEEP)
-        cover = min(HOLD_INTERVAL, COVER * interval)
-        took, unforced = handoff.switch(HANDOFF_TIMEOUT, HOLD_INTERVAL, interval, cover)
+        # Python code inside the stores (an audit hook, a Python __setattr__)
+        # can lose the GIL to a thread that asked for it: then the window
+        # nobody asks in is made as long as the held interval, so that the
+        # OS descheduling this thread inside it must last tens of ms to open it.
+        careful = python_setattr or audit_hooks_installed()
+        cover = HOLD_INTERVAL if careful else min(HOLD_INTERVAL, COVER * interval)
+        took = handoff.switch(HANDOFF_TIMEOUT, HOLD_INTERVAL, interval, cover)
         if not took:
             return Outcome(False, blocker=NO_HANDOFF)
         start = time.perf_counter_ns()  # the GIL was just taken from another thread
-        # No thread asks for the GIL back before `cover` after a switch
-        # nobody was forced into, else before the old interval. Python code
-        # inside the stores can lose it after that: when there is any, the
+        # No thread asks for the GIL back before `cover` (see the module
+        # notes). Python code inside the stores can lose it after that: the
         # section must end within a quarter of it, its undoing included.
-        careful = python_setattr or audit_hooks_installed()
         if careful:
-            deadline = start + int((cover if unforced else interval) * 0.25e9)
+            deadline = start + int(cover * 0.25e9)
         else:  # C stores cannot lose the GIL: only the check must end in time
             deadline = start + int(interval * 5e8)
         cpu_start = time.thread_time_ns()

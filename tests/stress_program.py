@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--slow-hook", type=float, default=0.0, metavar="SECONDS",
                     help="the audit hook spins this long on every third __code__ store (as if the OS "
                          "preempted the patcher there for longer than a switch interval)")
+    ap.add_argument("--blocking-hook", type=float, default=0.0, metavar="SECONDS",
+                    help="the audit hook keeps the thread off the CPU this long, holding the GIL, on every third "
+                         "__code__ store (as the OS descheduling the patcher there does)")
     ap.add_argument("--handoff", action="store_true",
                     help="always commit after a GIL handoff, never in one C-level call")
     ap.add_argument("--switch-interval", type=float, default=0.001)
@@ -58,11 +61,16 @@ def main():
     if args.audit_hook:
         spin = args.slow_hook
         clock = time.perf_counter
+        # a C call that blocks without releasing the GIL: ctypes.PyDLL keeps it
+        block = (lambda us=int(args.blocking_hook * 1e6), usleep=__import__("ctypes").PyDLL(None).usleep:
+                 usleep(us)) if args.blocking_hook else None
 
         def hook(event, hook_args):  # Python code inside every __code__ store
             if event == "object.__setattr__":
                 hook_events[0] += 1
-                if spin and hook_args[1] == "__code__" and hook_events[0] % 3 == 0:
+                if hook_args[1] == "__code__" and hook_events[0] % 3 == 0:
+                    if block is not None:
+                        block()
                     end = clock() + spin
                     while clock() < end:
                         pass
@@ -140,6 +148,7 @@ def main():
     swaps = 0
     pauses = []
     methods = {}
+    interrupted = 0  # commits whose outcome names threads that ran inside them
     started = time.monotonic()
     try:
         new_codes = [next(c.new_code for c in patch.changes if c.target.endswith(":" + f.__name__)) for f in funcs]
@@ -153,6 +162,7 @@ def main():
             else:
                 for result in (livepatch.apply(patch, timeout=args.timeout), livepatch.rollback(timeout=args.timeout)):
                     pauses.append(result.pause_ns)
+                    interrupted += bool(result.interrupted_by)
                     methods[result.method] = methods.get(result.method, 0) + 1
             swaps += 2
             if swaps >= args.swaps:
@@ -174,6 +184,7 @@ def main():
         **counts,
         "pause_p50_ns": pauses[len(pauses) // 2],
         "pause_max_ns": pauses[-1],
+        "interrupted_commits": interrupted,
         "warnings": status["warnings"],
         "elapsed_s": round(time.monotonic() - started, 2),
     }))
