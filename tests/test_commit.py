@@ -190,6 +190,38 @@ def test_apply_and_rollback_commit_in_one_call(make_module, engine):
     assert [e["commit"] for e in engine.history()] == [commit.ONE_CALL, commit.ONE_CALL]
 
 
+TWO = '''
+def first():
+    return "old"
+def second():
+    return "old"
+'''
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "after-handoff"])
+def test_a_finalizer_of_code_a_rollback_lets_go_never_sees_half_of_it(one_call, make_module, engine, monkeypatch):
+    """Once the patch object is gone, the rollback's stores drop the last
+    references to the patched code. A weak reference's callback (Python
+    code, a service's own cache for one) would run right there, between two
+    stores, if the commit did not keep what it replaces alive until it ends."""
+    import gc
+    import weakref
+    monkeypatch.setattr(commit, "ONE_CALL_ENABLED", one_call)
+    m, src = make_module(TWO)
+    old = (m.first.__code__, m.second.__code__)
+    engine.apply(patch_of(m, src, TWO.replace("old", "new")))
+    seen = []
+
+    def finalizer(ref):
+        seen.append((m.first.__code__ is old[0], m.second.__code__ is old[1]))
+
+    refs = [weakref.ref(m.first.__code__, finalizer), weakref.ref(m.second.__code__, finalizer)]
+    assert engine.rollback().method == (commit.ONE_CALL if one_call else commit.AFTER_HANDOFF)
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # the patched code is gone, so the finalizers ran
+    assert seen == [(True, True), (True, True)]  # and only once both functions were restored
+
+
 def test_a_disabled_one_call_commit_goes_after_a_handoff(make_module, engine, monkeypatch):
     m, src = make_module(SRC)
     monkeypatch.setattr(commit, "ONE_CALL_ENABLED", False)
