@@ -37,9 +37,10 @@ def fingerprint(obj) -> str:
 # the same instructions), so each live one is encoded once: an apply checks
 # its targets' baselines without re-reading their bytecode (hundreds of
 # microseconds per function, all of it holding the GIL). The weak references
-# have no callback: one would be Python code run wherever a code object
-# dies, inside a commit's stores too. Dead entries are swept instead, when
-# the table has doubled since the last sweep.
+# have no callback: one would run Python code of ours wherever any code
+# object dies, in the service's threads and at exit after this module's
+# globals are gone. Dead entries are swept instead, when the table has
+# doubled since the last sweep.
 _known: dict[int, tuple] = {}
 _sweep_at = [1024]
 
