@@ -6,6 +6,7 @@ loop. Prints a JSON report; a torn commit shows up as a TypeError in a
 worker or a mixed snapshot."""
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -61,16 +62,16 @@ def main():
     if args.audit_hook:
         spin = args.slow_hook
         clock = time.perf_counter
-        # a C call that blocks without releasing the GIL: ctypes.PyDLL keeps it
-        block = (lambda us=int(args.blocking_hook * 1e6), usleep=__import__("ctypes").PyDLL(None).usleep:
-                 usleep(us)) if args.blocking_hook else None
+        # usleep through ctypes.PyDLL blocks the thread without releasing the GIL
+        usleep = ctypes.PyDLL(None).usleep if args.blocking_hook else None
+        block_us = int(args.blocking_hook * 1e6)
 
         def hook(event, hook_args):  # Python code inside every __code__ store
             if event == "object.__setattr__":
                 hook_events[0] += 1
                 if hook_args[1] == "__code__" and hook_events[0] % 3 == 0:
-                    if block is not None:
-                        block()
+                    if usleep is not None:
+                        usleep(block_us)
                     end = clock() + spin
                     while clock() < end:
                         pass

@@ -161,7 +161,8 @@ def test_a_live_code_object_is_encoded_once_and_its_digest_swept_after_it(monkey
     code object; a code object that dies leaves a dead entry, which is never
     taken for a new code object at the same address and is swept once the
     table has grown. The weak reference runs no callback: that would be
-    Python code run inside a commit's stores, where a store drops code."""
+    Python code of livepatch run wherever any code object dies, in the
+    service's threads and at exit."""
     import gc
     import weakref
     fp = sys.modules["livepatch.fingerprint"]

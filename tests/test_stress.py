@@ -72,10 +72,10 @@ def test_no_torn_observation_when_the_patcher_is_off_the_cpu_inside_the_stores()
     does on a loaded machine: threads waiting for the GIL meanwhile time out
     and ask for it, and the hook's next bytecode would hand it over amid the
     stores. With a window of four switch intervals this tore 318,367 calls
-    in 10 commits; the engine now makes the window the
-    held interval (50 ms) whenever Python code runs inside the stores. The
-    commits are reported as possibly interrupted (the patcher was off the
-    CPU inside them): the report errs on the safe side."""
+    in 10 commits; the engine now makes the window the held interval
+    (50 ms) whenever Python code runs inside the stores. The commits are
+    reported as possibly interrupted (the patcher was off the CPU inside
+    them): the report errs on the safe side."""
     report = _run("--calls", "300000", "--swaps", "10", "--audit-hook", "--blocking-hook", "0.006",
                   "--timeout", "120")
     assert report["swaps"] >= 10 and report["calls"] >= 300_000
