@@ -24,7 +24,7 @@ test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 	  .venv-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider tests; \
 	done
 
-BENCHMARKS = pause memory safepoint stall agent alternatives tree startup protocol_fuzz repository values_apply
+BENCHMARKS = pause memory safepoint stall agent alternatives tree startup protocol_fuzz repository values_apply soak
 
 bench: .venv-$(PY)/.ready
 	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py; done
