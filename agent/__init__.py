@@ -19,6 +19,8 @@ import atexit
 import os
 import sys
 
+from livepatch import atfork
+
 # _thread: a command that only talks to agents imports this package too (for
 # the protocol), and needs nothing of threading
 _lock = _thread.allocate_lock()
@@ -161,5 +163,5 @@ def _after_fork_in_child() -> None:
                 "livepatch: no agent in forked process %d: %s: %s", os.getpid(), type(exc).__name__, exc)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+atfork.on_child_start(_after_fork_in_child)
 atexit.register(stop)

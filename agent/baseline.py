@@ -16,6 +16,8 @@ import os
 import sys
 import threading
 
+from livepatch import atfork
+
 _lock = threading.Lock()
 _application = None
 _versions: dict[str, str | None] = {}
@@ -31,7 +33,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+atfork.on_child_reset(_after_fork_in_child)
 
 
 def _version_of(dist: str) -> str | None:

@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 
+from livepatch import atfork
+
 logger = logging.getLogger("livepatch")
 
 _VERB = {"apply": "applied", "reapply": "re-applied", "rollback": "rolled back"}
@@ -135,4 +137,4 @@ def _after_fork_in_child() -> None:
     _early.clear()  # the parent reports its own lines
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+atfork.on_child_reset(_after_fork_in_child)

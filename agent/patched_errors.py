@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from livepatch import atfork
+
 TOOL_NAME = "livepatch"
 MAX_SAMPLES = 5
 # An observation ends by itself after this long (at most MAX_SECONDS), so a
@@ -151,4 +153,4 @@ def _forget_in_child() -> None:
             _watch = None
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+atfork.on_child_reset(_forget_in_child)

@@ -17,6 +17,8 @@ import os
 import socket
 import weakref
 
+from livepatch import atfork
+
 from . import protocol, runtime_dir
 from .connections import Connections, warn_once
 from .stale_sockets import answers, remove_stale
@@ -95,4 +97,4 @@ def _after_fork_in_child() -> None:
             server.abandon()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+atfork.on_child_reset(_after_fork_in_child)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+from livepatch import atfork
+
 # Lock descriptors open in this process. A forked child inherits them (and
 # with them the flock of a thread that no longer exists there): the child
 # closes its copies, which never releases the parent's lock, but keeping
-# them would hold it after the parent lets go. Done both at fork and before
-# each lock, since other at-fork hooks (the agent's own start in the child)
-# may run before this one.
+# them would hold it after the parent lets go. Done at fork (a reset,
+# before the agent's own start in the child: livepatch/atfork.py) and again
+# before each lock, whoever forked how.
 _lock_fds = {"pid": os.getpid(), "fds": set()}
 
 
@@ -28,7 +30,7 @@ def _forget_inherited_locks() -> None:
     _lock_fds["pid"] = os.getpid()
 
 
-os.register_at_fork(after_in_child=_forget_inherited_locks)
+atfork.on_child_reset(_forget_inherited_locks)
 
 
 @contextlib.contextmanager

@@ -142,8 +142,10 @@ _sys.modules[__name__].__class__ = _Package
 # first: the child's own hooks (the agent's among them) may import again
 from . import forkimports as _forkimports  # noqa: E402
 _forkimports.install()
-_os.register_at_fork(after_in_child=_after_fork_in_child)
-del _os, _sys, _forkimports
+# then, through one hook of their own: resets first, the agent's start last
+from . import atfork as _atfork  # noqa: E402
+_atfork.on_child_reset(_after_fork_in_child)
+del _os, _sys, _forkimports, _atfork
 
 __all__ = [
     "apply", "rollback", "rollback_all", "status", "load_bundle", "engine", "fingerprint",

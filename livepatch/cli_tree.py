@@ -355,13 +355,16 @@ def _undo(rep: _Report, pids, patch_id, args, why: str, tokens: dict, how: str =
 def _back_out(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens: dict, why: str) -> bool:
     """Undo this apply wherever it took effect: in the processes that
     committed, then in any process started meanwhile that carries the patch
-    (forked from one of them). True if every one of them rolled back."""
+    (forked from one of them). True if every one of them rolled back; False
+    also when one started meanwhile does not answer (it may run the patch)."""
     ok = _undo(rep, committed, patch_id, args, why, tokens)
     now, newcomers = tree.rediscover(svc)
     carriers = []
     for m in newcomers:
         if m.pid not in rep.procs:
             rep.add(m, newcomer=True)
+        if not m.answering and rep.procs[m.pid]["outcome"] != "gone":
+            ok = False
         if m.answering and patch_id in m.applied:
             carriers.append(m.pid)
             if m.parent in tokens:  # a forked child holds its parent's undo token too
@@ -373,6 +376,14 @@ def _back_out(rep: _Report, svc: tree.Service, committed, patch_id, args, tokens
         rep.svc = now
         rep.relayout(now)
     return _undo(rep, carriers, patch_id, args, why, tokens, how="started during the apply with the patch") and ok
+
+
+def _not_undone(rep: _Report) -> str:
+    """Why a back-out left something changed, for the summary."""
+    failed = rep.with_outcome("rollback failed")
+    silent = [pid for pid, r in rep.procs.items() if r["newcomer"] and r["outcome"] == "not answering"]
+    return "".join([f"rollback failed in {len(failed)} processes, which still run the patch. " if failed else "",
+                    f"{len(silent)} processes started during the apply did not answer and may run it. " if silent else ""])
 
 
 def apply(args):
@@ -462,8 +473,7 @@ def apply(args):
                    f"the {len(committed)} that had committed were rolled back, nothing is left changed. " + _summary(c))
         else:
             finish(EXIT_PARTIAL, f"{name} on service {svc.label}: refused at commit, and NOT fully rolled back",
-                   f"rollback failed in {len(rep.with_outcome('rollback failed'))} processes, which still run the patch. "
-                   + _summary(c))
+                   _not_undone(rep) + _summary(c))
         return
 
     # processes that appeared meanwhile, and where the patch waits for an import
@@ -499,7 +509,7 @@ def apply(args):
                                f"process {', '.join(map(str, failed_new))}, started during the apply, refused")
             finish(EXIT_REFUSED if undone else EXIT_PARTIAL, f"{name} on service {svc.label}: refused by a new process",
                    ("the processes that had committed were rolled back, nothing is left changed. " if undone else
-                    "rollback failed in some processes, which still run the patch. ") + _summary(rep.counts()))
+                    _not_undone(rep)) + _summary(rep.counts()))
             return
     for m in now.members:
         rec = rep.procs.get(m.pid)

@@ -133,6 +133,7 @@ from functools import partial
 from itertools import chain, repeat, starmap, tee
 from operator import attrgetter, itemgetter
 
+from . import atfork
 from .errors import CommitFailed, Problem
 
 # Longer than any realistic commit; restored immediately afterwards.
@@ -251,7 +252,7 @@ def _forget_handoff_in_child():
             gc.enable()
 
 
-os.register_at_fork(after_in_child=_forget_handoff_in_child)
+atfork.on_child_reset(_forget_handoff_in_child)
 
 
 class OneCall:

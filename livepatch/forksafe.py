@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import weakref
 
+from . import atfork
+
 _engines = weakref.WeakSet()
 _installed = False
 
@@ -30,7 +32,7 @@ def install() -> None:
     global _installed
     if not _installed:
         _installed = True
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        atfork.on_child_reset(_after_fork_in_child)
 
 
 def _after_fork_in_child() -> None:

@@ -299,8 +299,11 @@ def rediscover(service: Service, ask=None) -> tuple[Service, list[Member]]:
     asked = known if ask is None else known & set(ask)
     members = [m for p, o in _statuses(sorted(asked | listening)).items() if (m := _member(p, o))]
     members += [m for m in service.members if m.pid not in asked and m.pid in ppids]
-    # a newcomer listening under another name is not part of a service found by name
-    members = [m for m in members if m.pid in known or service.name is None or m.name == service.name]
+    # a newcomer listening under another name is not part of a service found
+    # by name; one that does not answer cannot say its name, and is counted in
+    # (it was forked or spawned under a member, as by_name counts them)
+    members = [m for m in members if m.pid in known or service.name is None or not m.answering
+               or m.name == service.name]
     if listening:
         ppids = _ppids()
     now = Service(service.label, service.name, service.root, _arrange(members, ppids), seen=service.seen | fresh)

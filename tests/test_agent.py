@@ -356,7 +356,7 @@ def test_agent_finds_the_temporary_directory_without_importing_tempfile(tmpdir_e
 # logging. The engine, the bundle reader, signing and cryptography come with
 # the first request that needs them.
 IDLE_AGENT_MODULES = {
-    "livepatch", "livepatch.forkimports", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart",
+    "livepatch", "livepatch.forkimports", "livepatch.atfork", "livepatch.pyargs", "livepatch.agent", "livepatch.agent.autostart",
     "livepatch.agent.connections", "livepatch.agent.hangup", "livepatch.agent.history_file",
     "livepatch.agent.log", "livepatch.agent.protocol", "livepatch.agent.quietfork", "livepatch.agent.records",
     "livepatch.agent.requests",

@@ -63,7 +63,7 @@ def test_import_livepatch_loads_nothing_but_the_package():
     code = "import sys; before = set(sys.modules); import livepatch; print(' '.join(sorted(set(sys.modules) - before)))"
     added = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                                check=True).stdout.split())
-    assert added - {"__future__"} == {"livepatch", "livepatch.forkimports"}
+    assert added - {"__future__"} == {"livepatch", "livepatch.forkimports", "livepatch.atfork"}
 
 
 # ---------------------------------------------------------------- the parser without argparse
@@ -164,7 +164,7 @@ def test_a_line_the_quick_parser_leaves_out_fails_as_argparse_says():
 # client and the protocol on the C socket and json types. Not argparse (nor
 # gettext, locale), json or re (nor enum, functools, collections), base64,
 # struct, socket, threading, the bundle parser, the engine.
-_COMMON = {"__future__", "livepatch", "livepatch.forkimports", "livepatch.cli", "livepatch.cli_quick",
+_COMMON = {"__future__", "livepatch", "livepatch.forkimports", "livepatch.atfork", "livepatch.cli", "livepatch.cli_quick",
            "livepatch.cli_agent", "livepatch.client", "livepatch.agent", "livepatch.agent.protocol",
            "livepatch.agent.runtime_dir", "_socket", "_json", "atexit", "errno"}
 HOT_PATHS = {"status": _COMMON,

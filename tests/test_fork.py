@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import select
+import subprocess
 import sys
 import threading
 import time
@@ -338,3 +339,66 @@ def test_a_fork_while_the_agent_reads_what_the_process_runs_leaves_the_child_abl
         release.set()
         t.join(10)
     assert got is True
+
+
+FORKING_SERVICE = '''
+import os, sys, threading, json
+sys.path.insert(0, sys.argv[1])
+import forkapp
+import livepatch, livepatch.agent
+livepatch.agent.start(name="forkapp", trust=sys.argv[2], state_dir=sys.argv[3])
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # the test has applied the fix through the agent: it is recorded
+engine = livepatch.engine
+livepatch.rollback()  # the engine alone: the service's record stays, as mid-transition in a parent
+held, release = threading.Event(), threading.Event()
+def inside_the_engine():  # the parent's agent thread in the middle of a transition
+    with engine._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=inside_the_engine, daemon=True).start()
+held.wait()
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    # reached only once every at-fork hook has returned, the agent's start among them
+    os.write(write_end, json.dumps({"answer": forkapp.answer(),
+                                    "agent": livepatch.agent.socket_path() is not None}).encode())
+    os._exit(0)
+os.close(write_end)
+import select
+import subprocess
+ready, _, _ = select.select([read_end], [], [], 20)
+print(os.read(read_end, 4096).decode() if ready else "the child hung in its at-fork hooks", flush=True)
+release.set()
+os.kill(pid, 9) if not ready else os.waitpid(pid, 0)
+'''
+
+
+def test_a_child_forked_while_the_engine_lock_is_held_starts_its_agent_and_reapplies(tmp_path, keys):
+    """A child's agent starts inside the fork and re-applies the service's
+    record at once: every reset (the engine's lock and half-done transition
+    among them) must have run before, although the engine's modules were
+    imported after the agent registered its start."""
+    from live import cli
+    for tree, answer in (("base", "old"), ("fix", "new")):
+        (tmp_path / tree).mkdir()
+        (tmp_path / tree / "forkapp.py").write_text(f"def answer():\n    return {answer!r}\n")
+    bundle = str(tmp_path / "fix.lpb")
+    assert cli("build", str(tmp_path / "base"), str(tmp_path / "fix"), "-o", bundle, "--id", "HP-FORKAPP",
+               "--key", keys["key"], "--name", "forkapp", "--version", "1.0").returncode == 0
+    (tmp_path / "service.py").write_text(FORKING_SERVICE)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "service.py"), str(tmp_path / "base"), keys["trust"],
+                             str(tmp_path / "state")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        r = cli("apply", str(pid), bundle)
+        assert r.returncode == 0, r.stdout + r.stderr
+        proc.stdin.write("go\n"); proc.stdin.flush()
+        line = proc.stdout.readline().strip()
+        assert line.startswith("{"), line + proc.stderr.read()
+        assert json.loads(line) == {"answer": "new", "agent": True}
+    finally:
+        proc.kill()
+        proc.wait(10)

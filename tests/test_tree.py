@@ -47,7 +47,7 @@ ap.add_argument("--mismatch", type=int, default=-1)   # this worker runs other c
 ap.add_argument("--busy", type=int, default=-1)       # a thread of this worker never leaves hold()
 ap.add_argument("--slow", type=int, default=-1)       # a thread of this worker is in hold() until released
 ap.add_argument("--exits", type=int, default=-1)      # on SIGUSR1 this worker exits as a recycled one does
-ap.add_argument("--on-patch", default="none")         # fork | spawn: start a worker once the parent runs the fix
+ap.add_argument("--on-patch", default="none")         # fork | spawn | fork-silent: start a worker once the parent runs the fix
 ap.add_argument("--lazy-parent", action="store_true")  # like a pre-fork master: only the workers import treeapp
 ap.add_argument("--child", type=int, default=-1)      # set when spawned as a worker
 ap.add_argument("--parent", type=int, default=0)
@@ -146,9 +146,11 @@ started_newcomer = False
 while True:
     if args.on_patch != "none" and not started_newcomer and treeapp.answer() == "new":
         started_newcomer = True
-        if args.on_patch == "fork":
+        if args.on_patch in ("fork", "fork-silent"):
             pid = os.fork()
             if pid == 0:
+                if args.on_patch == "fork-silent":  # its agent listens (started in the fork), never answers
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 worker(100, me)
                 os._exit(0)
             kids.append(pid)
@@ -376,12 +378,29 @@ def test_a_refusal_at_commit_also_rolls_back_a_worker_forked_with_the_patch_mean
     new = [p for p in out["processes"] if p["newcomer"]]
     # forked with the patch, or in the middle of the parent's commit (the child's engine then undid it)
     assert len(new) == 1 and (new[0]["outcome"], new[0]["detail"][:38]) in \
-        {("rolled back", "started during the apply with the patc"), ("unchanged", "started during the apply, without the ")}, new
+        {("rolled back", "started during the apply with the patc"), ("unchanged", "started during the apply, without the ")}, out
     outcomes = {p["pid"]: p["outcome"] for p in out["processes"] if not p["newcomer"]}
     assert outcomes.pop(busy) == "refused" and set(outcomes.values()) == {"rolled back"}
     svc.wait_for(5)
     assert set(svc.answers().values()) == {"old"} and len(svc.answers()) == 5
     assert all(row["patches"] == [] for row in svc.members())
+
+
+def test_a_worker_forked_meanwhile_that_does_not_answer_leaves_the_back_out_partial(service, security_bundle):
+    """Forked with the patch, its agent never answering: the back-out cannot
+    undo it there, and does not claim that nothing is left changed."""
+    svc = service(busy=1, on_patch="fork-silent")
+    r = cli("apply", svc.name, security_bundle, "--timeout", "1", "--json")
+    out = _json(r)
+    new = [p for p in out["processes"] if p["newcomer"]]
+    try:
+        assert r.returncode == 6, r.stdout + r.stderr
+        assert [p["outcome"] for p in new] == ["not answering"], out
+        assert "1 processes started during the apply did not answer and may run it" in out["summary"]
+        assert "nothing is left changed" not in out["summary"]
+    finally:
+        for p in new:
+            os.kill(p["pid"], signal.SIGKILL)
 
 
 def test_continue_leaves_a_partial_service_with_its_own_exit_code(service, bundle):
