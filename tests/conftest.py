@@ -1,5 +1,6 @@
 import importlib
 import itertools
+import signal
 import sys
 import textwrap
 import types
@@ -10,6 +11,12 @@ import livepatch
 from livepatch.build import patch_from_source
 
 _counter = itertools.count()
+
+# Started in the background by a shell without job control (`cmd &` in a
+# script), the suite inherits SIGINT ignored, and so would every command it
+# starts: the tests of Ctrl-C on the CLI need it delivered as a terminal does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
