@@ -122,7 +122,6 @@ from __future__ import annotations
 
 import gc
 import operator
-import os
 import queue
 import sys
 import threading

@@ -14,13 +14,11 @@ are put back (young.py)."""
 
 from __future__ import annotations
 
-import os
 import weakref
 
 from . import atfork
 
 _engines = weakref.WeakSet()
-_installed = False
 
 
 def track(engine) -> None:
@@ -29,10 +27,7 @@ def track(engine) -> None:
 
 
 def install() -> None:
-    global _installed
-    if not _installed:
-        _installed = True
-        atfork.on_child_reset(_after_fork_in_child)
+    atfork.on_child_reset(_after_fork_in_child)  # once however often called
 
 
 def _after_fork_in_child() -> None:
