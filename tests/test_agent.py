@@ -489,8 +489,9 @@ from livepatch import TargetNotFound, UnsupportedRuntime, apply, rollback, rollb
 import livepatch.fingerprint
 assert callable(fingerprint) and livepatch.fingerprint is fingerprint  # the function, not its submodule
 assert livepatch.engine is livepatch.engine and isinstance(livepatch.engine, Engine)
-from livepatch import engine, forksafe
-assert engine is livepatch.engine and forksafe._installed and livepatch.commit.__name__ == "livepatch.commit"
+from livepatch import atfork, engine, forksafe
+assert engine is livepatch.engine and forksafe._after_fork_in_child in atfork._resets  # the child's reset is registered
+assert livepatch.commit.__name__ == "livepatch.commit"
 assert livepatch.status()["applied"] == [] and livepatch.status() == engine.status()
 try:
     livepatch.no_such_name
