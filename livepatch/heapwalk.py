@@ -32,15 +32,17 @@ from itertools import accumulate, chain, compress, islice, repeat
 from operator import and_, getitem, not_, or_, rshift, setitem
 
 # Bytes of containers (sys.getsizeof) whose referents one call gathers: about
-# 4k references. Each is a cache miss on a big heap (the call increfs it):
-# 16k of them took 1.5 ms at 5x10^6 objects.
-BATCH_BYTES = 1 << 15
-# A container larger than BATCH_BYTES is read in slices of SLICE items.
-SLICE = 4096
+# 2k references. Each is a cache miss on a big heap (the call increfs it, and
+# a young collection meanwhile visits it again while the list of them waits):
+# at 5x10^6 objects 16k of them took 1.5 ms, and 4k in a list kept 4 ms up
+# to 0.8 ms in the call and 1.2 ms in a young collection.
+BATCH_BYTES = 1 << 14
+# A container larger than BATCH_BYTES is read in slices of SLICE items (a
+# dict's keys and values: 2 * SLICE).
+SLICE = 1024
 # Objects one step looks at (each C-level call of a step handles at most
-# this many; `sys.getsizeof` of each, the slowest, touches cold memory:
-# 2048 of them took up to 3 ms at 5x10^6 objects on a loaded machine).
-STEP = 1024
+# this many).
+STEP = 512
 
 # The objects visited are marked in bitmaps, one per address region of
 # 2**REGION_SHIFT bytes, a bit per 16 bytes (two tracked objects never start
@@ -109,6 +111,9 @@ def _slices(obj):
 
 
 def _size(obj) -> int:
+    """`sys.getsizeof`, called from Python code: the interpreter may switch
+    threads between two objects. Touching cold objects, one C-level call
+    over a step's objects took up to 1.6 ms at 5x10^6 objects."""
     try:
         return _getsizeof(obj)
     except Exception:  # a __sizeof__ written in Python that fails
@@ -117,10 +122,7 @@ def _size(obj) -> int:
 
 def _cumulative_sizes(batch: list) -> array:
     """Kept while the containers wait: 8 bytes each, not an int object each."""
-    try:
-        return array("q", accumulate(map(_getsizeof, batch)))
-    except Exception:
-        return array("q", accumulate(map(_size, batch)))
+    return array("q", accumulate(map(_size, batch)))
 
 
 def _unseen(seen: dict, ids: list, region_shift: int) -> list:

@@ -30,8 +30,10 @@ from itertools import chain, compress, repeat, starmap
 YOUNG_BOUND = 2000
 # Steps after which one collects anyway: the count above goes down when any
 # object is freed, old ones too, and so says less than what is young (10^4
-# young objects, 5 ms of collection, at 5x10^6 objects with it alone).
-STEPS_BETWEEN = 64
+# young objects, 5 ms of collection, at 5x10^6 objects with it alone). A
+# collection also visits what the walk's waiting lists refer to, cold on a
+# big heap (see heapwalk.BATCH_BYTES).
+STEPS_BETWEEN = 32
 
 # The service's gc.callbacks while a step collects without them: a child
 # forked meanwhile gets them back (forksafe).
