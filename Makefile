@@ -26,11 +26,18 @@ test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 
 BENCHMARKS = pause memory safepoint stall agent alternatives tree startup protocol_fuzz repository values_apply soak
 
-bench: .venv-$(PY)/.ready
-	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py; done
+# switch_points needs sys.monitoring: it runs on 3.12 and 3.13 whatever PY is
+MONITORING_PYTHONS = 3.12 3.13
 
-bench-quick: .venv-$(PY)/.ready
+bench: .venv-$(PY)/.ready $(foreach v,$(MONITORING_PYTHONS),.venv-$(v)/.ready)
+	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py; done
+	@set -e; for v in $(MONITORING_PYTHONS); do echo "=== switch_points on $$v ==="; \
+	  .venv-$$v/bin/python benchmarks/switch_points.py; done
+
+bench-quick: .venv-$(PY)/.ready $(foreach v,$(MONITORING_PYTHONS),.venv-$(v)/.ready)
 	@set -e; for b in $(BENCHMARKS); do echo "=== $$b ==="; .venv-$(PY)/bin/python benchmarks/$$b.py --quick; done
+	@set -e; for v in $(MONITORING_PYTHONS); do echo "=== switch_points on $$v ==="; \
+	  .venv-$$v/bin/python benchmarks/switch_points.py --quick; done
 
 # real security releases built from their wheels and applied live (needs PyPI; not part of test or bench)
 corpus: .venv-$(PY)/.ready

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,6 +50,16 @@ def test_stall_benchmark_runs():
     assert [lat["threads"] for lat in row["latency"]] == [4, 16]
     # the control is sized to the apply's CPU, not fixed
     assert all(lat["control_units"] >= 1 for lat in row["latency"])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is 3.12 and later")
+def test_switch_point_benchmark_runs_and_sees_one_long_c_call():
+    data = _run("switch_points.py", "--quick")
+    stretches = data["rows"][0]["longest_stretch"]
+    assert stretches["apply with the heap walked"]["cpu_ns"]["n"] == 2
+    # the positive control is one C-level call: the measure must name it as the longest
+    positive = stretches["one gc.get_referrers pass (positive control)"]["longest_by_cpu"]
+    assert positive["cpu_where"].startswith("get_referrers called from"), positive
 
 
 def test_agent_benchmark_runs():
