@@ -4,6 +4,7 @@ machine description, result files."""
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,3 +93,20 @@ def write_result(kind: str, data: dict, quick: bool) -> str:
     with open(path, "w") as fh:
         json.dump(data, fh, indent=2)
     return path
+
+
+def rows_per_heap(script: str, kind: str, heaps: list, child_args: list, print_row) -> list:
+    """Run `script --child --heap N *child_args` in a fresh process per heap
+    size (a heap once built stays in its process); each row printed as it
+    comes, with the load average after it."""
+    rows = []
+    for heap in heaps:
+        cmd = [sys.executable, os.path.abspath(script), "--child", "--heap", str(heap), *child_args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            sys.exit(f"{kind} benchmark at {heap} objects failed:\n{done.stderr}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["load_average"] = os.getloadavg()
+        rows.append(row)
+        print_row(row)
+    return rows

@@ -39,14 +39,13 @@ Run: python benchmarks/stall.py [--quick]"""
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, make_module, summary, write_result  # noqa: E402
+from common import machine, make_module, rows_per_heap, summary, write_result  # noqa: E402
 
 GAP_NS = 20_000
 
@@ -186,17 +185,37 @@ def build_heap(n: int) -> list:
     return [rows, {i: [i] for i in range(n // 10)}]
 
 
+def heap_and_patch(n: int, prefix: str) -> tuple:
+    """(n extra objects, which the caller keeps; how many objects the
+    collector then tracks; a module of 100 typical functions; its patch)."""
+    import gc
+    from livepatch.build import patch_from_source
+    heap = build_heap(n)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    module, base, new = make_module(100, f"{prefix}_{n}")
+    return heap, tracked, module, patch_from_source("S100", module.__name__, new, base_source=base)
+
+
+def apply_with_the_heap_walked(patch) -> None:
+    """apply() with the namespace proof disabled, so that the heap is walked
+    (as it is for generator targets)."""
+    import livepatch
+    from livepatch import locate
+    real_proof = locate._module_functions
+    locate._module_functions = lambda mod: None
+    try:
+        livepatch.apply(patch, timeout=60)
+    finally:
+        locate._module_functions = real_proof
+
+
 def child(args) -> dict:
     import gc
     import livepatch
-    from livepatch import locate
     from livepatch.build import patch_from_source
 
-    heap = build_heap(args.heap)
-    gc.collect()
-    tracked = len(gc.get_objects())
-    module, base, new = make_module(100, f"lp_stall_{args.heap}")
-    patch = patch_from_source("S100", module.__name__, new, base_source=base)
+    heap, tracked, module, patch = heap_and_patch(args.heap, "lp_stall")
     small, sbase, snew = make_module(2, f"lp_stall_small_{args.heap}")
     small_patch = patch_from_source("S2", small.__name__, snew, base_source=sbase)
     out = {"heap_objects": args.heap, "tracked_objects": tracked}
@@ -228,14 +247,9 @@ def child(args) -> dict:
     sys.setswitchinterval(1e-4)
     workers = Workers(1)
     time.sleep(0.05)
-    real_proof = locate._module_functions
 
     def apply_walking():
-        locate._module_functions = lambda mod: None  # no namespace proof: the heap is walked
-        try:
-            livepatch.apply(patch, timeout=60)
-        finally:
-            locate._module_functions = real_proof
+        apply_with_the_heap_walked(patch)
 
     # The longest gap over a window grows with the window (the OS, the
     # machine): a walk takes seconds, so its control runs as long.
@@ -422,18 +436,9 @@ def main():
     heaps = [10_000] if args.quick else [100_000, 1_000_000, 5_000_000]
     reps = 2 if args.quick else args.reps
     latency_reps = 3 if args.quick else args.latency_reps
-    rows = []
-    for heap in heaps:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--heap", str(heap),
-               "--threads", str(4 if args.quick else args.threads), "--reps", str(reps),
-               "--latency-reps", str(latency_reps), "--walk-reps", str(min(reps, args.walk_reps))]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0:
-            sys.exit(f"stall benchmark at {heap} objects failed:\n{done.stderr}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["load_average"] = os.getloadavg()
-        rows.append(row)
-        print_row(row)
+    child_args = ["--threads", str(4 if args.quick else args.threads), "--reps", str(reps),
+                  "--latency-reps", str(latency_reps), "--walk-reps", str(min(reps, args.walk_reps))]
+    rows = rows_per_heap(__file__, "stall", heaps, child_args, print_row)
     path = write_result("stall", {"machine": machine(), "rows": rows}, args.quick)
     print(f"results: {path}")
 

@@ -33,14 +33,13 @@ import argparse
 import heapq
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, make_module, summary, write_result  # noqa: E402
-from stall import build_heap, ordinary_python  # noqa: E402
+from common import machine, rows_per_heap, summary, write_result  # noqa: E402
+from stall import apply_with_the_heap_walked, heap_and_patch, ordinary_python  # noqa: E402
 
 TOP = 5  # stretches kept per round, by CPU time
 TOOL_ID = 4  # not one of the ids CPython names for debuggers, coverage, profilers, optimizers
@@ -159,22 +158,11 @@ def measured(fn, stretch: LongestStretch) -> tuple[dict, float]:
 def child(args) -> dict:
     import gc
     import livepatch
-    from livepatch import locate
-    from livepatch.build import patch_from_source
 
-    heap = build_heap(args.heap)
-    gc.collect()
-    tracked = len(gc.get_objects())
-    module, base, new = make_module(100, f"lp_switch_{args.heap}")
-    patch = patch_from_source("S100", module.__name__, new, base_source=base)
-    real_proof = locate._module_functions
+    heap, tracked, module, patch = heap_and_patch(args.heap, "lp_switch")
 
     def apply_walking():
-        locate._module_functions = lambda mod: None  # no namespace proof: the heap is walked
-        try:
-            livepatch.apply(patch, timeout=60)
-        finally:
-            locate._module_functions = real_proof
+        apply_with_the_heap_walked(patch)
 
     apply_walking()  # unmeasured: the engine imports what the walk needs on first use
     livepatch.rollback()
@@ -242,16 +230,7 @@ def main():
         return
     heaps = [10_000] if args.quick else args.heaps
     reps = 2 if args.quick else args.reps
-    rows = []
-    for heap in heaps:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--heap", str(heap), "--reps", str(reps)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0:
-            sys.exit(f"switch-point benchmark at {heap} objects failed:\n{done.stderr}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["load_average"] = os.getloadavg()
-        rows.append(row)
-        print_row(row)
+    rows = rows_per_heap(__file__, "switch-point", heaps, ["--reps", str(reps)], print_row)
     path = write_result("switch_points", {"machine": machine(), "rows": rows}, args.quick)
     print(f"results: {path}")
 
