@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, rows_per_heap, summary, write_result  # noqa: E402
-from stall import apply_with_the_heap_walked, heap_and_patch, ordinary_python  # noqa: E402
+from stall import _ms, apply_with_the_heap_walked, heap_and_patch, ordinary_python  # noqa: E402
 
 TOP = 5  # stretches kept per round, by CPU time
 TOOL_ID = 4  # not one of the ids CPython names for debuggers, coverage, profilers, optimizers
@@ -55,8 +55,7 @@ class LongestStretch:
     def __init__(self):
         self.thread = None
         self.longest_wall = (0, 0, "")  # (wall, cpu, what)
-        self.longest_cpu = (0, 0, "")
-        self.top_cpu = [(0, "")] * TOP
+        self.top_cpu = [(0, "")] * TOP  # (cpu, what): a heap of the longest by CPU
         self.last_call = None
         self.last_wall = self.last_cpu = 0
 
@@ -89,7 +88,7 @@ class LongestStretch:
         if _thread.get_ident() != self.thread:
             return sys.monitoring.DISABLE
         # not a switch point (the check comes after the call returns): what runs next
-        self.last_call = (callable_, code, offset)
+        self.last_call = (callable_, code)
         return None
 
     def _returned(self, code, offset, callable_, arg0):
@@ -113,12 +112,13 @@ class LongestStretch:
     def _point(self, code):
         now, cpu = time.perf_counter_ns(), time.thread_time_ns()
         wall, used = now - self.last_wall, cpu - self.last_cpu
-        if wall > self.longest_wall[0]:
-            self.longest_wall = (wall, used, self._what(code))
-        if used > self.longest_cpu[1]:
-            self.longest_cpu = (wall, used, self._what(code))
-        if used > self.top_cpu[0][0]:  # the next longest, to tell a pattern from one outlier
-            heapq.heapreplace(self.top_cpu, (used, self._what(code)))
+        longest_wall, among_top_cpu = wall > self.longest_wall[0], used > self.top_cpu[0][0]
+        if longest_wall or among_top_cpu:
+            what = self._what(code)
+            if longest_wall:
+                self.longest_wall = (wall, used, what)
+            if among_top_cpu:  # the next longest too, to tell a pattern from one outlier
+                heapq.heapreplace(self.top_cpu, (used, what))
         self.last_call = None
         self.last_wall, self.last_cpu = time.perf_counter_ns(), time.thread_time_ns()
 
@@ -126,15 +126,16 @@ class LongestStretch:
         place = f"{os.path.basename(code.co_filename)}:{code.co_name}"
         if self.last_call is None:
             return f"bytecode in {place}"
-        callable_, caller, _offset = self.last_call
+        callable_, caller = self.last_call
         name = getattr(callable_, "__qualname__", None) or type(callable_).__qualname__
         return f"{name} called from {os.path.basename(caller.co_filename)}:{caller.co_name}"
 
     def take(self) -> dict:
+        top = sorted(self.top_cpu, reverse=True)
         out = {"wall_ns": self.longest_wall[0], "cpu_ns_over_it": self.longest_wall[1],
-               "where": self.longest_wall[2], "cpu_ns": self.longest_cpu[1], "cpu_where": self.longest_cpu[2],
-               "top_by_cpu": [{"cpu_ns": c, "where": w} for c, w in sorted(self.top_cpu, reverse=True) if c]}
-        self.longest_wall = self.longest_cpu = (0, 0, "")
+               "where": self.longest_wall[2], "cpu_ns": top[0][0], "cpu_where": top[0][1],
+               "top_by_cpu": [{"cpu_ns": c, "where": w} for c, w in top if c]}
+        self.longest_wall = (0, 0, "")
         self.top_cpu = [(0, "")] * TOP
         return out
 
@@ -194,10 +195,6 @@ def _summary(results: list) -> dict:
     return {"wall_ns": summary([r["wall_ns"] for r in results]), "cpu_ns": summary([r["cpu_ns"] for r in results]),
             "longest": max(results, key=lambda r: r["wall_ns"]),
             "longest_by_cpu": max(results, key=lambda r: r["cpu_ns"])}
-
-
-def _ms(ns) -> str:
-    return f"{ns / 1e6:.2f}"
 
 
 def print_row(row: dict) -> None:
