@@ -32,10 +32,11 @@ from itertools import accumulate, chain, compress, islice, repeat
 from operator import and_, getitem, not_, or_, rshift, setitem
 
 # Bytes of containers (sys.getsizeof) whose referents one call gathers: about
-# 2k references. Each is a cache miss on a big heap (the call increfs it, and
-# a young collection meanwhile visits it again while the list of them waits):
-# at 5x10^6 objects 16k of them took 1.5 ms, and 4k in a list kept 4 ms up
-# to 0.8 ms in the call and 1.2 ms in a young collection.
+# 2k references. Each is a cache miss on a big heap: the call increfs it, and
+# a young collection visits it again while the list of them waits to be
+# checked. At 5x10^6 objects, 16k of them took 1.5 ms in the call, and lists
+# holding 4k to 5k of them up to 0.8 ms in the call and 1.3 ms in a young
+# collection.
 BATCH_BYTES = 1 << 14
 # A container larger than BATCH_BYTES is read in slices of SLICE items (a
 # dict's keys and values: 2 * SLICE).
