@@ -8,9 +8,11 @@ in one C-level call, and the first collection after the collector is back
 on traverses all of it, each as long as the pile (3 to 4 ms at 5x10^6
 objects with one busy thread, more in a service that allocates).
 
-So between the walk's steps, every STEPS_BETWEEN steps or once the young
-generation is past YOUNG_BOUND objects, `YoungKeeper.step` keeps its functions and generator-likes and
-collects generations 0 and 1, in one C-level call: nothing else runs between
+So between the walk's steps, every STEPS_BETWEEN steps, once the young
+generation is past YOUNG_BOUND objects or once the walk's own waiting lists
+made since the last collection hold WALK_REFERENCES, `YoungKeeper.step`
+keeps its functions and generator-likes and collects generations 0 and 1,
+in one C-level call: nothing else runs between
 the reading and the collection (the service's `gc.callbacks` are set aside
 for it: they are Python code, run before the collection moves anything),
 and what is made afterwards, finalizers of this collection included, is
@@ -30,10 +32,13 @@ from itertools import chain, compress, repeat, starmap
 YOUNG_BOUND = 2000
 # Steps after which one collects anyway: the count above goes down when any
 # object is freed, old ones too, and so says less than what is young (10^4
-# young objects, 5 ms of collection, at 5x10^6 objects with it alone). A
-# collection also visits what the walk's waiting lists refer to, cold on a
-# big heap (see heapwalk.BATCH_BYTES).
+# young objects, 5 ms of collection, at 5x10^6 objects with it alone).
 STEPS_BETWEEN = 32
+# References in the walk's waiting lists made since the last collection
+# above which a step collects: the collection visits each referent, cold on
+# a big heap (at 5x10^6 objects, 32 steps' lists, up to 16k references, took
+# 1 ms to collect).
+WALK_REFERENCES = 4096
 
 # The service's gc.callbacks while a step collects without them: a child
 # forked meanwhile gets them back (forksafe).
@@ -62,13 +67,19 @@ class YoungKeeper:
         self.clean = True
         self.started = self.counts = counts()
         self.steps = 0
+        self.made_then = 0
 
-    def step(self) -> None:
-        """Between two of the walk's steps."""
+    def step(self, made: int = 0) -> None:
+        """Between two of the walk's steps; `made`: references its waiting
+        lists have taken so far (see heapwalk.walk)."""
         self.steps += 1
-        if not self.active or not self.clean or (self.steps < STEPS_BETWEEN and gc.get_count()[0] <= YOUNG_BOUND):
+        if not self.active or not self.clean:
+            return
+        if (self.steps < STEPS_BETWEEN and made - self.made_then <= WALK_REFERENCES
+                and gc.get_count()[0] <= YOUNG_BOUND):
             return
         self.steps = 0
+        self.made_then = made
         if counts() != self.counts:  # someone else collected or froze since the last step
             self.clean = False
             return

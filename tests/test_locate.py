@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 
-from livepatch import history, locate, transition
+from livepatch import heapwalk, history, locate, transition
 from livepatch.locate import HeapIndex
 from conftest import patch_of
 
@@ -93,7 +93,6 @@ def test_heap_walk_finds_what_one_referrers_pass_finds(make_module, monkeypatch)
 def test_heap_walk_in_tiny_steps_finds_the_same(make_module, monkeypatch):
     """Steps, slices of big containers and visited-address regions far
     smaller than the containers: the walk still finds every function."""
-    from livepatch import heapwalk
     m, _ = make_module(SRC)
     in_a_big_list = [[i] for i in range(50)] + [m.make(1)]
     in_a_big_dict = {i: (i, m.make(2) if i == 33 else None) for i in range(60)}
@@ -118,7 +117,6 @@ def test_heap_walk_keeps_a_few_bytes_per_object_it_visits():
     bytes per visited object: a bit per 16 bytes of addresses, and the
     slices of the biggest container (8 bytes per item)."""
     import tracemalloc
-    from livepatch import heapwalk
     flat = [[i] for i in range(100_000)]
     nested = [[[i] for i in range(1000)] for _ in range(100)]
     was_enabled = gc.isenabled()
@@ -145,7 +143,7 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
     still switched. This one is held only where the walk does not look (by
     `atexit`, in C state): nothing but the young generation can name it."""
     import atexit
-    from livepatch import heapwalk, young
+    from livepatch import young
     m, src = make_module(SRC)
     _walk_the_heap(monkeypatch)
     monkeypatch.setattr(heapwalk, "STEP", 64)
@@ -153,7 +151,7 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
     made, kept_alive, keepers = [], [], []
     real_step = young.YoungKeeper.step
 
-    def step_while_the_service_allocates(self):
+    def step_while_the_service_allocates(self, references=0):
         if not made:
             row = m.make(5)
             atexit.register(row)
@@ -161,7 +159,7 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
             keepers.append(self)
             del row
         kept_alive.append([[] for _ in range(20)])  # what the service keeps meanwhile
-        real_step(self)
+        real_step(self, references)
         assert gc.get_count()[0] <= young.YOUNG_BOUND + 21
     monkeypatch.setattr(young.YoungKeeper, "step", step_while_the_service_allocates)
     try:
@@ -173,6 +171,47 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
         assert made[0]()(1) == 6
     finally:
         atexit.unregister(made[0]())
+
+
+def _young_list_references_per_collection(monkeypatch, walk_references: int) -> list:
+    """References held by young lists at each of a walk's own collections
+    but the first (which also sees the walk's roots), over a heap of wide
+    lists and a big dict."""
+    from livepatch import young
+    monkeypatch.setattr(young, "YOUNG_BOUND", 10 ** 9)
+    monkeypatch.setattr(young, "WALK_REFERENCES", walk_references)
+    seen = []
+    real_collect = young.YoungKeeper._keep_and_collect
+
+    def measuring(self):
+        seen.append(sum(len(o) for o in gc.get_objects(0) if type(o) is list))
+        real_collect(self)
+    monkeypatch.setattr(young.YoungKeeper, "_keep_and_collect", measuring)
+    rows = [[[i] for i in range(j, j + 1000)] for j in range(0, 100_000, 1000)]
+    index = {i: [i] for i in range(10_000)}
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        keeper = young.YoungKeeper(frozenset({types.FunctionType}))
+        heapwalk.walk((types.FunctionType,), keeper.step)
+    finally:
+        if was_enabled:
+            gc.enable()
+    del rows, index
+    assert keeper.clean and len(seen) > 10
+    return seen[1:]
+
+
+def test_a_walks_own_collections_visit_a_bounded_number_of_its_references(monkeypatch):
+    """Each young collection visits every referent of the walk's waiting
+    lists made since the last one, cold on a big heap: the keeper collects
+    once they took WALK_REFERENCES, whatever the number of steps (the
+    lists of one step come on top: up to a batch's referents)."""
+    bound = 500 + heapwalk.BATCH_BYTES // 8 + 64
+    bounded = _young_list_references_per_collection(monkeypatch, 500)
+    assert max(bounded) <= bound, bounded
+    unbounded = _young_list_references_per_collection(monkeypatch, 10 ** 9)  # steps alone set it off
+    assert max(unbounded) > bound, unbounded
 
 
 def test_a_collection_by_hand_during_a_walk_makes_the_engine_locate_again(make_module, engine, monkeypatch):
