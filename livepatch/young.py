@@ -10,13 +10,12 @@ objects with one busy thread, more in a service that allocates).
 
 So between the walk's steps, every STEPS_BETWEEN steps, once the young
 generation is past YOUNG_BOUND objects or once the walk's own waiting lists
-made since the last collection hold WALK_REFERENCES, `YoungKeeper.step`
+made since the last collection took WALK_REFERENCES, `YoungKeeper.step`
 keeps its functions and generator-likes and collects generations 0 and 1,
-in one C-level call: nothing else runs between
-the reading and the collection (the service's `gc.callbacks` are set aside
-for it: they are Python code, run before the collection moves anything),
-and what is made afterwards, finalizers of this collection included, is
-young again. A collection anyone else makes meanwhile (`gc.collect()` or
+in one C-level call: nothing else runs between the reading and the
+collection (the service's `gc.callbacks` are set aside for it: they are
+Python code, run before the collection moves anything), and what is made
+afterwards, finalizers of this collection included, is young again. A collection anyone else makes meanwhile (`gc.collect()` or
 `gc.freeze()` by hand) moves objects unseen: `clean` turns false and the
 caller locates again, as it does when that happens without a walk."""
 
