@@ -151,8 +151,9 @@ def _unseen(seen: dict, ids: list, region_shift: int) -> list:
 def walk(wanted: tuple, between_steps=None) -> tuple[list, int]:
     """(every reachable object whose type is in `wanted`, how many tracked
     objects were visited). `between_steps(made)`, if given, is called before
-    each step with how many references the walk's waiting lists have taken
-    so far (see young.YoungKeeper: a young collection visits each).
+    each step with how many references the walk has gathered into waiting
+    lists so far (see young.YoungKeeper: a young collection visits each;
+    a waiting list split into steps is not counted again).
 
     Two stacks: lists of objects to check against what was seen, and lists
     of visited containers whose referents are still to gather. What waits
