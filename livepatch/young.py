@@ -15,9 +15,10 @@ keeps its functions and generator-likes and collects generations 0 and 1,
 in one C-level call: nothing else runs between the reading and the
 collection (the service's `gc.callbacks` are set aside for it: they are
 Python code, run before the collection moves anything), and what is made
-afterwards, finalizers of this collection included, is young again. A collection anyone else makes meanwhile (`gc.collect()` or
-`gc.freeze()` by hand) moves objects unseen: `clean` turns false and the
-caller locates again, as it does when that happens without a walk."""
+afterwards, finalizers of this collection included, is young again. A
+collection anyone else makes meanwhile (`gc.collect()` or `gc.freeze()` by
+hand) moves objects unseen: `clean` turns false and the caller locates
+again, as it does when that happens without a walk."""
 
 from __future__ import annotations
 

@@ -3,8 +3,11 @@ locating and the commit: every function running the old code is still
 switched, however and whenever it was made before the commit."""
 import functools
 import gc
+import json
 import linecache
 import os
+import subprocess
+import sys
 import types
 import warnings
 import weakref
@@ -200,9 +203,6 @@ def _young_list_references_per_collection(walk_references: int) -> dict:
     but the first (which also sees the walk's roots), over a heap of wide
     lists and a big dict, in a fresh interpreter: no other thread there
     makes lists meanwhile."""
-    import json
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, "-c", _YOUNG_LISTS_AT_EACH_COLLECTION, str(walk_references)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
