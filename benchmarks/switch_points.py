@@ -10,7 +10,10 @@ calls to types too, which `sys.setprofile` does not report (stall.py's
 "bytecode stretch" is an upper bound over several such calls). The longest
 time between two consecutive points, by wall clock and by the thread's CPU
 time, is an upper bound of the longest GIL hold no switch request can
-interrupt, named by what was called last.
+interrupt, named by what was called last. Stretches over 0.5 and 1 ms of
+CPU are counted too, over all rounds: at a big heap a cold read stalls any
+code now and then, and how often it happens beside the control says more
+than one maximum.
 
 For each heap size a fresh process builds that many extra tracked objects
 (stall.py's heap) and a module of 100 typical functions, then, rounds
@@ -42,6 +45,10 @@ from common import machine, rows_per_heap, summary, write_result  # noqa: E402
 from stall import _ms, apply_with_the_heap_walked, heap_and_patch, ordinary_python  # noqa: E402
 
 TOP = 5  # stretches kept per round, by CPU time
+# Stretches counted per round by CPU time above each of these (ns): how often
+# long ones come, side by side with the control, tells a pattern of the code
+# from a stall of the machine, which a maximum alone cannot.
+OVER_NS = (500_000, 1_000_000)
 TOOL_ID = 4  # not one of the ids CPython names for debuggers, coverage, profilers, optimizers
 
 
@@ -58,6 +65,8 @@ class LongestStretch:
         self.top_cpu = [(0, "")] * TOP  # (cpu, what): a heap of the longest by CPU
         self.last_call = None
         self.last_wall = self.last_cpu = 0
+        self.over = [0] * len(OVER_NS)
+        self.points = 0
 
     def start(self):
         """Begin here, in the thread measured."""
@@ -112,6 +121,9 @@ class LongestStretch:
     def _point(self, code):
         now, cpu = time.perf_counter_ns(), time.thread_time_ns()
         wall, used = now - self.last_wall, cpu - self.last_cpu
+        self.points += 1
+        if used > OVER_NS[0]:
+            self.over = [n + (used > limit) for n, limit in zip(self.over, OVER_NS)]
         longest_wall, among_top_cpu = wall > self.longest_wall[0], used > self.top_cpu[0][0]
         if longest_wall or among_top_cpu:
             what = self._what(code)
@@ -134,14 +146,17 @@ class LongestStretch:
         top = sorted(self.top_cpu, reverse=True)
         out = {"wall_ns": self.longest_wall[0], "cpu_ns_over_it": self.longest_wall[1],
                "where": self.longest_wall[2], "cpu_ns": top[0][0], "cpu_where": top[0][1],
-               "top_by_cpu": [{"cpu_ns": c, "where": w} for c, w in top if c]}
+               "top_by_cpu": [{"cpu_ns": c, "where": w} for c, w in top if c],
+               "points": self.points, "over_cpu_ns": dict(zip(map(str, OVER_NS), self.over))}
+        self.over = [0] * len(OVER_NS)
+        self.points = 0
         self.longest_wall = (0, 0, "")
         self.top_cpu = [(0, "")] * TOP
         return out
 
 
 def measured(fn, stretch: LongestStretch) -> tuple[dict, float]:
-    """(the longest stretch of fn() run in a new thread, its wall seconds)."""
+    """(the longest stretches of fn() run in a new thread, its wall seconds)."""
     box = []
 
     def run():
@@ -153,7 +168,7 @@ def measured(fn, stretch: LongestStretch) -> tuple[dict, float]:
     t = threading.Thread(target=run)
     t.start()
     t.join()
-    return stretch.take(), box[0]
+    return dict(stretch.take(), seconds=box[0]), box[0]
 
 
 def child(args) -> dict:
@@ -194,7 +209,9 @@ def child(args) -> dict:
 def _summary(results: list) -> dict:
     return {"wall_ns": summary([r["wall_ns"] for r in results]), "cpu_ns": summary([r["cpu_ns"] for r in results]),
             "longest": max(results, key=lambda r: r["wall_ns"]),
-            "longest_by_cpu": max(results, key=lambda r: r["cpu_ns"])}
+            "longest_by_cpu": max(results, key=lambda r: r["cpu_ns"]),
+            "seconds": sum(r["seconds"] for r in results), "points": sum(r["points"] for r in results),
+            "over_cpu_ns": {limit: sum(r["over_cpu_ns"][limit] for r in results) for limit in map(str, OVER_NS)}}
 
 
 def print_row(row: dict) -> None:
@@ -205,6 +222,8 @@ def print_row(row: dict) -> None:
         print(f"   {name}: longest stretch by CPU p50/max {_ms(c['p50'])}/{_ms(c['max'])} ms "
               f"(the max: {s['longest_by_cpu']['cpu_where']}); by wall p50/max {_ms(w['p50'])}/{_ms(w['max'])} ms "
               f"(the max: {s['longest']['where']}, CPU {_ms(s['longest']['cpu_ns_over_it'])} ms)")
+        over = ", ".join(f"{n} over {_ms(int(limit))} ms" for limit, n in s["over_cpu_ns"].items())
+        print(f"      over all rounds ({s['seconds']:.1f} s, {s['points']:,} switch points): {over}")
         runner_up = s["longest_by_cpu"]["top_by_cpu"][1:]
         if runner_up:
             print("      next longest by CPU in that round: " + "; ".join(

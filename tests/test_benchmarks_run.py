@@ -60,6 +60,12 @@ def test_switch_point_benchmark_runs_and_sees_one_long_c_call():
     # the positive control is one C-level call: the measure must name it as the longest
     positive = stretches["one gc.get_referrers pass (positive control)"]["longest_by_cpu"]
     assert positive["cpu_where"].startswith("get_referrers called from"), positive
+    # long stretches are counted as well as the longest: none over a limit
+    # exactly when the longest is under it
+    for name, s in stretches.items():
+        assert s["points"] > 0 and s["seconds"] > 0, name
+        for limit, count in s["over_cpu_ns"].items():
+            assert (count > 0) == (s["cpu_ns"]["max"] > int(limit)), (name, limit, count, s["cpu_ns"])
 
 
 def test_agent_benchmark_runs():
