@@ -43,12 +43,17 @@ def make_module(n: int, name: str):
     baseline and patched sources."""
     base = "".join(typical_function(i, 1) for i in range(n))
     new = "".join(typical_function(i, 2) for i in range(n))
+    return import_source(name, base), base, new
+
+
+def import_source(name: str, source: str):
+    """Import `source` as a module called `name`, from a file in a private
+    directory of its own (the engine reads a module's source from its file)."""
     d = tempfile.mkdtemp(prefix="lpbench-")
     with open(os.path.join(d, name + ".py"), "w") as fh:
-        fh.write(base)
+        fh.write(source)
     sys.path.insert(0, d)
-    module = __import__(name)
-    return module, base, new
+    return __import__(name)
 
 
 def percentile(values, q):
