@@ -29,7 +29,7 @@ import types
 from array import array
 from bisect import bisect_right
 from itertools import accumulate, chain, compress, islice, repeat
-from operator import and_, getitem, not_, or_, rshift, setitem
+from operator import and_, countOf, getitem, not_, or_, rshift, setitem
 
 # Bytes of containers (sys.getsizeof) whose referents one call gathers: about
 # 2k references. Each is a cache miss on a big heap: the call increfs it, and
@@ -148,12 +148,17 @@ def _unseen(seen: dict, ids: list, region_shift: int) -> list:
     return list(compress(ids, fresh))
 
 
-def walk(wanted: tuple, between_steps=None) -> tuple[list, int]:
+def walk(wanted: tuple, between_steps=None, counted: dict | None = None) -> tuple[list, int]:
     """(every reachable object whose type is in `wanted`, how many tracked
     objects were visited). `between_steps(made)`, if given, is called before
     each step with how many references the walk has gathered into waiting
     lists so far (see young.YoungKeeper: a young collection visits each;
-    a waiting list split into steps is not counted again).
+    a waiting list split into steps is not counted again). `counted`, if
+    given, maps ids to 0: each is increased by the references to that
+    object the walk read (from the roots, a module to its namespace, and
+    each visited container), as many as the object's refcount has from
+    what was reachable, unless something changed meanwhile (see
+    locate.walk_accounts_for).
 
     Two stacks: lists of objects to check against what was seen, and lists
     of visited containers whose referents are still to gather. What waits
@@ -187,6 +192,11 @@ def walk(wanted: tuple, between_steps=None) -> tuple[list, int]:
         if len(batch) > STEP:
             to_check += [batch[i:i + STEP] for i in range(STEP, len(batch), STEP)]
             batch = batch[:STEP]
+        if counted:
+            batch_ids = list(map(id, batch))
+            for key in counted:
+                counted[key] += countOf(batch_ids, key)
+            del batch_ids
         batch = list(filter(_is_tracked, batch)) if batch else batch
         ids = dict(zip(map(id, batch), batch))
         fresh = _unseen(seen, list(ids), REGION_SHIFT)

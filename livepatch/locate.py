@@ -23,7 +23,7 @@ from collections import defaultdict
 from itertools import chain, compress, repeat, starmap
 from dataclasses import dataclass, field
 
-from . import heapwalk
+from . import heapwalk, walkproof
 from .young import YoungKeeper, counts as gc_counts
 from .errors import Problem
 
@@ -82,6 +82,9 @@ def suspended_frame(obj):
 # a millisecond (about 18 ns per object); above it the heap is walked in
 # bounded steps (heapwalk). Allocated blocks are about three per tracked object.
 SMALL_HEAP = 20_000
+# Walks whose result the namespaces' refcounts could not prove complete
+# before one gc.get_referrers pass is made instead (see walkproof).
+WALKS = 2
 # Tracked objects the last walk visited: None until the first one. Asking the
 # allocator how big the heap is costs ~1 ms at 5x10^6 objects, so it is only
 # asked when the last walk found a small heap.
@@ -121,11 +124,12 @@ class HeapIndex:
     # (counts before, counts after) of each walk that collected the young
     # generation itself (see `young`); after is None if anyone else collected meanwhile
     own_collections: list = field(default_factory=list)
+    walks: int = 0
+    located: str = ""  # how the functions were found (the namespace, one pass, walks)
 
     @classmethod
     def scan(cls, modules=()) -> "HeapIndex":
         """Index the functions whose globals are one of `modules` (names)."""
-        global _heap_hint
         index = cls()
         mods = [mod for mod in map(loaded_module, modules) if mod is not None]
         if not mods:
@@ -135,26 +139,50 @@ class HeapIndex:
         if all(found is not None for found in namespaces):
             index.functions = [f for found in namespaces for f in found]
             index.complete = True
+            index.located = "namespace"
         elif _small_heap():
-            index.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
-            index.frozen_objects = gc.get_freeze_count()
-            if index.frozen_objects:
-                # gc.freeze() moves objects where get_referrers does not look;
-                # those are found by one walk from the roots, cached per freeze.
-                known = {id(f) for f in index.functions}
-                index.functions += [f for f in _frozen_cache.functions()
-                                    if id(f) not in known and any(f.__globals__ is a for a in anchors)]
+            index._one_pass(anchors)
         else:
-            # the walk follows references, so frozen objects are found like any other
-            keeper = YoungKeeper(_WANTED_YOUNG)
-            found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE, keeper.step)
-            ids = {id(a) for a in anchors}
-            index.functions = [f for f in found if type(f) is FunctionType and id(f.__globals__) in ids]
-            index.reachable = [o for o in found if type(o) is not FunctionType]
-            index.walked = True
-            index._take_young(keeper)
+            index._walk_for(anchors)
         index._reindex()
         return index
+
+    def _one_pass(self, anchors: list) -> None:
+        self.functions = [o for o in gc.get_referrers(*anchors) if type(o) is FunctionType]
+        self.frozen_objects = gc.get_freeze_count()
+        if self.frozen_objects:
+            # gc.freeze() moves objects where get_referrers does not look;
+            # those are found by one walk from the roots, cached per freeze.
+            known = {id(f) for f in self.functions}
+            self.functions += [f for f in _frozen_cache.functions()
+                               if id(f) not in known and any(f.__globals__ is a for a in anchors)]
+        self.located = f"one pass after {self.walks} walks" if self.walks else "one pass"
+
+    def _walk_for(self, anchors: list) -> None:
+        """The functions of `anchors` (and every generator-like) by walking
+        the heap; again when the namespaces' refcounts say the walk may have
+        missed one (see walkproof), and by one pass after WALKS such walks.
+        The walk follows references, so frozen objects are found like any other."""
+        global _heap_hint
+        ids = {id(a) for a in anchors}
+        while self.walks < WALKS:
+            self.walks += 1
+            counted = dict.fromkeys(ids, 0)
+            keeper = YoungKeeper(_WANTED_YOUNG)
+            found, _heap_hint = heapwalk.walk((FunctionType,) + _SUSPENDABLE, keeper.step, counted)
+            visited = [f for f in found if type(f) is FunctionType]
+            self.functions = [f for f in visited if id(f.__globals__) in ids]
+            self.reachable = [o for o in found if type(o) is not FunctionType]
+            self.walked = True
+            self._take_young(keeper)
+            if not keeper.active:  # the collector is on: objects leave the young generation unseen
+                self.located = "walk (not proven: the collector is on)"
+                return
+            if not any(walkproof.unaccounted(anchors, counted, visited, keeper.kept)):
+                self.located = "walk" if self.walks == 1 else f"walk {self.walks}"
+                return
+            del found, visited
+        self._one_pass(anchors)
 
     def _reindex(self) -> None:
         by_code = defaultdict(list)

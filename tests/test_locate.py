@@ -176,6 +176,104 @@ def test_objects_made_during_a_walk_are_switched_though_it_collects_the_young_ge
         atexit.unregister(made[0]())
 
 
+class _MovedBetweenWalkSteps:
+    """A closure held in one of two small lists, moved into the other just
+    before the walk reads the one it is in: it is always where the walk
+    has already read (a thread moving it at the worst moments, made
+    deterministic). `walks`: on how many walks it moves so."""
+
+    def __init__(self, monkeypatch, closure, walks: int):
+        self.lists = ([closure], [])
+        self.walks_left = walks
+        self.moves = 0
+        real_referents, real_slices = gc.get_referents, heapwalk._slices
+
+        def move_out_of(objs):
+            if self.walks_left:
+                for i, held in enumerate(self.lists):
+                    if held and any(o is held for o in objs):
+                        self.lists[1 - i].append(held.pop())
+                        self.moves += 1
+
+        def get_referents(*objs):
+            move_out_of(objs)
+            return real_referents(*objs)
+
+        def slices(obj):  # a list grown past BATCH_BYTES is read in slices, when they are taken
+            move_out_of((obj,))
+            return (part for part in list(real_slices(obj)))
+        monkeypatch.setattr(heapwalk, "BATCH_BYTES", 64)  # a call reads one small list at a time
+        monkeypatch.setattr(heapwalk.gc, "get_referents", get_referents)
+        monkeypatch.setattr(heapwalk, "_slices", slices)
+        real_walk = heapwalk.walk
+
+        def walk(*args, **kwargs):
+            try:
+                found = real_walk(*args, **kwargs)
+            finally:
+                self.walks_left = max(0, self.walks_left - 1)
+            moved = next(held[0] for held in self.lists if held)  # not in a cell: the walk would see it
+            self.found_by_each_walk.append(any(f is moved for f in found[0]))
+            del moved
+            return found
+        self.found_by_each_walk = []
+        monkeypatch.setattr(heapwalk, "walk", walk)
+
+
+def _scan_with_the_collector_off(module):
+    gc.collect()  # what the test made is old, as a service's functions are (young ones are found as young)
+    gc.disable()  # as in a transition: the walk's result is proven only then
+    try:
+        return HeapIndex.scan([module.__name__])
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("walks_that_miss, located", [(1, "walk 2"), (2, "one pass after 2 walks")])
+def test_a_function_moved_while_the_heap_is_walked_is_found_all_the_same(make_module, monkeypatch,
+                                                                         walks_that_miss, located):
+    """The walk reads the heap in steps while other threads run, so a
+    function whose every reference moves from a container not read yet into
+    one already read is never seen; the namespace's refcount says one is
+    missing, and the engine walks again, then makes one referrers pass."""
+    m, _ = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    mover = _MovedBetweenWalkSteps(monkeypatch, m.make(7), walks_that_miss)
+    index = _scan_with_the_collector_off(m)
+    # the walks it moved in missed it (it was never where they read), the next one found it
+    assert mover.found_by_each_walk[:walks_that_miss] == [False] * walks_that_miss
+    assert index.located == located, (index.located, mover.found_by_each_walk)
+    moved = next(held[0] for held in mover.lists if held)
+    assert any(f is moved for f in index.functions)
+    expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
+    assert _names(index.functions) == _names(expected)
+
+
+def test_a_walk_nothing_moved_in_is_proven_complete_by_the_namespace_refcount(make_module, monkeypatch):
+    """The proof costs nothing when nothing moved: one walk, and the
+    functions one referrers pass would find."""
+    m, _ = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    held_in_a_local = m.make(3)
+    m.registry.append(m.make(4))
+    index = _scan_with_the_collector_off(m)
+    assert index.located == "walk" and index.walks == 1
+    expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
+    assert _names(index.functions) == _names(expected) and held_in_a_local in index.functions
+
+
+def test_a_function_moved_during_every_walk_of_an_apply_is_switched(make_module, engine, monkeypatch):
+    m, src = make_module(SRC)
+    _walk_the_heap(monkeypatch)
+    mover = _MovedBetweenWalkSteps(monkeypatch, m.make(5), walks=10)
+    gc.collect()  # old, as a service's functions are: not found as young
+    engine.apply(patch_of(m, src, NEW))
+    moved = next(held[0] for held in mover.lists if held)
+    assert not any(mover.found_by_each_walk) and moved(1) == 51  # no walk saw it, and it is switched: a + n * 10
+    engine.rollback()
+    assert moved(1) == 6
+
+
 _YOUNG_LISTS_AT_EACH_COLLECTION = """
 import gc, json, sys, types
 from livepatch import heapwalk, young
