@@ -24,7 +24,7 @@ test: $(foreach v,$(PYTHONS),.venv-$(v)/.ready)
 	  .venv-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider tests; \
 	done
 
-BENCHMARKS = pause memory safepoint stall agent alternatives tree startup protocol_fuzz repository values_apply soak
+BENCHMARKS = pause memory safepoint stall walk_moves agent alternatives tree startup protocol_fuzz repository values_apply soak
 
 # switch_points needs sys.monitoring: it runs on 3.12 and 3.13 whatever PY is
 MONITORING_PYTHONS = 3.12 3.13

@@ -68,6 +68,15 @@ def test_switch_point_benchmark_runs_and_sees_one_long_c_call():
             assert (count > 0) == (s["cpu_ns"]["max"] > int(limit)), (name, limit, count, s["cpu_ns"])
 
 
+def test_walk_moves_benchmark_runs_and_its_objects_move_during_the_walks():
+    data = _run("walk_moves.py", "--quick")
+    for case, n in (("coroutines", data["coroutines"]["suspended"]), ("functions", data["functions"]["closures"])):
+        row = data[case]
+        # the control sees every one of them, and the other thread moved them while the engine walked
+        assert row["single_pass_found_min"] == n, (case, row)
+        assert row["moves_during_a_walk"]["p50"] > 0 and row["found"]["max"] <= n, (case, row)
+
+
 def test_agent_benchmark_runs():
     data = _run("agent.py", "--quick")
     assert data["end_to_end"]["cycles"] == 3 and data["idle_cpu"]["ratio_agent_over_none"] > 0
