@@ -165,6 +165,7 @@ class HeapIndex:
         The walk follows references, so frozen objects are found like any other."""
         global _heap_hint
         ids = {id(a) for a in anchors}
+        kept: list = []  # what earlier walks' collections moved out of the young generation
         while self.walks < WALKS:
             self.walks += 1
             counted = dict.fromkeys(ids, 0)
@@ -174,11 +175,13 @@ class HeapIndex:
             self.functions = [f for f in visited if id(f.__globals__) in ids]
             self.reachable = [o for o in found if type(o) is not FunctionType]
             self.walked = True
+            self.add_young(kept)
             self._take_young(keeper)
+            kept += keeper.kept
             if not keeper.active:  # the collector is on: objects leave the young generation unseen
                 self.located = "walk (not proven: the collector is on)"
                 return
-            if not any(walkproof.unaccounted(anchors, counted, visited, keeper.kept)):
+            if not any(walkproof.unaccounted(anchors, counted, visited, kept)):
                 self.located = "walk" if self.walks == 1 else f"walk {self.walks}"
                 return
             del found, visited

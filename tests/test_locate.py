@@ -249,6 +249,39 @@ def test_a_function_moved_while_the_heap_is_walked_is_found_all_the_same(make_mo
     assert _names(index.functions) == _names(expected)
 
 
+def test_a_function_made_during_a_first_walk_that_missed_one_is_kept_for_the_second(make_module, monkeypatch):
+    """What the first walk's own collections moved out of the young
+    generation is not young for the second walk: it is carried over, so
+    the second walk is proven complete with it (no single pass), and it
+    is indexed. This one is held only by `atexit` (C state), where no walk
+    looks."""
+    import atexit
+    from livepatch import young
+    m, _ = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    monkeypatch.setattr(young, "YOUNG_BOUND", 50)
+    mover = _MovedBetweenWalkSteps(monkeypatch, m.make(7), walks=1)
+    made = []
+    real_step = young.YoungKeeper.step
+
+    def step_making_one(self, references=0):
+        if not made:
+            row = m.make(8)
+            atexit.register(row)
+            made.append(weakref.ref(row))
+            del row
+        real_step(self, references)
+    monkeypatch.setattr(young.YoungKeeper, "step", step_making_one)
+    index = _scan_with_the_collector_off(m)
+    try:
+        assert mover.found_by_each_walk[0] is False
+        assert index.located == "walk 2", index.located
+        assert any(f is made[0]() for f in index.functions)
+        assert not any(o is made[0]() for o in gc.get_objects(0))  # it had left the young generation
+    finally:
+        atexit.unregister(made[0]())
+
+
 def test_a_walk_nothing_moved_in_is_proven_complete_by_the_namespace_refcount(make_module, monkeypatch):
     """The proof costs nothing when nothing moved: one walk, and the
     functions one referrers pass would find."""
