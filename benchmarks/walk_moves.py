@@ -113,15 +113,22 @@ def coroutines(heap: list, n: int, walks: int) -> dict:
             for _ in range(n):  # the tasks are held by their futures and the loop only
                 loop.create_task(module.handler(queues.places(), loop))
             ready.set()
-            while True:
+            while not stop.is_set():
                 for queue in (near_module.place, slot[-1]):
                     for _ in range(len(queue)):
                         queue.pop().set_result(None)
                 await asyncio.sleep(0)
                 events[0] += 1
+            handlers = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
         loop.run_until_complete(main())
+        loop.close()
 
-    threading.Thread(target=serve, daemon=True, name="event loop").start()
+    stop = threading.Event()
+    server = threading.Thread(target=serve, daemon=True, name="event loop")
+    server.start()
     ready.wait()
     time.sleep(0.2)
 
@@ -132,7 +139,11 @@ def coroutines(heap: list, n: int, walks: int) -> dict:
 
     def single_pass():
         return sum(type(o) is types.CoroutineType and o.cr_frame is not None for o in gc.get_referrers(code))
-    return dict(_walks(walks, locate, single_pass, events), suspended=n)
+    try:
+        return dict(_walks(walks, locate, single_pass, events), suspended=n)
+    finally:
+        stop.set()
+        server.join()
 
 
 def functions(heap: list, n: int, walks: int) -> dict:
@@ -144,13 +155,15 @@ def functions(heap: list, n: int, walks: int) -> dict:
     events = [0]
 
     def move():
-        while True:
+        while not stop.is_set():
             source, target = (near, far) if near else (far, near)
             while source:
                 target.append(source.pop())
             events[0] += 1
 
-    threading.Thread(target=move, daemon=True, name="mover").start()
+    stop = threading.Event()
+    mover = threading.Thread(target=move, daemon=True, name="mover")
+    mover.start()
 
     def locate():
         index = HeapIndex.scan([module.__name__])
@@ -158,7 +171,11 @@ def functions(heap: list, n: int, walks: int) -> dict:
 
     def single_pass():
         return sum(type(o) is types.FunctionType for o in gc.get_referrers(code))
-    return dict(_walks(walks, locate, single_pass, events), closures=n)
+    try:
+        return dict(_walks(walks, locate, single_pass, events), closures=n)
+    finally:
+        stop.set()
+        mover.join()
 
 
 def main():
@@ -169,7 +186,7 @@ def main():
     ap.add_argument("-n", type=int, default=50, help="coroutines, and closures, that move")
     args = ap.parse_args()
     if args.quick:
-        args.heap, args.walks = 60_000, 2
+        args.heap, args.walks, args.n = 30_000, 2, 10
     heap = [[] for _ in range(args.heap)]
     gc.collect()
     out = {"machine": machine(), "heap_objects": args.heap, "tracked_objects": len(gc.get_objects())}
