@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--heap", type=int, default=300_000, help="extra heap objects")
     ap.add_argument("--walks", type=int, default=20, help="walks per case")
     ap.add_argument("-n", type=int, default=50, help="coroutines, and closures, that move")
+    ap.add_argument("--case", choices=("coroutines", "functions"), action="append",
+                    help="only this case (repeatable; default both)")
     args = ap.parse_args()
     if args.quick:
         args.heap, args.walks, args.n = 30_000, 2, 10
@@ -191,6 +193,8 @@ def main():
     gc.collect()
     out = {"machine": machine(), "heap_objects": args.heap, "tracked_objects": len(gc.get_objects())}
     for name, case in (("coroutines", coroutines), ("functions", functions)):
+        if args.case and name not in args.case:
+            continue
         out[name] = row = case(heap, args.n, args.walks)
         print(f"{name}: {args.n} moving, {row['walks_that_missed_some']} of {args.walks} walks missed some "
               f"(found p50 {row['found']['p50']}, min {row['found_min']}; one get_referrers pass found "
