@@ -60,6 +60,7 @@ _SLOT_SHIFT = 4
 # the bit of an address's slot in its byte, by the address's low 7 bits
 _BIT_OF_LOW_BITS = tuple(1 << ((low >> _SLOT_SHIFT) & 7) for low in range(128))
 
+_CO_OPTIMIZED = 0x1
 _ModuleType = types.ModuleType
 _GeneratorType = types.GeneratorType
 _getsizeof = sys.getsizeof
@@ -78,7 +79,16 @@ def _roots() -> list:
     for frame in frames.values():
         while frame is not None:
             roots.append(frame)
-            roots.extend(frame.f_locals.values())
+            local = frame.f_locals
+            if not frame.f_code.co_flags & _CO_OPTIMIZED:
+                roots.append(local)  # module-level code or a class body: its namespace itself
+            else:
+                roots.extend(local.values())
+                if type(local) is dict:
+                    # 3.11, 3.12: the copy of its locals just read, which the
+                    # frame keeps: walked too, so that what it holds is
+                    # counted (walk's `counted`)
+                    roots.append(local)
             frame = frame.f_back
     return roots
 
@@ -158,7 +168,7 @@ def walk(wanted: tuple, between_steps=None, counted: dict | None = None) -> tupl
     object the walk read (from the roots, a module to its namespace, and
     each visited container), as many as the object's refcount has from
     what was reachable, unless something changed meanwhile (see
-    locate.walk_accounts_for).
+    walkproof).
 
     Two stacks: lists of objects to check against what was seen, and lists
     of visited containers whose referents are still to gather. What waits

@@ -181,6 +181,9 @@ class HeapIndex:
             if not keeper.active:  # the collector is on: objects leave the young generation unseen
                 self.located = "walk (not proven: the collector is on)"
                 return
+            if any(map(walkproof.code_frames, anchors)):
+                self.located = "walk (not proven: module-level code of a target module is running)"
+                return
             if not any(walkproof.unaccounted(anchors, counted, visited, kept)):
                 self.located = "walk" if self.walks == 1 else f"walk {self.walks}"
                 return

@@ -7,16 +7,23 @@ its module's namespace, so the namespace's refcount tells: read in the same
 C-level call as the young generation, it must equal the references to the
 namespace the walk read from what it visited (`heapwalk.walk(counted=)`;
 the functions it found among them, kept alive by the list of them), plus
-one per young function the walk did not visit, plus the frames running
-module-level code in that namespace (a running frame does not report it to
-the walk), plus the call's own argument. A missed function is one more.
+one per young function the walk did not visit, plus the call's own
+argument. A missed function is one more. (A running frame reports neither
+its locals nor its own dict of them to the collector: the walk reads both
+from the stacks, see heapwalk._roots. A frame running module-level code in
+the namespace makes the count inexact: see `code_frames`.) (A running frame reports neither
+its locals nor its own dict of them to the collector: the walk reads both
+from the stacks, see heapwalk._roots, so a frame running module-level code
+in the namespace, or holding it in a local, is counted.)
 
 So are a function of the module in cyclic garbage (unreachable, so never
 walked), a holder made or dropped meanwhile, and a holder the collector
 cannot see: the count then says "not proven", never "complete" wrongly,
 unless one holder let go of the namespace exactly as a function was
 missed. Only valid while the collector is off (a transition): otherwise
-objects leave the young generation unseen."""
+objects leave the young generation unseen. A value on a running frame's
+stack (the namespace passed as an argument to a call in progress) is
+unseen too: the count then says "not proven"."""
 
 from __future__ import annotations
 
@@ -47,15 +54,16 @@ def young_functions_and_refcounts(namespaces: list) -> tuple[list, list]:
     return out[1], out[2:-1]
 
 
-def module_frames(namespace: dict) -> int:
-    """Frames on any thread's stack running module-level code (or exec) in
-    `namespace`: each holds it as its locals."""
+def code_frames(namespace: dict) -> int:
+    """Frames on any thread's stack running module-level code, a class body
+    or `exec` in `namespace`. Each runs a function made for the call
+    (PyEval_EvalCode), which holds the namespace where no walk sees it, and
+    its caller may hold the namespace as an argument on its stack (`exec`,
+    `runpy`): while one runs, the count cannot be exact."""
     n = 0
     for frame in sys._current_frames().values():
         while frame is not None:
-            if not frame.f_code.co_flags & _CO_OPTIMIZED and frame.f_globals is namespace \
-                    and frame.f_locals is namespace:
-                n += 1
+            n += not frame.f_code.co_flags & _CO_OPTIMIZED and frame.f_globals is namespace
             frame = frame.f_back
     return n
 
@@ -73,5 +81,5 @@ def unaccounted(namespaces: list, counted: dict, visited: list, young_kept: list
     for f in unvisited.values():
         by_globals[id(f.__globals__)] = by_globals.get(id(f.__globals__), 0) + 1
     # the argument of getrefcount, as `map` passed it
-    return [refcount - counted[id(ns)] - by_globals.get(id(ns), 0) - module_frames(ns) - 1
+    return [refcount - counted[id(ns)] - by_globals.get(id(ns), 0) - 1
             for ns, refcount in zip(namespaces, refcounts)]

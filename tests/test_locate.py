@@ -8,6 +8,7 @@ import linecache
 import os
 import subprocess
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -293,6 +294,43 @@ def test_a_walk_nothing_moved_in_is_proven_complete_by_the_namespace_refcount(ma
     assert index.located == "walk" and index.walks == 1
     expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)]
     assert _names(index.functions) == _names(expected) and held_in_a_local in index.functions
+
+
+@pytest.mark.parametrize("how, located", [
+    ("a local", "walk"),
+    ("module-level code", "walk (not proven: module-level code of a target module is running)")])
+def test_a_running_frame_holding_the_namespace_does_not_set_off_the_single_pass(make_module, monkeypatch, how,
+                                                                               located):
+    """A running frame reports neither its locals nor its copy of them to the
+    collector: the walk reads them from the stacks and counts them, so a
+    thread holding the namespace in a local (as `runpy` does `__main__`'s)
+    leaves the walk proven. One running module-level code in it (a
+    `__main__` serve loop, `exec`) holds it where no count can see: the
+    walk's result stands, as not proven, and no single pass is made."""
+    m, _ = make_module(SRC)
+    monkeypatch.setattr(locate, "_heap_hint", None)
+    m.registry.append(m.make(4))
+    stop, running = threading.Event(), threading.Event()
+    m._livepatch_test_events = (stop, running)
+
+    def run_in_the_namespace(namespace):
+        if how == "module-level code":
+            exec("_livepatch_test_events[1].set()\n_livepatch_test_events[0].wait(30)\n", namespace)
+        else:
+            running.set()
+            stop.wait(30)
+    worker = threading.Thread(target=run_in_the_namespace, args=(vars(m),))
+    worker.start()
+    try:
+        running.wait(10)
+        index = _scan_with_the_collector_off(m)
+    finally:
+        stop.set()
+        worker.join()
+    assert index.located == located, index.located
+    expected = [f for f in gc.get_referrers(vars(m)) if isinstance(f, types.FunctionType)
+                and f.__code__.co_name != "<module>"]  # the function exec made for its call: nothing else holds it
+    assert _names(index.functions) == _names(expected)
 
 
 def test_a_function_moved_during_every_walk_of_an_apply_is_switched(make_module, engine, monkeypatch):
