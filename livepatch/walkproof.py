@@ -8,22 +8,19 @@ C-level call as the young generation, it must equal the references to the
 namespace the walk read from what it visited (`heapwalk.walk(counted=)`;
 the functions it found among them, kept alive by the list of them), plus
 one per young function the walk did not visit, plus the call's own
-argument. A missed function is one more. (A running frame reports neither
+argument. A missed function is one more. A running frame reports neither
 its locals nor its own dict of them to the collector: the walk reads both
-from the stacks, see heapwalk._roots. A frame running module-level code in
-the namespace makes the count inexact: see `code_frames`.) (A running frame reports neither
-its locals nor its own dict of them to the collector: the walk reads both
-from the stacks, see heapwalk._roots, so a frame running module-level code
-in the namespace, or holding it in a local, is counted.)
+from the stacks (heapwalk._roots), so a frame holding the namespace in a
+local is counted. A frame running module-level code in the namespace makes
+the count inexact (see `code_frames`).
 
 So are a function of the module in cyclic garbage (unreachable, so never
-walked), a holder made or dropped meanwhile, and a holder the collector
-cannot see: the count then says "not proven", never "complete" wrongly,
-unless one holder let go of the namespace exactly as a function was
-missed. Only valid while the collector is off (a transition): otherwise
-objects leave the young generation unseen. A value on a running frame's
-stack (the namespace passed as an argument to a call in progress) is
-unseen too: the count then says "not proven"."""
+walked), a holder made or dropped meanwhile, a value on a running frame's
+stack (the namespace passed as an argument to a call in progress) and a
+holder the collector cannot see: the count then says "not proven", never
+"complete" wrongly, unless one holder let go of the namespace exactly as a
+function was missed. Only valid while the collector is off (a transition):
+otherwise objects leave the young generation unseen."""
 
 from __future__ import annotations
 
