@@ -60,7 +60,7 @@ _SLOT_SHIFT = 4
 # the bit of an address's slot in its byte, by the address's low 7 bits
 _BIT_OF_LOW_BITS = tuple(1 << ((low >> _SLOT_SHIFT) & 7) for low in range(128))
 
-_CO_OPTIMIZED = 0x1
+CO_OPTIMIZED = 0x1  # inspect.CO_OPTIMIZED, without importing inspect
 _ModuleType = types.ModuleType
 _GeneratorType = types.GeneratorType
 _getsizeof = sys.getsizeof
@@ -80,7 +80,7 @@ def _roots() -> list:
         while frame is not None:
             roots.append(frame)
             local = frame.f_locals
-            if not frame.f_code.co_flags & _CO_OPTIMIZED:
+            if not frame.f_code.co_flags & CO_OPTIMIZED:
                 roots.append(local)  # module-level code or a class body: its namespace itself
             else:
                 roots.extend(local.values())

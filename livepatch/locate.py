@@ -181,13 +181,14 @@ class HeapIndex:
             if not keeper.active:  # the collector is on: objects leave the young generation unseen
                 self.located = "walk (not proven: the collector is on)"
                 return
-            if any(map(walkproof.code_frames, anchors)):
+            if walkproof.running_module_code(anchors):
                 self.located = "walk (not proven: module-level code of a target module is running)"
                 return
-            if not any(walkproof.unaccounted(anchors, counted, visited, kept)):
+            young, refcounts, _ = young_snapshot(anchors)  # the list the walk counted: no new holder
+            if not any(walkproof.unaccounted(anchors, refcounts, young, counted, visited, kept)):
                 self.located = "walk" if self.walks == 1 else f"walk {self.walks}"
                 return
-            del found, visited
+            del found, visited, young
         self._one_pass(anchors)
 
     def _reindex(self) -> None:

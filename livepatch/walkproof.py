@@ -12,7 +12,7 @@ argument. A missed function is one more. A running frame reports neither
 its locals nor its own dict of them to the collector: the walk reads both
 from the stacks (heapwalk._roots), so a frame holding the namespace in a
 local is counted. A frame running module-level code in the namespace makes
-the count inexact (see `code_frames`).
+the count inexact (see `running_module_code`).
 
 So are a function of the module in cyclic garbage (unreachable, so never
 walked), a holder made or dropped meanwhile, a value on a running frame's
@@ -24,59 +24,39 @@ otherwise objects leave the young generation unseen."""
 
 from __future__ import annotations
 
-import gc
-import operator
 import sys
-from functools import partial
-from itertools import chain, compress, repeat, starmap
+from collections import Counter
+from itertools import chain
 from types import FunctionType
 
-_CO_OPTIMIZED = 0x1
-_young_objects = partial(gc.get_objects, 0)
-_is_function = partial(map, frozenset((FunctionType,)).__contains__)
-_types_of = partial(map, type)
+from .heapwalk import CO_OPTIMIZED
 
 
-def young_functions_and_refcounts(namespaces: list) -> tuple[list, list]:
-    """(the functions in the young generation, `sys.getrefcount` of each of
-    `namespaces`), read in one C-level call: no other thread runs between
-    the two (see locate.young_snapshot for why the list of the young
-    generation is let go inside the call)."""
-    box: list = []
-    out = list(chain(
-        map(box.append, map(operator.call, repeat(_young_objects, 1))),
-        map(list, map(compress, box, map(_is_function, map(_types_of, box)))),
-        map(sys.getrefcount, namespaces),
-        starmap(operator.call, ((box.clear,),))))
-    return out[1], out[2:-1]
-
-
-def code_frames(namespace: dict) -> int:
-    """Frames on any thread's stack running module-level code, a class body
-    or `exec` in `namespace`. Each runs a function made for the call
-    (PyEval_EvalCode), which holds the namespace where no walk sees it, and
-    its caller may hold the namespace as an argument on its stack (`exec`,
-    `runpy`): while one runs, the count cannot be exact."""
-    n = 0
+def running_module_code(namespaces: list) -> bool:
+    """Whether a frame on any thread's stack runs module-level code, a class
+    body or `exec` in one of `namespaces`. Each runs a function made for
+    the call (PyEval_EvalCode), which holds the namespace where no walk
+    sees it, and its caller may hold the namespace as an argument on its
+    stack (`exec`, `runpy`): while one runs, the count cannot be exact."""
+    ids = {id(ns) for ns in namespaces}
     for frame in sys._current_frames().values():
         while frame is not None:
-            n += not frame.f_code.co_flags & _CO_OPTIMIZED and frame.f_globals is namespace
+            if not frame.f_code.co_flags & CO_OPTIMIZED and id(frame.f_globals) in ids:
+                return True
             frame = frame.f_back
-    return n
+    return False
 
 
-def unaccounted(namespaces: list, counted: dict, visited: list, young_kept: list) -> list:
+def unaccounted(namespaces: list, refcounts: list, young: list, counted: dict, visited: list,
+                young_kept: list) -> list:
     """Per namespace, its references the walk cannot account for (0: every
     function whose globals it is was found; see the module notes).
+    `refcounts` and `young`: `sys.getrefcount` of each namespace and what
+    is young, read in one C-level call (`locate.young_snapshot`);
     `counted`: what `heapwalk.walk` counted for them; `visited`: the
     functions it found; `young_kept`: what its own collections kept."""
-    young, refcounts = young_functions_and_refcounts(namespaces)
     walked = {id(f) for f in visited}
     unvisited = {id(f): f for f in chain(young_kept, young) if type(f) is FunctionType and id(f) not in walked}
-    del young
-    by_globals: dict = {}
-    for f in unvisited.values():
-        by_globals[id(f.__globals__)] = by_globals.get(id(f.__globals__), 0) + 1
+    by_globals = Counter(id(f.__globals__) for f in unvisited.values())
     # the argument of getrefcount, as `map` passed it
-    return [refcount - counted[id(ns)] - by_globals.get(id(ns), 0) - 1
-            for ns, refcount in zip(namespaces, refcounts)]
+    return [refcount - counted[id(ns)] - by_globals[id(ns)] - 1 for ns, refcount in zip(namespaces, refcounts)]
