@@ -155,8 +155,8 @@ class LongestStretch:
         return out
 
 
-def measured(fn, stretch: LongestStretch) -> tuple[dict, float]:
-    """(the longest stretches of fn() run in a new thread, its wall seconds)."""
+def measured(fn, stretch: LongestStretch) -> dict:
+    """The longest stretches of fn() run in a new thread, with its wall seconds."""
     box = []
 
     def run():
@@ -168,7 +168,7 @@ def measured(fn, stretch: LongestStretch) -> tuple[dict, float]:
     t = threading.Thread(target=run)
     t.start()
     t.join()
-    return dict(stretch.take(), seconds=box[0]), box[0]
+    return dict(stretch.take(), seconds=box[0])
 
 
 def child(args) -> dict:
@@ -190,14 +190,15 @@ def child(args) -> dict:
     took = []
     try:
         for _ in range(args.reps):
-            result, seconds = measured(apply_walking, stretch)
+            result = measured(apply_walking, stretch)
+            seconds = result["seconds"]
             rounds["apply with the heap walked"].append(result)
             took.append(seconds)
-            rounds["rollback"].append(measured(livepatch.rollback, stretch)[0])
+            rounds["rollback"].append(measured(livepatch.rollback, stretch))
             rounds["control: ordinary Python as long as the walked apply"].append(
-                measured(lambda: ordinary_python(seconds), stretch)[0])
+                measured(lambda: ordinary_python(seconds), stretch))
             rounds["one gc.get_referrers pass (positive control)"].append(
-                measured(lambda: gc.get_referrers(vars(module)), stretch)[0])
+                measured(lambda: gc.get_referrers(vars(module)), stretch))
     finally:
         stretch.uninstall()
     del heap
